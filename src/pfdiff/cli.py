@@ -1,0 +1,90 @@
+"""Command line: ``pfdiff run``, ``pfdiff report``, ``pfdiff presets``. Parses and delegates only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="pfdiff: private, federated diffusion in feature space for long-tailed recognition.")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: quickstart)"),
+        set_: list[str] = typer.Option([], "--set", help="override, e.g. --set diffusion.steps=2000"),
+        resume: Optional[Path] = typer.Option(None, help="resume an interrupted run directory"),
+        out: Optional[Path] = typer.Option(None, help="parent folder of the run directory (default: runs/)")):
+    """Train and evaluate every configured method over all seeds; write a run directory and report."""
+    from pfdiff.config import ConfigError, load_config
+    from pfdiff.data import DataError
+    from pfdiff.longtail.pipeline import run_experiment
+    from pfdiff.report import render_report
+    from pfdiff.runs import RunDir
+
+    try:
+        if resume is not None:
+            if config or set_:
+                _fail("--resume uses the run's saved config.yaml; drop CONFIG and --set")
+            run_dir = RunDir.open(resume)
+            cfg = run_dir.config()
+        else:
+            cfg = load_config(config, set_)
+            run_dir = RunDir.create(cfg, out)
+        console.print(f"run directory: [bold]{run_dir.path}[/]")
+        results = run_experiment(cfg, run_dir)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    report = render_report(run_dir)
+    print_table(results)
+    console.print(f"report: [bold]{report}[/]")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory written by `pfdiff run`")):
+    """Re-render report.md and the plots of a finished run."""
+    from pfdiff.report import render_report
+    from pfdiff.runs import RunDir
+
+    try:
+        run = RunDir.open(run_dir)
+        if not run.results_path.exists():
+            _fail(f"{run_dir} has no results.json yet; finish it with `pfdiff run --resume {run_dir}`")
+        console.print(f"report: [bold]{render_report(run)}[/]")
+    except FileNotFoundError as e:
+        _fail(str(e))
+
+
+@app.command()
+def presets():
+    """List the built-in config presets."""
+    from pfdiff.config import PRESET_DIR, list_presets
+
+    for name in list_presets():
+        console.print(f"{name}: {PRESET_DIR / (name + '.yaml')}")
+
+
+def print_table(results: dict) -> None:
+    from pfdiff.evaluation import GROUPS
+
+    cols = ("top1", "balanced", *GROUPS)
+    table = Table(title=f"test accuracy, mean ± std over seeds {results['seeds']}")
+    table.add_column("method")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for method, row in results["methods"].items():
+        table.add_row(method, *(f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}" for c in cols))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,144 @@
+"""One typed config (pydantic), loaded from YAML presets or files, overridable with ``--set a.b=value``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
+
+class DataConfig(Section):
+    name: str = "digits"  # digits | mnist | fmnist | cifar10 | cifar100 | npz
+    path: str | None = None  # user path for every source except digits
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    imbalance_factor: float = Field(50.0, ge=1)  # n_c = n_max · IF^(−c/(C−1))
+    split_seed: int = 0  # the split is fixed across training seeds
+
+
+class ModelConfig(Section):
+    encoder: str = "auto"  # auto | cnn | resnet32 | identity
+    feature_dim: int = Field(64, ge=2)
+    width: int = Field(32, ge=4)
+    classifier: Literal["linear", "cosine"] = "linear"
+    denoiser_hidden: int = Field(256, ge=8)
+    denoiser_depth: int = Field(3, ge=1)
+    time_dim: int = Field(64, ge=4)
+
+
+class OptimConfig(Section):
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class DiffusionConfig(Section):
+    schedule: Literal["linear", "cosine"] = "linear"
+    T: int = Field(1000, ge=2)
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    weighting: Literal["uniform", "inv_sqrt", "min_snr"] = "uniform"
+    steps: int = Field(4000, ge=1)  # optimisation steps of the denoiser
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    cond_drop_prob: float = Field(0.1, ge=0, le=1)  # classifier-free guidance: label dropped with this probability
+    guidance_scale: float = Field(1.0, ge=0)
+    sampler: Literal["ddpm", "ddim", "heun"] = "ddim"
+    sample_steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0)
+
+
+class PseudoConfig(Section):
+    """LDMLR stage 3: which pseudo-features to generate and how G is fine-tuned on them."""
+
+    fill: Literal["max", "fixed", "ratio"] = "max"  # max: every class up to n_max; fixed: per_class each; ratio: ratio·n_max
+    per_class: int = Field(100, ge=0)
+    ratio: float = Field(1.0, ge=0)
+    finetune_epochs: int = Field(30, ge=1)
+    finetune_lr: float = Field(1e-3, gt=0)
+    pseudo_weight: float = Field(1.0, ge=0)  # weight of pseudo-feature terms in the CE loss
+
+
+class RunConfig(Section):
+    name: str = "quickstart"
+    methods: list[str] = ["ce", "logit_adjust", "resample", "ldmlr"]
+    seeds: list[int] = [0, 1, 2]
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "runs"
+    threads: int | None = None  # torch CPU threads; None keeps torch's default
+    logit_adjust_tau: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(500, ge=1)  # optimiser steps between in-stage checkpoints
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stage1: OptimConfig = OptimConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    pseudo: PseudoConfig = PseudoConfig()
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_nonempty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one seed is needed")
+        return v
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override that cannot be used; the message says which and why."""
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        path = PRESET_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise ConfigError(f"no config file or preset named {source!r}; presets: {list_presets()}")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` in place; the value is parsed as YAML (``3``, ``0.1``, ``[0, 1]``, ``true``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value (e.g. diffusion.steps=2000)")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A preset name or YAML path (None → quickstart), then the ``--set`` overrides, validated."""
+    data = _read_yaml(source or "quickstart")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config ({source or 'quickstart'}):\n{e}") from e
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,107 @@
+"""LDMLR (Han et al., CVPR 2024 W): feature diffusion on a frozen encoder, pseudo-features re-balance G.
+
+Stage 1 is ``baselines.train_stage1``. Stage 2 trains a class-conditional ε_θ(z_t, t, y) on the
+standardised features z = E(x); stage 3 samples labelled pseudo-features and fine-tunes G on real
+and pseudo features together.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pfdiff.config import DiffusionConfig, PseudoConfig, RunConfig
+from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
+from pfdiff.longtail.common import seeded_init, train_classifier_on_features
+from pfdiff.models import FeatureDenoiser
+from pfdiff.training import EMA, generator, shuffled_batch, train
+
+
+@dataclass
+class FeatureScaler:
+    """Per-dimension standardisation, so the diffusion sees features of unit scale (as its prior assumes)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, eps: float = 1e-6) -> "FeatureScaler":
+        return cls(z.mean(0), z.std(0).clamp_min(eps))
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) / self.std
+
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        return u * self.std + self.mean
+
+
+def build_denoiser(cfg: RunConfig, feature_dim: int, num_classes: int) -> FeatureDenoiser:
+    m = cfg.model
+    return FeatureDenoiser(feature_dim, num_classes, m.denoiser_hidden, m.denoiser_depth, m.time_dim)
+
+
+def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, seed: int,
+                            checkpoint: Path | None, log: Callable[[dict], None] | None,
+                            ) -> tuple[nn.Module, NoiseSchedule]:
+    """Stage 2: fit ε_θ on standardised features ``u``; returns the EMA denoiser and its schedule."""
+    d = cfg.diffusion
+    schedule = make_schedule(d.schedule, d.T).to(u.device)
+    denoiser = seeded_init(seed, "denoiser", lambda: build_denoiser(cfg, u.shape[1], num_classes), u.device)
+    loss_fn = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting,
+                            cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=d.lr)
+    ema = EMA(denoiser, d.ema_decay)
+
+    def step_fn(step: int):
+        idx = shuffled_batch(len(y), d.batch_size, step, seed).to(u.device)
+        out = loss_fn(denoiser, u[idx], y[idx], generator=generator(u.device, seed, "ldm", step))
+        return out.loss.mean(), {}
+
+    train({"denoiser": denoiser}, opt, step_fn, d.steps, description=f"seed {seed} · stage 2: ε_θ",
+          ema=ema, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, log=log)
+    return ema.module, schedule
+
+
+def pseudo_counts(counts: np.ndarray, p: PseudoConfig) -> np.ndarray:
+    """How many pseudo-features to generate per class (default: fill every class up to n_max)."""
+    counts = np.asarray(counts)
+    if p.fill == "max":
+        return counts.max() - counts
+    if p.fill == "fixed":
+        return np.full_like(counts, p.per_class)
+    return np.maximum(0, np.round(p.ratio * counts.max()).astype(int) - counts)
+
+
+def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.ndarray, d: DiffusionConfig,
+                    seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled pseudo-features, all classes in one batched sampler call."""
+    y = torch.repeat_interleave(torch.arange(len(per_class), device=device), torch.as_tensor(per_class, device=device))
+    if len(y) == 0:
+        return torch.empty(0, denoiser.dim, device=device), y
+    model = denoiser
+    if d.guidance_scale != 1.0:
+        model = ClassifierFreeGuidance(denoiser, null_label=len(per_class), scale=d.guidance_scale)
+    noise = torch.randn(len(y), denoiser.dim, device=device, generator=generator(device, seed, "pseudo"))
+    u = generate(d.sampler, model, noise, schedule, y, steps=d.sample_steps, eta=d.eta,
+                 prediction=d.prediction, generator=generator(device, seed, "pseudo-steps"))
+    return u, y
+
+
+def finetune_with_pseudo(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor, z_pseudo: torch.Tensor,
+                         y_pseudo: torch.Tensor, cfg: RunConfig, seed: int, checkpoint: Path | None,
+                         log: Callable[[dict], None] | None, name: str = "LDMLR") -> nn.Module:
+    """Stage 3: fine-tune a copy of G on real + pseudo features (pseudo terms weighted by pseudo_weight)."""
+    p = cfg.pseudo
+    g = copy.deepcopy(classifier)
+    z_all, y_all = torch.cat([z, z_pseudo]), torch.cat([y, y_pseudo])
+    w = torch.cat([torch.ones(len(y), device=z.device), torch.full((len(y_pseudo),), p.pseudo_weight, device=z.device)])
+    return train_classifier_on_features(
+        g, z_all, y_all, epochs=p.finetune_epochs, batch_size=cfg.stage1.batch_size, lr=p.finetune_lr,
+        weight_decay=cfg.stage1.weight_decay, seed=seed, description=f"seed {seed} · stage 3: {name} G",
+        weights=w, checkpoint=checkpoint, log=log)

@@ -1,0 +1,69 @@
+"""Feature denoiser ε_θ(z_t, t, y): residual MLP with time and label embeddings (LDMLR's choice)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; DDPM §B)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class ResidualBlock(nn.Module):
+    """LayerNorm → SiLU → Linear, conditioned additively on the embedding, plus a skip."""
+
+    def __init__(self, hidden: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.emb = nn.Linear(emb_dim, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+        nn.init.zeros_(self.fc2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        r = self.fc1(nn.functional.silu(self.norm1(h))) + self.emb(emb)
+        r = self.fc2(self.drop(nn.functional.silu(self.norm2(r))))
+        return h + r
+
+
+class FeatureDenoiser(nn.Module):
+    """ε_θ(z_t, t, y) for feature vectors z ∈ R^dim.
+
+    Labels run over ``0..num_classes-1`` plus the null label ``num_classes`` used by
+    classifier-free guidance. Only LayerNorm is used, so Opacus can make it private.
+    """
+
+    def __init__(self, dim: int, num_classes: int, hidden: int = 256, depth: int = 3,
+                 time_dim: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.dim, self.num_classes, self.time_dim = dim, num_classes, time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.label_emb = nn.Embedding(num_classes + 1, hidden)
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, hidden, dropout) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim)) + self.label_emb(y)
+        h = self.inp(z_t)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(nn.functional.silu(self.out_norm(h)))

@@ -1,0 +1,156 @@
+"""report.md and PNG plots of a run directory; ``pfdiff report RUN_DIR`` re-renders them from disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+
+from pfdiff.evaluation import GROUPS  # noqa: E402
+from pfdiff.runs import RunDir, atomic_write_bytes, atomic_write_text  # noqa: E402
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_per_class(results: dict, path: Path) -> Path:
+    """Per-class test accuracy of each method, classes ordered by training count (head → tail)."""
+    counts = np.array(results["split"]["train_counts"])
+    order = np.argsort(-counts, kind="stable")
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(order) + 2), 3.8))
+    for method, row in results["methods"].items():
+        acc = np.array(row["per_class"], dtype=float)[order]
+        ax.plot(range(len(order)), acc, marker="o", label=method)
+    ax.set_xticks(range(len(order)), [f"{c}\n(n={counts[c]})" for c in order], fontsize=7)
+    ax.set_xlabel("class (training examples)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Per-class accuracy, mean of {len(results['seeds'])} seed(s)")
+    return _save_fig(fig, path)
+
+
+def plot_training_curves(metrics: list[dict], seed: int, path: Path) -> Path | None:
+    """Loss against step for every training stage of one seed."""
+    rows = [r for r in metrics if r.get("seed") == seed and "stage" in r and "loss" in r]
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        pts = [(r["step"], r["loss"]) for r in rows if r["stage"] == stage]
+        ax.plot(*zip(*pts))
+        ax.set_title(stage.split("· ", 1)[-1], fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss")
+    return _save_fig(fig, path)
+
+
+def plot_projection(features_file: Path, path: Path, max_classes: int = 10) -> Path | None:
+    """2-D PCA (fitted on real features) of real vs pseudo features, one panel per class."""
+    if not features_file.exists():
+        return None
+    f = load_file(str(features_file))
+    pca = PCA(2).fit(f["z_real"])
+    real, fake = pca.transform(f["z_real"]), pca.transform(f["z_pseudo"]) if len(f["z_pseudo"]) else None
+    classes = np.unique(f["y_real"])
+    shown = classes[np.unique(np.linspace(0, len(classes) - 1, min(max_classes, len(classes))).round().astype(int))]
+    cols = min(5, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False, sharex=True, sharey=True)
+    for ax, c in zip(axes.flat, shown):
+        ax.scatter(*real.T, s=2, c="0.85")
+        if fake is not None:
+            pf = fake[f["y_pseudo"] == c]
+            ax.scatter(*pf.T, s=6, marker="x", c="tab:orange", label=f"pseudo ({len(pf)})")
+        pr = real[f["y_real"] == c]
+        ax.scatter(*pr.T, s=10, c="tab:blue", label=f"real ({len(pr)})")
+        ax.set_title(f"class {c}", fontsize=9)
+        ax.legend(fontsize=6, loc="best")
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.suptitle("Real vs pseudo features (PCA of real features)", fontsize=10)
+    return _save_fig(fig, path)
+
+
+def _fmt(cell: dict) -> str:
+    return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+
+
+def results_table(results: dict) -> str:
+    cols = ("top1", "balanced", *GROUPS)
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, row in results["methods"].items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def verdict(results: dict, method: str = "ldmlr") -> str | None:
+    """One honest sentence: does ``method`` beat CE and the strongest baseline on the few classes?"""
+    table = results["methods"]
+    if method not in table or "ce" not in table:
+        return None
+    few = {m: r["few"]["mean"] for m, r in table.items()}
+    baselines = {m: v for m, v in few.items() if m not in ("ce", method)}
+    text = (f"Few-class accuracy: {method} {few[method]:.3f} vs CE {few['ce']:.3f} "
+            f"({few[method] - few['ce']:+.3f}).")
+    if baselines:
+        best = max(baselines, key=baselines.get)
+        word = "beats" if few[method] > baselines[best] else "does not beat"
+        text += f" It {word} the strongest baseline on the few classes, {best} ({baselines[best]:.3f})."
+    return text
+
+
+def render_report(run: RunDir) -> Path:
+    """Write plots/*.png and report.md from results.json, metrics.jsonl and the saved features."""
+    results: dict[str, Any] = run.read_json("results.json")
+    seed = results["seeds"][0]
+    plots = [plot_per_class(results, run.plots / "per_class_accuracy.png"),
+             plot_training_curves(run.metrics(), seed, run.plots / "training_curves.png"),
+             plot_projection(run.checkpoints / f"seed{seed}" / "features.safetensors",
+                             run.plots / "feature_projection.png")]
+    split = results["split"]
+    g = split["groups"]
+    md = [f"# pfdiff run: {run.path.name}", "",
+          f"Dataset **{split['dataset']}**: {split['train_size']} long-tailed training examples, "
+          f"{split['test_size']} balanced test examples, {split['num_classes']} classes; "
+          f"seeds {results['seeds']}; device {results['device']}.", "",
+          f"Training counts per class: {split['train_counts']}", "",
+          f"Class groups ({g['rule']}): many {g['many']}, medium {g['medium']}, few {g['few']}.", "",
+          "## Test accuracy (mean ± std over seeds)", "", results_table(results), ""]
+    v = verdict(results)
+    if v:
+        md += [v, ""]
+    md += ["Methods:", ""] + [f"- `{m}`: {d}" for m, d in results["method_names"].items()] + [""]
+    md += ["## Wall time per stage (s, mean ± std over seeds)", "",
+           "| stage | seconds |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in results["timings"].items()]
+    diag = results["per_seed"][0]["diagnostics"].get("ldmlr")
+    if diag:
+        fd = ", ".join("–" if d is None else f"{d:.2f}" for d in diag["frechet_per_class"])
+        md += ["", f"## Pseudo-features (seed {seed})", "",
+               f"Generated per class: {diag['generated_per_class']}", "",
+               f"Fréchet distance of each class's pseudo-features to its real training features: {fd}"]
+    md += ["", "## Privacy", "",
+           "This run is **not private**: every release (encoder, classifier and denoiser weights, "
+           "pseudo-features, the feature-scaler statistics and the class counts) is derived from the "
+           "training data without a differential-privacy guarantee."]
+    md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
+    atomic_write_text(run.report_path, "\n".join(md) + "\n")
+    return run.report_path

@@ -1,0 +1,154 @@
+"""Run directories: the only place pfdiff writes files. Every write is atomic (temp file + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pfdiff.config import RunConfig, dump_config, load_config
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Split a nested state (dicts/lists of tensors and scalars) into flat tensors + JSON metadata."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}/{k}" if prefix else str(k), tensors, meta)
+        meta[f"{prefix}@keys"] = [str(k) for k in obj]
+        meta[f"{prefix}@keytypes"] = ["int" if isinstance(k, int) else "str" for k in obj]
+    elif isinstance(obj, (list, tuple)):
+        meta[f"{prefix}@list"] = len(obj)
+        for i, v in enumerate(obj):
+            _flatten(v, f"{prefix}/{i}", tensors, meta)
+    else:
+        meta[prefix] = obj
+
+
+def _unflatten(prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
+    if prefix in tensors:
+        return tensors[prefix]
+    if f"{prefix}@list" in meta:
+        return [_unflatten(f"{prefix}/{i}", tensors, meta) for i in range(meta[f"{prefix}@list"])]
+    if f"{prefix}@keys" in meta:
+        keys, types = meta[f"{prefix}@keys"], meta[f"{prefix}@keytypes"]
+        return {(int(k) if t == "int" else k): _unflatten(f"{prefix}/{k}" if prefix else k, tensors, meta)
+                for k, t in zip(keys, types)}
+    return meta[prefix]
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Save a nested state (module/optimizer state dicts, step counters) as one safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    _flatten(state, "", tensors, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # safetensors refuses tensors that share memory; cloning keeps the file self-contained.
+        save_file({k: v.clone() for k, v in tensors.items()}, tmp, metadata={"pfdiff": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["pfdiff"])
+    tensors = load_file(str(path), device=str(device))
+    return _unflatten("", tensors, meta)
+
+
+class RunDir:
+    """``runs/<name>-<time>/``: config.yaml, metrics.jsonl, results.json, checkpoints/, plots/, report.md."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, root: str | Path | None = None) -> "RunDir":
+        root = Path(root or cfg.output_dir)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = root / f"{cfg.name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = root / f"{cfg.name}-{stamp}-{n}"
+        run = cls(path)
+        path.mkdir(parents=True)
+        atomic_write_text(run.config_path, dump_config(cfg))
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        run = cls(Path(path))
+        if not run.config_path.exists():
+            raise FileNotFoundError(f"{path} is not a pfdiff run directory (no config.yaml)")
+        return run
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    results_path = property(lambda self: self.path / "results.json")
+    report_path = property(lambda self: self.path / "report.md")
+    plots = property(lambda self: self.path / "plots")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+
+    def config(self) -> RunConfig:
+        return load_config(self.config_path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to metrics.jsonl (appends of one short line are atomic on POSIX)."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: skip it, keep the rest
+                continue
+        return rows
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        atomic_write_json(self.path / name, obj)
+        return self.path / name
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())

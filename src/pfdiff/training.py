@@ -1,0 +1,170 @@
+"""The one training loop: step function, EMA, resumable checkpoints, progress bar, metrics."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from pfdiff.runs import load_state, save_state
+
+StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device=auto or cpu")
+    return device
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from (run seed, stage name, step, …), so any step can be replayed exactly."""
+    h = 1469598103934665603
+    for part in parts:
+        for byte in str(part).encode() + b"\x1f":
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    return h % (1 << 63)
+
+
+def generator(device: torch.device | str, *parts: int | str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+
+def shuffled_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of batch ``step`` of an epoch-wise shuffle (stateless: depends only on its arguments)."""
+    per_epoch = max(1, math.ceil(n / batch_size))
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=generator("cpu", seed, "epoch", epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def balanced_batch(y: torch.Tensor, num_classes: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Class-balanced sampling: pick a class uniformly, then an example of it (with replacement)."""
+    g = generator("cpu", seed, "balanced", step)
+    counts = torch.bincount(y.cpu(), minlength=num_classes)
+    present = torch.nonzero(counts).flatten()
+    classes = present[torch.randint(len(present), (batch_size,), generator=g)]
+    order = torch.argsort(y.cpu(), stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = (torch.rand(batch_size, generator=g) * counts[classes]).long()
+    return order[starts[classes] + offsets]
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (Polyak averaging), kept as a frozen copy."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.source = model
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for avg, p in zip(self.module.parameters(), self.source.parameters()):
+            avg.lerp_(p.detach(), 1.0 - self.decay)
+        for avg_b, b in zip(self.module.buffers(), self.source.buffers()):
+            avg_b.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[Callable[[dict[str, float]], None]]:
+    """A rich progress bar; yields ``advance(metrics)`` which moves it one step and shows the loss."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total, completed=completed, info="")
+
+        def advance(metrics: dict[str, float]) -> None:
+            info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            bar.update(task, advance=1, info=info)
+
+        yield advance
+
+
+def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn, steps: int, *,
+          description: str, ema: EMA | None = None, checkpoint: Path | None = None, checkpoint_every: int = 500,
+          log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50,
+          grad_clip: float | None = None) -> None:
+    """Run ``steps`` optimiser steps of ``step_fn(step) -> (loss, metrics)``.
+
+    With ``checkpoint`` set, the modules, optimizer, EMA and step are saved every ``checkpoint_every``
+    steps and at the end, and a call that finds the file resumes from it. Batches and noise must come
+    from ``step`` (``shuffled_batch``, ``generator``) so that a resumed run repeats the same numbers.
+    """
+    start = _resume(checkpoint, modules, optimizer, ema)
+    for m in modules.values():
+        m.train()
+    with progress_bar(description, steps, start) as advance:
+        for step in range(start, steps):
+            loss, metrics = step_fn(step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{description}: loss is {loss.item()} at step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                params = [p for m in modules.values() for p in m.parameters()]
+                nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update()
+            metrics = {"loss": loss.item(), **metrics}
+            advance(metrics)
+            if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+                log({"stage": description, "step": step + 1, **metrics})
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                _save(checkpoint, modules, optimizer, ema, step + 1)
+    for m in modules.values():
+        m.eval()
+
+
+def module_device(modules: dict[str, nn.Module]) -> torch.device:
+    for m in modules.values():
+        for p in m.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _save(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, ema: EMA | None,
+          step: int) -> None:
+    state: dict[str, Any] = {"step": step, "optimizer": optimizer.state_dict(),
+                             "modules": {k: m.state_dict() for k, m in modules.items()}}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    save_state(path, state)
+
+
+def _resume(path: Path | None, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+            ema: EMA | None) -> int:
+    if path is None or not path.exists():
+        return 0
+    state = load_state(path, module_device(modules))
+    for k, m in modules.items():
+        m.load_state_dict(state["modules"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
+    return int(state["step"])
+
+
+def load_modules(path: Path, modules: dict[str, nn.Module], use_ema_for: str | None = None) -> None:
+    """Load the weights of a finished stage (optionally the EMA weights into one module)."""
+    state = load_state(path, module_device(modules))
+    for k, m in modules.items():
+        m.load_state_dict(state["ema"] if k == use_ema_for and "ema" in state else state["modules"][k])

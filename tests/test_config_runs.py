@@ -1,0 +1,91 @@
+"""Config loading/overrides, atomic run files and nested safetensors state."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pfdiff.config import ConfigError, RunConfig, dump_config, list_presets, load_config
+from pfdiff.runs import RunDir, atomic_write_text, load_state, save_state
+
+
+def test_quickstart_preset_and_overrides():
+    assert "quickstart" in list_presets()
+    cfg = load_config(None, ["diffusion.steps=123", "seeds=[4, 5]", "data.imbalance_factor=10"])
+    assert cfg.diffusion.steps == 123 and cfg.seeds == [4, 5] and cfg.data.imbalance_factor == 10
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("diffusion.stepz=3", "stepz"),             # misspelt key
+    ("diffusion.steps=-1", "steps"),            # out of range
+    ("noequals", "key=value"),                  # malformed
+    ("seeds=[]", "seed"),
+])
+def test_bad_overrides_name_the_problem(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="no config file or preset"):
+        load_config("no-such-preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(bad)
+
+
+def test_config_round_trips_through_run_dir(tmp_path):
+    cfg = load_config(None, ["name=rt", "diffusion.eta=0.5"])
+    run = RunDir.create(cfg, tmp_path)
+    assert run.path.name.startswith("rt-")
+    assert RunDir.open(run.path).config() == cfg
+    assert RunConfig.model_validate(load_config(run.config_path).model_dump()) == cfg
+    assert "eta: 0.5" in dump_config(cfg)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+    import os
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+
+
+def test_nested_state_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"step": 7, "modules": {"m": model.state_dict()}, "optimizer": opt.state_dict(), "tags": ["a", 1.5]}
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    assert back["step"] == 7 and back["tags"] == ["a", 1.5]
+    torch.testing.assert_close(back["modules"]["m"]["weight"], model.weight.detach())
+    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(back["optimizer"])
+    assert opt2.param_groups[0]["lr"] == 0.01
+    torch.testing.assert_close(back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert set(back["optimizer"]["state"]) == {0, 1}
+
+
+def test_run_dir_open_rejects_non_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a pfdiff run"):
+        RunDir.open(tmp_path)
+
+
+def test_metrics_jsonl_skips_a_cut_line(tmp_path):
+    run = RunDir.create(load_config(None), tmp_path)
+    run.log({"a": 1})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"b": ')  # a crash in the middle of a line
+    assert run.metrics() == [{"a": 1}]

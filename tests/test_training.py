@@ -1,0 +1,107 @@
+"""The training loop: exact resume, EMA, stateless batching, device resolution; models are Opacus-valid."""
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from pfdiff.models import FeatureDenoiser, create_classifier, create_encoder
+from pfdiff.training import EMA, balanced_batch, derive_seed, resolve_device, shuffled_batch, train
+
+
+def _problem(init_seed=0):
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = x @ torch.randn(5, 1) + 0.1 * torch.randn(64, 1)
+    torch.manual_seed(init_seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step_fn(step):
+        idx = shuffled_batch(64, 16, step, seed=3)
+        return torch.nn.functional.mse_loss(model(x[idx]), y[idx]), {}
+
+    return model, opt, step_fn
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
+    model_a, opt_a, fn_a = _problem()
+    ema_a = EMA(model_a, 0.9)
+    train({"m": model_a}, opt_a, fn_a, 40, description="a", ema=ema_a)
+
+    model_b, opt_b, fn_b = _problem()
+    ema_b = EMA(model_b, 0.9)
+    ck = tmp_path / "ck.safetensors"
+    train({"m": model_b}, opt_b, fn_b, 40, description="b", ema=ema_b, checkpoint=ck, checkpoint_every=10)
+    # simulate a crash after step 20: a fresh process rebuilds everything and resumes from the checkpoint
+    model_c, opt_c, fn_c = _problem()
+    ema_c = EMA(model_c, 0.9)
+    ck_mid = tmp_path / "mid.safetensors"
+    train({"m": model_c}, opt_c, fn_c, 20, description="c1", ema=ema_c, checkpoint=ck_mid)
+    model_d, opt_d, fn_d = _problem(init_seed=99)  # different init: must be overwritten by the checkpoint
+    ema_d = EMA(model_d, 0.9)
+    train({"m": model_d}, opt_d, fn_d, 40, description="c2", ema=ema_d, checkpoint=ck_mid)
+    for p_a, p_b, p_d in zip(model_a.parameters(), model_b.parameters(), model_d.parameters()):
+        torch.testing.assert_close(p_a, p_b)
+        torch.testing.assert_close(p_a, p_d)
+    for p_a, p_d in zip(ema_a.module.parameters(), ema_d.module.parameters()):
+        torch.testing.assert_close(p_a, p_d)
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        train({"m": model}, opt, lambda s: (model(torch.full((1, 2), float("nan"))).sum(), {}), 3, description="nan")
+
+
+def test_ema_tracks_weights():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update()
+    torch.testing.assert_close(ema.module.weight, before + 1.0)
+
+
+def test_shuffled_batches_cover_each_epoch_once():
+    idx = torch.cat([shuffled_batch(10, 4, s, seed=1) for s in range(3)])
+    assert sorted(idx.tolist()) == list(range(10))
+    assert not torch.equal(torch.cat([shuffled_batch(10, 4, s, seed=1) for s in range(3, 6)]), idx)
+    assert torch.equal(shuffled_batch(10, 4, 2, seed=1), shuffled_batch(10, 4, 2, seed=1))
+
+
+def test_balanced_batches_are_class_balanced():
+    y = torch.tensor([0] * 90 + [1] * 9 + [2] * 1)
+    idx = torch.cat([balanced_batch(y, 3, 300, s, seed=0) for s in range(10)])
+    freq = torch.bincount(y[idx], minlength=3).float() / len(idx)
+    assert torch.allclose(freq, torch.full((3,), 1 / 3), atol=0.03)
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert derive_seed(1, "a", 2) == derive_seed(1, "a", 2)
+    assert len({derive_seed(1, "a", s) for s in range(100)}) == 100
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("module", [
+    create_encoder("cnn", (1, 8, 8)), create_encoder("resnet32", (3, 32, 32)), create_classifier("linear", 64, 10),
+    create_classifier("cosine", 64, 10), FeatureDenoiser(64, 10, hidden=32, depth=2)])
+def test_every_model_is_opacus_compatible(module):
+    assert ModuleValidator.validate(module, strict=False) == []
+
+
+def test_encoder_shapes_and_errors():
+    assert create_encoder("auto", (1, 28, 28), feature_dim=32)(torch.randn(2, 1, 28, 28)).shape == (2, 32)
+    assert create_encoder("auto", (16,))(torch.randn(3, 16)).shape == (3, 16)
+    with pytest.raises(ValueError, match="choose one of"):
+        create_encoder("vit", (1, 8, 8))
+    with pytest.raises(ValueError, match="feature vectors"):
+        create_encoder("identity", (1, 8, 8))
