@@ -1,0 +1,66 @@
+"""AID/OOD filtering of pseudo-features (after DiffuLT, Shao et al., NeurIPS 2024).
+
+Score: the Mahalanobis distance of a pseudo-feature to its class prototype under a covariance
+*tied* across classes (Lee et al. 2018). Why this one: a tail class with 2–5 real examples has no
+usable covariance of its own, while the tied one is estimated from every real feature; the
+classifier's confidence would reward samples far on the correct side of the boundary (not
+in-distribution ones), and a per-class radius needs a per-class spread we cannot estimate on the
+tail. Threshold: a sample is *in distribution* (kept) when its score is at most the ``quantile`` of
+the same scores of the real training features, pooled over classes (comparable across classes
+because the covariance is shared).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FilterResult:
+    keep: torch.Tensor  # bool [N]
+    scores: torch.Tensor  # [N]
+    threshold: float
+    kept_per_class: list[int]
+    generated_per_class: list[int]
+
+    @property
+    def kept_fraction_per_class(self) -> list[float | None]:
+        return [k / g if g else None for k, g in zip(self.kept_per_class, self.generated_per_class)]
+
+    def summary(self) -> dict:
+        return {"threshold": self.threshold, "kept_per_class": self.kept_per_class,
+                "generated_per_class": self.generated_per_class,
+                "kept_fraction_per_class": self.kept_fraction_per_class}
+
+
+class MahalanobisScorer:
+    """Class means and a tied covariance fitted on real features; ``score`` = Mahalanobis distance."""
+
+    def __init__(self, z: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage: float = 1e-3):
+        z = z.detach().double()
+        self.means = torch.stack([z[y == c].mean(0) if (y == c).any() else torch.zeros(z.shape[1], dtype=z.dtype,
+                                  device=z.device) for c in range(num_classes)])
+        centred = z - self.means[y]
+        cov = centred.T @ centred / max(1, len(z) - num_classes)
+        cov = cov + shrinkage * torch.diagonal(cov).mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        self.precision_chol = torch.linalg.cholesky(torch.linalg.inv(cov))
+        self.real_scores = self.score(z, y)
+
+    def score(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = (z.detach().double() - self.means[y]) @ self.precision_chol
+        return d.norm(dim=-1)
+
+
+def aid_filter(scorer: MahalanobisScorer, z_pseudo: torch.Tensor, y_pseudo: torch.Tensor, num_classes: int,
+               quantile: float = 0.95) -> FilterResult:
+    """Keep pseudo-features whose score is at most the ``quantile`` of the real features' scores."""
+    if not 0 < quantile <= 1:
+        raise ValueError(f"filter quantile must lie in (0, 1], got {quantile}")
+    threshold = float(torch.quantile(scorer.real_scores, quantile))
+    scores = scorer.score(z_pseudo, y_pseudo)
+    keep = scores <= threshold
+    gen = torch.bincount(y_pseudo, minlength=num_classes).tolist()
+    kept = torch.bincount(y_pseudo[keep], minlength=num_classes).tolist()
+    return FilterResult(keep, scores.float(), threshold, kept, gen)
