@@ -67,6 +67,37 @@ class PseudoConfig(Section):
     pseudo_weight: float = Field(1.0, ge=0)  # weight of pseudo-feature terms in the CE loss
 
 
+class E2EConfig(Section):
+    """End-to-end E, G, ε_θ training (strategies A/B/C) and its AID filter; see longtail/end_to_end.py."""
+
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    lambda_sem: float = Field(1.0, ge=0)  # λ_sem: weight of L_LDM^sem
+    eta_proto: float = Field(0.1, ge=0)  # η_p
+    eta_cov: float = Field(0.1, ge=0)  # η_c
+    eta_rad: float = Field(0.1, ge=0)  # η_r
+    gamma_ge: float = Field(0.5, ge=0)  # γ_ge: weight of L_ge
+    ge_every: int = Field(5, ge=1)  # A: a fast DDIM sample drives L_ge every k steps
+    ge_batch: int = Field(64, ge=1)  # pseudo-features per L_ge term (A, B)
+    ge_steps: int = Field(5, ge=1)  # DDIM steps of on-the-fly generation
+    ge_grad_to_denoiser: bool = False  # L_ge's gradient flows back through the sampler into θ
+    ldm_grad_to_encoder: bool = False  # L_LDM^sem's gradient flows into E (else z is detached for θ)
+    warmup_steps: int = Field(300, ge=0)  # semantic-weight warm-up (A, B); L_ge starts after it
+    alternate: tuple[int, int] = (1, 1)  # B: θ-steps : E,G-steps
+    progressive_phases: tuple[float, float] = (0.3, 0.5)  # C: L_sem from 30 %, L_ge from 50 % of steps
+    pseudo_share: tuple[float, float] = (0.1, 0.3)  # C: pseudo share of G's batch rises from → to
+    tail_power: float = Field(1.0, ge=0)  # classes for L_ge drawn ∝ n_c^(−power)
+    proto_momentum: float = Field(0.1, gt=0, le=1)  # λ of the EMA prototypes
+    pseudo_proto_weight: float = Field(0.3, ge=0, le=1)  # pseudo-features' weight in the prototype EMA
+    radius_scale: float = Field(1.0, gt=0)  # r_y = scale·√tr(Σ_y)
+    cov_min_count: int = Field(4, ge=2)  # classes with fewer rows in a batch are not covariance-matched
+    aid_quantile: float = Field(0.95, gt=0, le=1)  # AID threshold: quantile of real features' scores
+    drift_every: int = Field(100, ge=1)  # steps between drift measurements / AID scorer refits
+    drift_per_class: int = Field(50, ge=2)  # pseudo-features per class for the drift FD
+
+
 class RunConfig(Section):
     name: str = "quickstart"
     methods: list[str] = ["ce", "logit_adjust", "resample", "ldmlr"]
@@ -81,6 +112,7 @@ class RunConfig(Section):
     stage1: OptimConfig = OptimConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     pseudo: PseudoConfig = PseudoConfig()
+    e2e: E2EConfig = E2EConfig()
 
     @field_validator("seeds")
     @classmethod

@@ -1,1 +1,10 @@
+"""Data: sources (digits, IDX, CIFAR, npz) with validation, and the long-tailed protocol."""
 
+from pfdiff.data.longtail import (ClassGroups, balanced_indices, class_counts, class_groups, longtail_counts, longtail_indices,
+                                  stratified_split)
+from pfdiff.data.sources import (SOURCES, ArrayDataset, DataError, load_cifar, load_dataset, load_digits_dataset,
+                                 load_idx, load_mnist_folder, load_npz, read_idx, validate_arrays)
+
+__all__ = ["ClassGroups", "balanced_indices", "class_counts", "class_groups", "longtail_counts", "longtail_indices", "stratified_split",
+           "SOURCES", "ArrayDataset", "DataError", "load_cifar", "load_dataset", "load_digits_dataset", "load_idx",
+           "load_mnist_folder", "load_npz", "read_idx", "validate_arrays"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import linalg
 
@@ -15,7 +17,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
         raise ValueError(f"need at least 2 samples on each side, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    with warnings.catch_warnings():  # singular products are common with few samples; handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     if not np.isfinite(covmean).all():  # near-singular product: regularise as the reference FID code does
         offset = np.eye(len(cov_a)) * eps
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pfdiff.config import RunConfig
-from pfdiff.data import ArrayDataset, ClassGroups, class_counts, class_groups, load_dataset, longtail_indices, stratified_split
+from pfdiff.data import ArrayDataset, ClassGroups, balanced_indices, class_counts, class_groups, load_dataset, longtail_indices, stratified_split
 from pfdiff.training import generator, shuffled_batch, train
 
 
@@ -38,10 +38,12 @@ def make_split(cfg: RunConfig) -> LongTailSplit:
     """Load the configured data, split it (seeded by ``data.split_seed``) and draw the long-tailed subset."""
     data = load_dataset(cfg.data.name, cfg.data.path)
     train_idx, test_idx = stratified_split(data.y, cfg.data.test_fraction, cfg.data.split_seed)
-    pool = data.subset(train_idx)
+    # exactly balanced test set; the few extra test examples go back to the training pool
+    keep = test_idx[balanced_indices(data.y[test_idx], cfg.data.split_seed, data.num_classes)]
+    pool = data.subset(np.union1d(train_idx, np.setdiff1d(test_idx, keep)))
     lt = pool.subset(longtail_indices(pool.y, cfg.data.imbalance_factor, cfg.data.split_seed, data.num_classes))
     counts = class_counts(lt.y, data.num_classes)
-    return LongTailSplit(lt, data.subset(test_idx), counts, class_groups(counts))
+    return LongTailSplit(lt, data.subset(keep), counts, class_groups(counts))
 
 
 def to_tensors(ds: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

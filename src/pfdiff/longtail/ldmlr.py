@@ -79,7 +79,7 @@ def pseudo_counts(counts: np.ndarray, p: PseudoConfig) -> np.ndarray:
 
 
 def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.ndarray, d: DiffusionConfig,
-                    seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int, device: torch.device, tag: str = "pseudo") -> tuple[torch.Tensor, torch.Tensor]:
     """Labelled pseudo-features, all classes in one batched sampler call."""
     y = torch.repeat_interleave(torch.arange(len(per_class), device=device), torch.as_tensor(per_class, device=device))
     if len(y) == 0:
@@ -87,9 +87,9 @@ def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.
     model = denoiser
     if d.guidance_scale != 1.0:
         model = ClassifierFreeGuidance(denoiser, null_label=len(per_class), scale=d.guidance_scale)
-    noise = torch.randn(len(y), denoiser.dim, device=device, generator=generator(device, seed, "pseudo"))
+    noise = torch.randn(len(y), denoiser.dim, device=device, generator=generator(device, seed, tag))
     u = generate(d.sampler, model, noise, schedule, y, steps=d.sample_steps, eta=d.eta,
-                 prediction=d.prediction, generator=generator(device, seed, "pseudo-steps"))
+                 prediction=d.prediction, generator=generator(device, seed, tag, "steps"))
     return u, y
 
 
@@ -105,3 +105,35 @@ def finetune_with_pseudo(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor
         g, z_all, y_all, epochs=p.finetune_epochs, batch_size=cfg.stage1.batch_size, lr=p.finetune_lr,
         weight_decay=cfg.stage1.weight_decay, seed=seed, description=f"seed {seed} · stage 3: {name} G",
         weights=w, checkpoint=checkpoint, log=log)
+
+
+def finetune_encoder_with_pseudo(encoder: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                                 z_pseudo: torch.Tensor, y_pseudo: torch.Tensor, cfg: RunConfig, seed: int,
+                                 checkpoint: Path | None, log: Callable[[dict], None] | None,
+                                 drift: Callable[[nn.Module, int], None]) -> tuple[nn.Module, nn.Module]:
+    """LDMLR with E fine-tuned in stage 3 on real images + the *fixed* pseudo-features.
+
+    The pseudo-features were sampled for the stage-1 encoder; as E moves they go stale. ``drift(E, step)``
+    is called every ``e2e.drift_every`` steps to measure that (the seed hypothesis of the E2E issue).
+    """
+    p = cfg.pseudo
+    enc, g = copy.deepcopy(encoder), copy.deepcopy(classifier)
+    opt = torch.optim.Adam(list(enc.parameters()) + list(g.parameters()), lr=p.finetune_lr,
+                           weight_decay=cfg.stage1.weight_decay)
+    bs = cfg.stage1.batch_size
+    steps = p.finetune_epochs * max(1, -(-len(y) // bs))
+
+    def step_fn(step: int):
+        if step % cfg.e2e.drift_every == 0:
+            drift(enc, step)
+        idx = shuffled_batch(len(y), bs, step, seed).to(x.device)
+        loss = nn.functional.cross_entropy(g(enc(x[idx])), y[idx])
+        if len(y_pseudo):
+            jdx = shuffled_batch(len(y_pseudo), bs, step, seed + 1).to(x.device)
+            loss = loss + p.pseudo_weight * nn.functional.cross_entropy(g(z_pseudo[jdx]), y_pseudo[jdx])
+        return loss, {}
+
+    train({"encoder": enc, "classifier": g}, opt, step_fn, steps, description=f"seed {seed} · stage 3: LDMLR-ft E+G",
+          checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, log=log)
+    drift(enc, steps)
+    return enc, g

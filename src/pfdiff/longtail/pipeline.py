@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,22 +14,13 @@ from pfdiff.config import RunConfig
 from pfdiff.evaluation import GROUPS, frechet_distance, recognition_metrics
 from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
 from pfdiff.longtail.common import LongTailSplit, encode, make_split, predict_logits
-from pfdiff.longtail.ldmlr import FeatureScaler, finetune_with_pseudo, pseudo_counts, sample_features, train_feature_diffusion
+from pfdiff.longtail.end_to_end import class_mean_frechet, parse_e2e, train_end_to_end
+from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
+from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
+                                   sample_features, train_feature_diffusion)
+from pfdiff.longtail.methods import Method, parse_method
 from pfdiff.runs import RunDir
 from pfdiff.training import resolve_device
-
-METHODS = {
-    "ce": "Cross-entropy (stage 1 E+G)",
-    "logit_adjust": "Post-hoc logit adjustment (Menon et al. 2021)",
-    "resample": "Class-balanced classifier re-training, cRT (Kang et al. 2020)",
-    "ldmlr": "LDMLR: pseudo-features from feature diffusion (Han et al. 2024)",
-}
-
-
-def check_methods(methods: list[str]) -> None:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
 
 
 class Timer:
@@ -48,7 +38,7 @@ class Timer:
 
 def run_experiment(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
     """Every seed of ``cfg`` (skipping seeds already finished in ``run``), then the aggregate table."""
-    check_methods(cfg.methods)
+    methods = [parse_method(m) for m in cfg.methods]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -56,65 +46,131 @@ def run_experiment(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
     run.write_json("split.json", split.summary())
     per_seed = []
     for seed in cfg.seeds:
-        seed_file = run.path / "seeds" / f"seed{seed}.json"
-        if seed_file.exists():
-            per_seed.append(run.read_json(f"seeds/seed{seed}.json"))
-            continue
-        result = run_seed(split, cfg, seed, device, run)
-        run.write_json(f"seeds/seed{seed}.json", result)
-        per_seed.append(result)
-    results = aggregate(per_seed, cfg, split, device)
+        name = f"seeds/seed{seed}.json"
+        if not (run.path / name).exists():
+            run.write_json(name, SeedRun(split, cfg, seed, device, run).run(methods))
+        per_seed.append(run.read_json(name))
+    results = aggregate(per_seed, methods, split, device)
     run.write_json("results.json", results)
     return results
 
 
-def run_seed(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.device, run: RunDir) -> dict[str, Any]:
-    """Stage 1 once, then each method on top of it; per-method metrics, timings and diagnostics."""
-    timer, ck = Timer(), run.checkpoints / f"seed{seed}"
+class SeedRun:
+    """One seed: stage 1 and LDMLR's stage 2 are trained once and shared by every method that needs them."""
 
-    def log(record: dict) -> None:
-        run.log({"seed": seed, **record})
+    def __init__(self, split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.device, run: RunDir):
+        self.split, self.cfg, self.seed, self.device, self.run_dir = split, cfg, seed, device, run
+        self.timer, self.ck = Timer(), run.checkpoints / f"seed{seed}"
+        self.diagnostics: dict[str, Any] = {}
+        self.x = torch.as_tensor(split.train.x, device=device)
+        self.y = torch.as_tensor(split.train.y, device=device)
+        self.x_test = torch.as_tensor(split.test.x, device=device)
+        self._stage1: tuple | None = None
+        self._pseudo: tuple | None = None
 
-    encoder, classifier = timer("stage1", lambda: train_stage1(split, cfg, seed, device, ck / "stage1.safetensors", log))
-    x_test, y_test = (torch.as_tensor(a, device=device) for a in (split.test.x, split.test.y))
-    z = encode(encoder, torch.as_tensor(split.train.x, device=device))
-    y = torch.as_tensor(split.train.y, device=device)
-    z_test = encode(encoder, x_test)
-    logits: dict[str, torch.Tensor] = {}
-    diagnostics: dict[str, Any] = {}
-    base_logits = predict_logits(classifier, z_test)
-    if "ce" in cfg.methods:
-        logits["ce"] = base_logits
-    if "logit_adjust" in cfg.methods:
-        logits["logit_adjust"] = logit_adjusted(base_logits, split.counts, cfg.logit_adjust_tau)
-    if "resample" in cfg.methods:
-        g = timer("crt", lambda: classifier_retraining(split, z, y, cfg, seed, ck / "crt.safetensors", log))
-        logits["resample"] = predict_logits(g, z_test)
-    if "ldmlr" in cfg.methods:
-        g, diagnostics["ldmlr"] = run_ldmlr(split, z, y, classifier, cfg, seed, timer, ck, log, run)
-        logits["ldmlr"] = predict_logits(g, z_test)
-    y_np = y_test.cpu().numpy()
-    metrics = {name: recognition_metrics(lg.argmax(1).cpu().numpy(), y_np, split.num_classes, split.groups)
-               for name, lg in logits.items()}
-    for name, m in metrics.items():
-        log({"event": "test", "method": name, **{k: m[k] for k in ("top1", "balanced", *GROUPS)}})
-    return {"seed": seed, "methods": metrics, "timings": timer.seconds, "diagnostics": diagnostics}
+    def log(self, record: dict) -> None:
+        self.run_dir.log({"seed": self.seed, **record})
 
+    def run(self, methods: list[Method]) -> dict[str, Any]:
+        y_test = self.split.test.y
+        metrics = {}
+        for method in methods:
+            logits, prior = self.logits_and_prior(method.base)
+            if method.adjust:
+                logits = logit_adjusted(logits, prior.cpu().numpy(), self.cfg.logit_adjust_tau)
+            m = recognition_metrics(logits.argmax(1).cpu().numpy(), y_test, self.split.num_classes, self.split.groups)
+            m["seconds"] = self.method_seconds(method.base)
+            metrics[method.name] = m
+            self.log({"event": "test", "method": method.name, **{k: m[k] for k in ("top1", "balanced", *GROUPS)}})
+        return {"seed": self.seed, "methods": metrics, "timings": self.timer.seconds, "diagnostics": self.diagnostics}
 
-def run_ldmlr(split, z, y, classifier, cfg: RunConfig, seed: int, timer: Timer, ck: Path, log, run: RunDir):
-    """Stages 2 and 3 of LDMLR on top of the frozen stage-1 encoder."""
-    scaler = FeatureScaler.fit(z)
-    denoiser, schedule = timer("stage2", lambda: train_feature_diffusion(
-        scaler.transform(z), y, split.num_classes, cfg, seed, ck / "stage2.safetensors", log))
-    n_gen = pseudo_counts(split.counts, cfg.pseudo)
-    u_hat, y_hat = timer("sampling", lambda: sample_features(denoiser, schedule, n_gen, cfg.diffusion, seed, z.device))
-    z_hat = scaler.inverse(u_hat)
-    g = timer("stage3", lambda: finetune_with_pseudo(classifier, z, y, z_hat, y_hat, cfg, seed,
-                                                     ck / "stage3.safetensors", log))
-    save_file({"z_real": z.cpu().contiguous(), "y_real": y.cpu().contiguous(),
-               "z_pseudo": z_hat.cpu().contiguous(), "y_pseudo": y_hat.cpu().contiguous()},
-              str(ck / "features.safetensors"))
-    return g, {"generated_per_class": n_gen.tolist(), "frechet_per_class": per_class_frechet(z, y, z_hat, y_hat)}
+    def method_seconds(self, base: str) -> float:
+        """Wall time a method costs on its own: its stages plus the shared stages it builds on."""
+        stages = {"ce": ["stage1"], "resample": ["stage1", "crt"]}.get(base)
+        if stages is None:
+            stages = ["stage1", "stage2", "sampling", base] if base.startswith("ldmlr") else [base]
+        return sum(self.timer.seconds.get(s, 0.0) for s in stages)
+
+    # --- shared stages ----------------------------------------------------------------------------
+    def stage1(self):
+        """(encoder, classifier, z_train, z_test) of stage 1, trained once per seed."""
+        if self._stage1 is None:
+            enc, g = self.timer("stage1", lambda: train_stage1(self.split, self.cfg, self.seed, self.device,
+                                                               self.ck / "stage1.safetensors", self.log))
+            self._stage1 = (enc, g, encode(enc, self.x), encode(enc, self.x_test))
+        return self._stage1
+
+    def pseudo(self):
+        """LDMLR stage 2 and its pseudo-features (raw feature space), once per seed."""
+        if self._pseudo is None:
+            _, _, z, _ = self.stage1()
+            scaler = FeatureScaler.fit(z)
+            denoiser, schedule = self.timer("stage2", lambda: train_feature_diffusion(
+                scaler.transform(z), self.y, self.split.num_classes, self.cfg, self.seed,
+                self.ck / "stage2.safetensors", self.log))
+            n_gen = pseudo_counts(self.split.counts, self.cfg.pseudo)
+            u_hat, y_hat = self.timer("sampling", lambda: sample_features(
+                denoiser, schedule, n_gen, self.cfg.diffusion, self.seed, self.device))
+            z_hat = scaler.inverse(u_hat)
+            # a separate, class-balanced set to measure drift on the same footing as the E2E runs
+            u_d, y_d = sample_features(denoiser, schedule, np.full(self.split.num_classes, self.cfg.e2e.drift_per_class),
+                                       self.cfg.diffusion, self.seed, self.device, tag="drift")
+            self._pseudo = (z_hat, y_hat, scaler.inverse(u_d), y_d)
+            self.log({"event": "drift", "method": "ldmlr", "step": 0,
+                      "frechet": class_mean_frechet(z, self.y, scaler.inverse(u_d), y_d)})
+            save_file({"z_real": z.cpu().contiguous(), "y_real": self.y.cpu().contiguous(),
+                       "z_pseudo": z_hat.cpu().contiguous(), "y_pseudo": y_hat.cpu().contiguous()},
+                      str(self.ck / "features.safetensors"))
+            self.diagnostics["ldmlr"] = {"generated_per_class": n_gen.tolist(),
+                                         "frechet_per_class": per_class_frechet(z, self.y, z_hat, y_hat)}
+        return self._pseudo
+
+    def counts(self) -> torch.Tensor:
+        return torch.as_tensor(self.split.counts, dtype=torch.float32, device=self.device)
+
+    # --- methods ------------------------------------------------------------------------------------
+    def logits_and_prior(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test logits of a base method and the class prior its classifier was trained on."""
+        if base in ("ce", "resample"):
+            _, g, z, z_test = self.stage1()
+            if base == "ce":
+                return predict_logits(g, z_test), self.counts()
+            g = self.timer("crt", lambda: classifier_retraining(self.split, z, self.y, self.cfg, self.seed,
+                                                                 self.ck / "crt.safetensors", self.log))
+            return predict_logits(g, z_test), torch.ones(self.split.num_classes, device=self.device)
+        if base.startswith("ldmlr"):
+            return self.ldmlr(base)
+        variant = parse_e2e(base)
+        e2e = self.timer(base, lambda: train_end_to_end(self.split, self.cfg, variant, self.seed, self.device,
+                                                        self.ck / f"{base}.safetensors", self.log, base))
+        if variant.aid and e2e.filter_stats:
+            self.diagnostics.setdefault("aid", {})[base] = e2e.filter_stats[-1]
+        return predict_logits(e2e.classifier, encode(e2e.encoder, self.x_test)), e2e.effective_prior()
+
+    def ldmlr(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
+        enc, g, z, z_test = self.stage1()
+        z_hat, y_hat, z_drift, y_drift = self.pseudo()
+        if base == "ldmlr-aid":
+            result = aid_filter(MahalanobisScorer(z, self.y, self.split.num_classes), z_hat, y_hat,
+                                self.split.num_classes, self.cfg.e2e.aid_quantile)
+            self.diagnostics.setdefault("aid", {})[base] = result.summary()
+            z_hat, y_hat = z_hat[result.keep], y_hat[result.keep]
+        prior = self.counts() + self.cfg.pseudo.pseudo_weight * torch.bincount(
+            y_hat, minlength=self.split.num_classes).float()
+        if base == "ldmlr-ft":
+            enc, g = self.timer(base, lambda: finetune_encoder_with_pseudo(
+                enc, g, self.x, self.y, z_hat, y_hat, self.cfg, self.seed, self.ck / f"{base}.safetensors",
+                self.log, lambda e, step: self.log_drift(base, e, z_drift, y_drift, step)))
+            return predict_logits(g, encode(enc, self.x_test)), prior
+        g = self.timer(base, lambda: finetune_with_pseudo(g, z, self.y, z_hat, y_hat, self.cfg, self.seed,
+                                                          self.ck / f"{base}-stage3.safetensors", self.log, base))
+        return predict_logits(g, z_test), prior
+
+    def log_drift(self, method: str, encoder, z_hat, y_hat, step: int) -> None:
+        z = encode(encoder, self.x)
+        encoder.train()
+        self.log({"event": "drift", "method": method, "step": step,
+                  "frechet": class_mean_frechet(z, self.y, z_hat, y_hat)})
 
 
 def per_class_frechet(z, y, z_hat, y_hat) -> list[float | None]:
@@ -131,15 +187,16 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else 0.0}
 
 
-def aggregate(per_seed: list[dict], cfg: RunConfig, split: LongTailSplit, device: torch.device) -> dict[str, Any]:
+def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit, device: torch.device) -> dict:
     """Mean ± std over seeds of every metric, per method; per-class means; mean timings."""
     table: dict[str, Any] = {}
-    for method in cfg.methods:
-        rows = [s["methods"][method] for s in per_seed]
-        table[method] = {k: _mean_std([r[k] for r in rows]) for k in ("top1", "balanced", *GROUPS)}
+    for method in methods:
+        rows = [s["methods"][method.name] for s in per_seed]
+        table[method.name] = {k: _mean_std([r[k] for r in rows]) for k in ("top1", "balanced", *GROUPS, "seconds")}
         per_class = np.array([[np.nan if a is None else a for a in r["per_class"]] for r in rows], dtype=float)
-        table[method]["per_class"] = np.nanmean(per_class, axis=0).tolist()
+        table[method.name]["per_class"] = np.nanmean(per_class, axis=0).tolist()
     stages = sorted({k for s in per_seed for k in s["timings"]})
     timings = {k: _mean_std([s["timings"].get(k, 0.0) for s in per_seed]) for k in stages}
-    return {"methods": table, "method_names": {m: METHODS[m] for m in cfg.methods}, "seeds": cfg.seeds,
-            "timings": timings, "device": str(device), "split": split.summary(), "per_seed": per_seed}
+    return {"methods": table, "method_names": {m.name: m.description for m in methods},
+            "seeds": [s["seed"] for s in per_seed], "timings": timings, "device": str(device),
+            "split": split.summary(), "per_seed": per_seed}

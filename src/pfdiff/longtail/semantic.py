@@ -7,22 +7,25 @@ usable under DP-SGD; ``covariance_loss`` couples the batch and returns a scalar.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
-class PrototypeBank:
+class PrototypeBank(nn.Module):
     """EMA of each class's first and second feature moments: μ_y and Σ_y = E[zzᵀ] − μ_y μ_yᵀ.
 
     μ_y ← (1−λw)·μ_y + λw·mean_batch(z | y) (research note 001); ``w`` down-weights pseudo-features
-    (default 0.3). The first update of a class copies the batch moments. Moments are kept in float64.
+    (default 0.3). The first update of a class copies the batch moments. Moments are kept in float64
+    as buffers, so the bank is checkpointed and resumed with the models.
     """
 
-    def __init__(self, num_classes: int, dim: int, momentum: float = 0.1, device: torch.device | str = "cpu"):
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.1):
+        super().__init__()
         if not 0 < momentum <= 1:
             raise ValueError(f"prototype momentum must lie in (0, 1], got {momentum}")
         self.momentum = momentum
-        self.mean = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
-        self.second = torch.zeros(num_classes, dim, dim, dtype=torch.float64, device=device)
-        self.seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        self.register_buffer("mean", torch.zeros(num_classes, dim, dtype=torch.float64))
+        self.register_buffer("second", torch.zeros(num_classes, dim, dim, dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
 
     @torch.no_grad()
     def update(self, z: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
@@ -47,16 +50,19 @@ class PrototypeBank:
         cov = self.second - self.mean[:, :, None] * self.mean[:, None, :]
         return 0.5 * (cov + cov.transpose(1, 2))
 
-    def radius(self, scale: float = 1.0) -> torch.Tensor:
-        """r_y = scale·√tr(Σ_y): for a Gaussian class, E‖z − μ_y‖ ≈ √tr(Σ_y) in high dimension."""
+    def radius(self, scale: float = 1.0, counts: torch.Tensor | None = None, prior_strength: float = 4.0):
+        """r_y = scale·√tr(Σ_y): for a Gaussian class, E‖z − μ_y‖ ≈ √tr(Σ_y) in high dimension.
+
+        With ``counts`` (training examples per class) the trace is shrunk towards the mean trace of
+        the seen classes, (n_y·tr_y + k·tr̄)/(n_y + k): a tail class with 2 examples has no spread
+        of its own worth matching.
+        """
         trace = torch.diagonal(self.covariance, dim1=1, dim2=2).sum(-1).clamp_min(0)
+        if counts is not None:
+            n = torch.as_tensor(counts, dtype=trace.dtype, device=trace.device)
+            pooled = trace[self.seen].mean() if self.seen.any() else trace.new_zeros(())
+            trace = (n * trace + prior_strength * pooled) / (n + prior_strength)
         return scale * trace.sqrt()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "second": self.second, "seen": self.seen}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.mean.copy_(state["mean"]), self.second.copy_(state["second"]), self.seen.copy_(state["seen"])
 
 
 def prototype_loss(z0_hat: torch.Tensor, y: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
