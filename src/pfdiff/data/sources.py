@@ -6,8 +6,10 @@ import gzip
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +20,10 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    x: np.ndarray  # float32: images [N, C, H, W] in [0, 1], or feature vectors [N, D]
-    y: np.ndarray  # int64 [N], labels in [0, num_classes)
+    """Validated arrays: ``x`` float32 images [N, C, H, W] in [0, 1] or features [N, D]; ``y`` int64 [N]."""
+
+    x: np.ndarray
+    y: np.ndarray
     num_classes: int
     name: str
 
@@ -32,165 +36,248 @@ class ArrayDataset:
         return tuple(self.x.shape[1:])
 
     def subset(self, idx: np.ndarray) -> "ArrayDataset":
+        """The examples at ``idx`` (same classes and name)."""
         return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name)
 
 
-def validate_arrays(x, y, num_classes: int | None, source: str) -> tuple[np.ndarray, np.ndarray, int]:
+# ---------------------------------------------------------------- validation
+
+
+def validate_arrays(x: Any, y: Any, num_classes: int | None, source: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Check shapes, dtypes, finiteness and label range; return (float32 x, int64 y, num_classes)."""
     x, y = np.asarray(x), np.asarray(y)
-    if x.dtype.kind not in "fiu" or y.dtype.kind not in "fiu":
-        raise DataError(f"{source}: x and y must be numeric, got dtypes {x.dtype} and {y.dtype}")
-    if x.ndim == 3:  # [N, H, W] greyscale → [N, 1, H, W]
+    if x.dtype.kind not in "fiu":
+        raise DataError(f"{source}: x must be numeric, got dtype {x.dtype}")
+    if y.dtype.kind not in "fiu":
+        raise DataError(f"{source}: labels y must be numeric, got dtype {y.dtype}")
+    if x.ndim == 3:  # [N, H, W] greyscale -> [N, 1, H, W]
         x = x[:, None]
     if x.ndim not in (2, 4):
         raise DataError(f"{source}: x must be [N, D] features or [N, (C,) H, W] images, got shape {x.shape}")
     if y.ndim != 1:
-        raise DataError(f"{source}: y must be a 1-D label vector, got shape {y.shape}")
-    if len(x) == 0:
-        raise DataError(f"{source}: the dataset is empty")
+        raise DataError(f"{source}: labels y must be 1-D, got shape {y.shape}")
     if len(x) != len(y):
         raise DataError(f"{source}: x has {len(x)} examples but y has {len(y)} labels")
+    if len(x) == 0:
+        raise DataError(f"{source}: the dataset is empty (0 examples)")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise DataError(f"{source}: x contains NaN or inf values ({int((~np.isfinite(x)).sum())} entries)")
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all() or (y != np.round(y)).any():
-            raise DataError(f"{source}: labels must be whole numbers, found non-integer or NaN labels")
+        nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+        raise DataError(f"{source}: x contains non-finite values ({nan} NaN, {inf} inf)")
+    if y.dtype.kind == "f" and (not np.isfinite(y).all() or (y != np.round(y)).any()):
+        raise DataError(f"{source}: labels must be whole numbers, found non-integer, NaN or inf labels")
     y = y.astype(np.int64)
-    num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    if num_classes is None:
+        num_classes = int(y.max()) + 1
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise DataError(f"{source}: num_classes must be >= 1, got {num_classes}")
     bad = (y < 0) | (y >= num_classes)
     if bad.any():
-        raise DataError(f"{source}: {int(bad.sum())} labels outside [0, {num_classes}), e.g. {int(y[bad][0])}")
+        raise DataError(f"{source}: {int(bad.sum())} label(s) outside [0, {num_classes}), e.g. {int(y[bad][0])}")
     return x.astype(np.float32, copy=False), y, num_classes
 
 
+def _scaled(a: np.ndarray, top: float) -> np.ndarray:
+    """``a / top`` as float32 without a float64 intermediate (CIFAR would need ~1.5 GB)."""
+    out = a.astype(np.float32)
+    out /= np.float32(top)
+    return out
+
+
+def _dataset(x: Any, y: Any, num_classes: int | None, source: str, name: str) -> ArrayDataset:
+    x, y, c = validate_arrays(x, y, num_classes, source)
+    return ArrayDataset(x, y, c, name)
+
+
+# ---------------------------------------------------------------- digits
+
+
 def load_digits_dataset() -> ArrayDataset:
-    """scikit-learn's embedded 8×8 digits (1,797 images, 10 classes), scaled to [0, 1]."""
+    """scikit-learn's embedded 8x8 digits (1,797 images, 10 classes), scaled from 0..16 to [0, 1]."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x, y, c = validate_arrays(d.images[:, None] / 16.0, d.target, 10, "digits")
-    return ArrayDataset(x, y, c, "digits")
+    return _dataset(_scaled(d.images[:, None], 16.0), d.target, 10, "digits", "digits")
+
+
+# ---------------------------------------------------------------- IDX (MNIST / Fashion-MNIST)
+
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims
+IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dim
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.exists():
+        raise DataError(f"file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{path}: expected a file, found a directory or special file")
+    return path
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise DataError(f"file not found: {path}")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the suffix
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from e
-    return raw
+    """File contents, gunzipped when they start with the gzip magic bytes (whatever the suffix)."""
+    raw = _existing_file(path).read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from e
 
 
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """An IDX file (LeCun's MNIST format): big-endian magic, dims, then unsigned bytes."""
+def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format): big-endian magic, one uint32 per dim, then unsigned bytes."""
+    path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise DataError(f"{path}: truncated: no IDX header")
-    magic = struct.unpack(">I", raw[:4])[0]
+        raise DataError(f"{path}: truncated: expected at least 4 bytes of IDX header, found {len(raw)}")
+    (magic,) = struct.unpack(">I", raw[:4])
     if magic != expected_magic:
         raise DataError(f"{path}: wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: truncated: header needs {header} bytes, found {len(raw)}")
+        raise DataError(f"{path}: truncated: expected {header} bytes of IDX header, found {len(raw)}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    need = header + int(np.prod(dims))
-    if len(raw) != need:
-        raise DataError(f"{path}: truncated or oversized: expected {need} bytes for dims {dims}, found {len(raw)}")
+    need = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) < need:
+        raise DataError(f"{path}: truncated: expected {need} bytes, found {len(raw)} (dims {dims})")
+    if len(raw) > need:
+        raise DataError(f"{path}: {len(raw) - need} unexpected trailing bytes after the {need} bytes for dims {dims}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def load_idx(images_path, labels_path, name: str = "mnist") -> ArrayDataset:
-    images = read_idx(Path(images_path), 0x00000803)
-    labels = read_idx(Path(labels_path), 0x00000801)
-    x, y, c = validate_arrays(images / 255.0, labels, 10, f"{images_path} / {labels_path}")
-    return ArrayDataset(x, y, c, name)
+def load_idx(images_path: str | Path, labels_path: str | Path, name: str = "mnist") -> ArrayDataset:
+    """One IDX image file [N, H, W] + label file [N]; images scaled to [0, 1] as [N, 1, H, W], 10 classes."""
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    return _dataset(_scaled(images, 255.0), labels, 10, f"{images_path} + {labels_path}", name)
 
 
 def _find(folder: Path, stem: str) -> Path:
     for candidate in (folder / stem, folder / f"{stem}.gz"):
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
-    raise DataError(f"file not found: {folder / stem}[.gz]")
+    raise DataError(f"file not found: {folder / stem} (or {stem}.gz)")
 
 
-def load_mnist_folder(path, name: str = "mnist") -> ArrayDataset:
-    """The four standard MNIST / Fashion-MNIST files in one folder; train and test pooled."""
+def load_mnist_folder(path: str | Path, name: str = "mnist") -> ArrayDataset:
+    """The four standard MNIST / Fashion-MNIST IDX files in one folder; train and test pooled."""
     folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{name}: directory not found: {folder}")
     parts = [load_idx(_find(folder, f"{p}-images-idx3-ubyte"), _find(folder, f"{p}-labels-idx1-ubyte"), name)
              for p in ("train", "t10k")]
+    if parts[0].input_shape != parts[1].input_shape:
+        raise DataError(f"{folder}: train images {parts[0].input_shape} and t10k images {parts[1].input_shape} differ")
     return ArrayDataset(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]), 10, name)
 
 
+# ---------------------------------------------------------------- CIFAR (python pickle version)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a data file must not be able to run code."""
+
+    _NUMPY = {"_reconstruct", "ndarray", "dtype", "_frombuffer", "scalar"}
+
+    def find_class(self, module: str, name: str) -> Any:
+        numpy_ok = module.split(".")[0] == "numpy" and name in self._NUMPY
+        if numpy_ok or (module, name) == ("_codecs", "encode"):  # Python 3 writes protocol-2 bytes via _codecs
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+
+
 def _unpickle(path: Path) -> dict:
-    if not path.exists():
-        raise DataError(f"file not found: {path}")
+    _existing_file(path)
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            obj = _NumpyOnlyUnpickler(f, encoding="bytes").load()  # CIFAR batches were pickled by Python 2
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            ImportError, OverflowError, MemoryError) as e:
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict) or b"data" not in obj:
-        raise DataError(f"{path}: not a CIFAR batch (no b'data' entry)")
+        raise DataError(f"{path}: not a CIFAR batch (expected a dict with a b'data' entry)")
     return obj
 
 
-def load_cifar(path, name: str = "cifar10") -> ArrayDataset:
-    """CIFAR-10/100 'python version' folder; all batches pooled, images [N, 3, 32, 32] in [0, 1]."""
+def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path)
+    data = np.asarray(batch[b"data"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: data must be [N, 3072] (3x32x32), got shape {data.shape}")
+    if label_key not in batch:
+        raise DataError(f"{path}: no {label_key!r} entry; found {sorted(batch)}")
+    labels = np.asarray(batch[label_key])
+    if labels.shape != (len(data),):
+        raise DataError(f"{path}: {len(data)} images but labels of shape {labels.shape}")
+    # each 3072 row holds the R, G and B planes in turn, each 32x32 row-major
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar(path: str | Path, name: str = "cifar10") -> ArrayDataset:
+    """CIFAR-10/100 'python version' folder; train and test pooled, images [N, 3, 32, 32] in [0, 1]."""
     folder = Path(path)
-    if name == "cifar10":
-        files, key, classes = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10
-    else:
+    if not folder.is_dir():
+        raise DataError(f"{name}: directory not found: {folder}")
+    # layout follows the name; other names are detected from the files present
+    hundred = name == "cifar100" if name in ("cifar10", "cifar100") else not (folder / "data_batch_1").exists()
+    if hundred:
         files, key, classes = ["train", "test"], b"fine_labels", 100
-    xs, ys = [], []
-    for fname in files:
-        batch = _unpickle(folder / fname)
-        data = np.asarray(batch[b"data"])
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataError(f"{folder / fname}: data must be [N, 3072] (3×32×32), got {data.shape}")
-        if key not in batch:
-            raise DataError(f"{folder / fname}: no {key!r} entry")
-        xs.append(data.reshape(-1, 3, 32, 32))  # rows hold the R, G, B planes, each 32×32 row-major
-        ys.append(np.asarray(batch[key]))
-    x, y, c = validate_arrays(np.concatenate(xs) / 255.0, np.concatenate(ys), classes, str(folder))
-    return ArrayDataset(x, y, c, name)
+    else:
+        files, key, classes = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10
+    batches = [_cifar_batch(folder / f, key) for f in files]
+    x = _scaled(np.concatenate([b[0] for b in batches]), 255.0)
+    return _dataset(x, np.concatenate([b[1] for b in batches]), classes, str(folder), name)
 
 
-def load_npz(path, name: str | None = None) -> ArrayDataset:
-    """A .npz with ``x`` (images or feature vectors) and ``y``; optional ``num_classes``."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"file not found: {path}")
+# ---------------------------------------------------------------- npz
+
+
+def load_npz(path: str | Path, name: str | None = None) -> ArrayDataset:
+    """A .npz with ``x`` (images [N,H,W] / [N,C,H,W] or features [N,D]) and ``y``; optional ``num_classes``."""
+    path = _existing_file(Path(path))
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        archive = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: expected a .npz archive with arrays x and y, found a single .npy array")
+    try:
+        with archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, zlib.error) as e:  # a damaged member
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
-    x = arrays["x"] / 255.0 if arrays["x"].dtype == np.uint8 else arrays["x"]
-    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else None
-    x, y, c = validate_arrays(x, arrays["y"], num_classes, str(path))
-    return ArrayDataset(x, y, c, name or path.stem)
+    x = arrays["x"]
+    if x.dtype == np.uint8 and x.ndim in (3, 4):  # 8-bit images; float data is kept as is
+        x = _scaled(x, 255.0)
+    num_classes = None
+    if "num_classes" in arrays:
+        nc = arrays["num_classes"]
+        if nc.size != 1 or nc.dtype.kind not in "iu":
+            raise DataError(f"{path}: num_classes must be a single integer, got {nc!r}")
+        num_classes = int(nc.reshape(()))
+    return _dataset(x, arrays["y"], num_classes, str(path), name or path.stem)
 
+
+# ---------------------------------------------------------------- registry
 
 SOURCES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "npz")
 
 
-def load_dataset(name: str, path: str | None = None) -> ArrayDataset:
-    """Load a named source; every source except ``digits`` reads ``path``."""
+def load_dataset(name: str, path: str | Path | None = None, **kw: Any) -> ArrayDataset:
+    """Load a named source; every source except ``digits`` reads ``path``. ``kw`` goes to the loader."""
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(SOURCES)}")
     if name == "digits":
-        return load_digits_dataset()
+        return load_digits_dataset(**kw)
     if path is None:
-        raise DataError(f"dataset {name!r} needs data.path (see the README's data table)")
+        raise DataError(f"dataset {name!r} needs a path (data.path; see the README's data table)")
     if name in ("mnist", "fmnist"):
-        return load_mnist_folder(path, name)
+        return load_mnist_folder(path, kw.pop("name", name), **kw)
     if name in ("cifar10", "cifar100"):
-        return load_cifar(path, name)
-    return load_npz(path)
+        return load_cifar(path, name, **kw)
+    return load_npz(path, **kw)
