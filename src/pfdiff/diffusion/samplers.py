@@ -39,23 +39,24 @@ def _alpha_bar(schedule: NoiseSchedule, t: int, device) -> torch.Tensor:
 
 def _model_split(model, z_t, t: int, y, schedule: NoiseSchedule, prediction: str):
     tt = torch.full((len(z_t),), t, device=z_t.device, dtype=torch.long)
-    ab = _alpha_bar(schedule, t, z_t.device)
-    return split_prediction(model(z_t, tt, y), z_t, ab.sqrt().float(), (1 - ab).sqrt().float(), prediction)
+    ab = _alpha_bar(schedule, t, z_t.device).to(z_t.dtype)
+    return split_prediction(model(z_t, tt, y), z_t, ab.sqrt(), (1 - ab).sqrt(), prediction)
 
 
 def ddpm_step(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSchedule, prediction: str = "eps",
               noise: torch.Tensor | None = None, clip_x0: float | None = None) -> torch.Tensor:
     """One ancestral step z_t → z_{t−1}: posterior mean (DDPM eq. 7) plus √β̃_t noise (fixed_small)."""
+    dt = z_t.dtype
     ab, ab_prev = _alpha_bar(schedule, t, z_t.device), _alpha_bar(schedule, t - 1, z_t.device)
     alpha_t, beta_t = ab / ab_prev, 1 - ab / ab_prev
-    _, x0 = split_prediction(output, z_t, ab.sqrt().float(), (1 - ab).sqrt().float(), prediction)
+    _, x0 = split_prediction(output, z_t, ab.sqrt().to(dt), (1 - ab).sqrt().to(dt), prediction)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-    mean = (ab_prev.sqrt() * beta_t / (1 - ab)).float() * x0 + (alpha_t.sqrt() * (1 - ab_prev) / (1 - ab)).float() * z_t
+    mean = (ab_prev.sqrt() * beta_t / (1 - ab)).to(dt) * x0 + (alpha_t.sqrt() * (1 - ab_prev) / (1 - ab)).to(dt) * z_t
     if t == 0 or noise is None:
         return mean
     var = ((1 - ab_prev) / (1 - ab) * beta_t).clamp_min(1e-20)
-    return mean + var.sqrt().float() * noise
+    return mean + var.sqrt().to(dt) * noise
 
 
 def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor, prediction: str = "eps",
@@ -76,12 +77,13 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor
 def ddim_step(output: torch.Tensor, t: int, t_prev: int, z_t: torch.Tensor, schedule: NoiseSchedule,
               prediction: str = "eps", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
     """z_t → z_{t_prev} (Song et al. 2021, eq. 12); η = 0 is deterministic, η = 1 matches DDPM's variance."""
+    dt = z_t.dtype
     ab, ab_prev = _alpha_bar(schedule, t, z_t.device), _alpha_bar(schedule, t_prev, z_t.device)
-    eps, x0 = split_prediction(output, z_t, ab.sqrt().float(), (1 - ab).sqrt().float(), prediction)
+    eps, x0 = split_prediction(output, z_t, ab.sqrt().to(dt), (1 - ab).sqrt().to(dt), prediction)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-    z_prev = ab_prev.sqrt().float() * x0 + (1 - ab_prev - sigma**2).clamp_min(0).sqrt().float() * eps
+    z_prev = ab_prev.sqrt().to(dt) * x0 + (1 - ab_prev - sigma**2).clamp_min(0).sqrt().to(dt) * eps
     if eta > 0 and noise is not None:
-        z_prev = z_prev + sigma.float() * noise
+        z_prev = z_prev + sigma.to(dt) * noise
     return z_prev
 
 

@@ -56,6 +56,10 @@ class FeatureDenoiser(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(hidden, hidden, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
+        # LayerNorm makes the hidden path blind to the *magnitude* of z_t (for low-dimensional z it sees
+        # only the direction), while ε̂ must grow linearly with z_t at high noise. A linear skip from the
+        # input restores that, so samples that start in rare, far regions of the prior are not lost.
+        self.skip = nn.Linear(dim, dim)
 
     @property
     def null_label(self) -> int:
@@ -66,4 +70,4 @@ class FeatureDenoiser(nn.Module):
         h = self.inp(z_t)
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(nn.functional.silu(self.out_norm(h)))
+        return self.out(nn.functional.silu(self.out_norm(h))) + self.skip(z_t)
