@@ -178,7 +178,7 @@ class EndToEnd:
             keep = w > 0.5  # covariance of z̃0 is only meaningful on low-noise rows
             l_cov, matched = covariance_loss(z0_hat[keep], y[keep], self.bank.covariance.float(), self.e.cov_min_count)
             sem = sem + self.e.eta_cov * l_cov
-            info.update(cov=float(l_cov), cov_classes=matched)
+            info.update(cov=float(l_cov.detach()), cov_classes=matched)
         return out.loss.mean() + warm * sem, info
 
     def generate(self, n: int, step: int, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,7 @@ class SeedRun:
         self.x_test = torch.as_tensor(split.test.x, device=device)
         self._stage1: tuple | None = None
         self._pseudo: tuple | None = None
+        self._bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def log(self, record: dict) -> None:
         self.run_dir.log({"seed": self.seed, **record})
@@ -130,7 +131,12 @@ class SeedRun:
 
     # --- methods ------------------------------------------------------------------------------------
     def logits_and_prior(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test logits of a base method and the class prior its classifier was trained on."""
+        """Test logits of a base method and the class prior its classifier was trained on (cached)."""
+        if base not in self._bases:
+            self._bases[base] = self._train_base(base)
+        return self._bases[base]
+
+    def _train_base(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
         if base in ("ce", "resample"):
             _, g, z, z_test = self.stage1()
             if base == "ce":
