@@ -32,7 +32,7 @@ def train_stage1(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.
     x = torch.as_tensor(split.train.x, device=device)
     y = torch.as_tensor(split.train.y, device=device)
     params = list(encoder.parameters()) + list(classifier.parameters())
-    opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
     def step_fn(step: int):
         idx = shuffled_batch(len(y), o.batch_size, step, seed).to(device)

@@ -76,7 +76,7 @@ def train_classifier_on_features(classifier: nn.Module, z: torch.Tensor, y: torc
                                  batch_fn: Callable[[int], torch.Tensor] | None = None) -> nn.Module:
     """Fit G on fixed features with (optionally per-example weighted) cross-entropy."""
     steps = epochs * max(1, -(-len(y) // batch_size))
-    opt = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     w = torch.ones(len(y), device=z.device) if weights is None else weights
 
     def step_fn(step: int):

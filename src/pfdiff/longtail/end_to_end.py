@@ -122,8 +122,9 @@ class EndToEnd:
     """State and step function of one end-to-end run (one seed, one variant)."""
 
     def __init__(self, split: LongTailSplit, cfg: RunConfig, variant: E2EVariant, seed: int, device: torch.device,
-                 log: Callable[[dict], None] | None = None):
+                 log: Callable[[dict], None] | None = None, name: str = "e2e"):
         self.cfg, self.e, self.variant, self.seed, self.device = cfg, cfg.e2e, variant, seed, device
+        self.name = name
         self.log = log or (lambda record: None)
         self.drift: list[dict] = []
         m, C = cfg.model, split.num_classes
@@ -247,7 +248,7 @@ class EndToEnd:
                             generator=generator(self.device, self.seed, "drift", step))
         u = sample_ddim(self.denoiser, noise, self.schedule, y_hat, steps=self.e.ge_steps,
                         prediction=self.cfg.diffusion.prediction)
-        record = {"event": "drift", "step": step,
+        record = {"event": "drift", "method": self.name, "step": step,
                   "frechet": class_mean_frechet(z, self.y, self.scaler.inverse(u), y_hat)}
         self.drift.append(record)
         self.log(record)
@@ -262,8 +263,8 @@ def train_end_to_end(split: LongTailSplit, cfg: RunConfig, variant: E2EVariant, 
                      checkpoint: Path | None, log: Callable[[dict], None] | None, name: str) -> EndToEnd:
     """Train one variant; checkpoints fall on drift-refresh steps so a resumed run repeats its numbers."""
     e = cfg.e2e
-    run = EndToEnd(split, cfg, variant, seed, device, log)
-    opt = torch.optim.Adam(run.parameters(), lr=e.lr, weight_decay=e.weight_decay)
+    run = EndToEnd(split, cfg, variant, seed, device, log, name)
+    opt = torch.optim.AdamW(run.parameters(), lr=e.lr, weight_decay=e.weight_decay)
     every = e.drift_every * max(1, round(cfg.checkpoint_every / e.drift_every))
     train(run.modules(), opt, run.step, e.steps, description=f"seed {seed} · {name}", checkpoint=checkpoint,
           checkpoint_every=every, log=log)

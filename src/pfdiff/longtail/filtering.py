@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sklearn.covariance import LedoitWolf
 
 
 @dataclass
@@ -38,13 +39,15 @@ class FilterResult:
 class MahalanobisScorer:
     """Class means and a tied covariance fitted on real features; ``score`` = Mahalanobis distance."""
 
-    def __init__(self, z: torch.Tensor, y: torch.Tensor, num_classes: int, shrinkage: float = 1e-3):
+    def __init__(self, z: torch.Tensor, y: torch.Tensor, num_classes: int):
         z = z.detach().double()
         self.means = torch.stack([z[y == c].mean(0) if (y == c).any() else torch.zeros(z.shape[1], dtype=z.dtype,
                                   device=z.device) for c in range(num_classes)])
-        centred = z - self.means[y]
-        cov = centred.T @ centred / max(1, len(z) - num_classes)
-        cov = cov + shrinkage * torch.diagonal(cov).mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        centred = (z - self.means[y]).cpu().numpy()
+        # Ledoit–Wolf shrinkage: features of a trained encoder are nearly low-rank, and the plain
+        # covariance would give pseudo-features with a little spread off that subspace huge scores.
+        cov = LedoitWolf(assume_centered=True).fit(centred).covariance_
+        cov = torch.as_tensor(cov, dtype=z.dtype, device=z.device)
         self.precision_chol = torch.linalg.cholesky(torch.linalg.inv(cov))
         self.real_scores = self.score(z, y)
 

@@ -118,7 +118,7 @@ def finetune_encoder_with_pseudo(encoder: nn.Module, classifier: nn.Module, x: t
     """
     p = cfg.pseudo
     enc, g = copy.deepcopy(encoder), copy.deepcopy(classifier)
-    opt = torch.optim.Adam(list(enc.parameters()) + list(g.parameters()), lr=p.finetune_lr,
+    opt = torch.optim.AdamW(list(enc.parameters()) + list(g.parameters()), lr=p.finetune_lr,
                            weight_decay=cfg.stage1.weight_decay)
     bs = cfg.stage1.batch_size
     steps = p.finetune_epochs * max(1, -(-len(y) // bs))
