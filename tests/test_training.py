@@ -60,8 +60,14 @@ def test_ema_tracks_weights():
     before = ema.module.weight.clone()
     with torch.no_grad():
         model.weight.add_(2.0)
-    ema.update()
-    torch.testing.assert_close(ema.module.weight, before + 1.0)
+    ema.update()  # warm-up: first decay is min(0.5, 1/10) = 0.1
+    torch.testing.assert_close(ema.module.weight, before + 1.8)
+    for _ in range(20):
+        ema.update()
+    torch.testing.assert_close(ema.module.weight, model.weight, atol=1e-5, rtol=0)
+    ema2 = EMA(torch.nn.Linear(2, 2), decay=0.5)
+    ema2.load_state_dict(ema.state_dict())
+    assert ema2.num_updates == 21
 
 
 def test_shuffled_batches_cover_each_epoch_once():

@@ -64,6 +64,19 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory written by 
         _fail(str(e))
 
 
+@app.command("make-data")
+def make_data(out: Path = typer.Argument(..., help="the .npz file to write"),
+              samples: int = typer.Option(6000, help="number of examples"),
+              classes: int = typer.Option(10, help="number of classes"),
+              seed: int = typer.Option(0, help="generator seed"),
+              class_sep: float = typer.Option(1.0, help="cluster separation (smaller is harder)")):
+    """Write a synthetic feature dataset (scikit-learn make_classification) for `data.name=npz`."""
+    from pfdiff.data import write_synthetic_npz
+
+    path = write_synthetic_npz(out, samples, 64, classes, seed, class_sep)
+    console.print(f"wrote {path}; run it with: pfdiff run ablation --set data.name=npz --set data.path={path}")
+
+
 @app.command()
 def presets():
     """List the built-in config presets."""

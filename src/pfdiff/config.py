@@ -47,7 +47,7 @@ class DiffusionConfig(Section):
     # (see tests/test_diffusion.py::test_trained_model_matches_a_known_gaussian_mixture)
     prediction: Literal["eps", "v", "x0"] = "v"
     weighting: Literal["uniform", "inv_sqrt", "min_snr"] = "uniform"
-    steps: int = Field(2000, ge=1)  # optimisation steps of the denoiser
+    steps: int = Field(4000, ge=1)  # optimisation steps of the denoiser
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)

@@ -62,25 +62,34 @@ def balanced_batch(y: torch.Tensor, num_classes: int, batch_size: int, step: int
 
 
 class EMA:
-    """Exponential moving average of a module's parameters (Polyak averaging), kept as a frozen copy."""
+    """Exponential moving average of a module's parameters (Polyak averaging), kept as a frozen copy.
+
+    The decay warms up as min(decay, (1 + n)/(10 + n)) after n updates: with a fixed 0.999 the average
+    would still hold 0.999^2000 ≈ 14 % of the *random initial* weights after 2,000 steps (we measured
+    the resulting pseudo-features far off the real ones).
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.source = model
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.num_updates += 1
         for avg, p in zip(self.module.parameters(), self.source.parameters()):
-            avg.lerp_(p.detach(), 1.0 - self.decay)
+            avg.lerp_(p.detach(), 1.0 - decay)
         for avg_b, b in zip(self.module.buffers(), self.source.buffers()):
             avg_b.copy_(b)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.module.state_dict(), "num_updates": self.num_updates}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.num_updates = int(state["num_updates"])
 
 
 @contextmanager
@@ -167,4 +176,4 @@ def load_modules(path: Path, modules: dict[str, nn.Module], use_ema_for: str | N
     """Load the weights of a finished stage (optionally the EMA weights into one module)."""
     state = load_state(path, module_device(modules))
     for k, m in modules.items():
-        m.load_state_dict(state["ema"] if k == use_ema_for and "ema" in state else state["modules"][k])
+        m.load_state_dict(state["ema"]["weights"] if k == use_ema_for and "ema" in state else state["modules"][k])

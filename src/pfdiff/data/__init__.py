@@ -3,8 +3,8 @@
 from pfdiff.data.longtail import (ClassGroups, balanced_indices, class_counts, class_groups, longtail_counts, longtail_indices,
                                   stratified_split)
 from pfdiff.data.sources import (SOURCES, ArrayDataset, DataError, load_cifar, load_dataset, load_digits_dataset,
-                                 load_idx, load_mnist_folder, load_npz, read_idx, validate_arrays)
+                                 load_idx, load_mnist_folder, load_npz, read_idx, validate_arrays, write_synthetic_npz)
 
 __all__ = ["ClassGroups", "balanced_indices", "class_counts", "class_groups", "longtail_counts", "longtail_indices", "stratified_split",
            "SOURCES", "ArrayDataset", "DataError", "load_cifar", "load_dataset", "load_digits_dataset", "load_idx",
-           "load_mnist_folder", "load_npz", "read_idx", "validate_arrays"]
+           "load_mnist_folder", "load_npz", "read_idx", "validate_arrays", "write_synthetic_npz"]

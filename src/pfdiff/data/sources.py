@@ -281,3 +281,20 @@ def load_dataset(name: str, path: str | Path | None = None, **kw: Any) -> ArrayD
     if name in ("cifar10", "cifar100"):
         return load_cifar(path, name, **kw)
     return load_npz(path, **kw)
+
+
+def write_synthetic_npz(path, n_samples: int = 6000, dim: int = 64, num_classes: int = 10, seed: int = 0,
+                        class_sep: float = 1.0) -> Path:
+    """A harder, download-free feature dataset for the ``npz`` source: scikit-learn's ``make_classification``
+    (Guyon 2003: Gaussian clusters on a hypercube, 2 per class, 16 informative of ``dim`` features)."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(n_samples=n_samples, n_features=dim, n_informative=16, n_redundant=16,
+                               n_classes=num_classes, n_clusters_per_class=2, class_sep=class_sep,
+                               random_state=seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, x=x.astype(np.float32), y=y.astype(np.int64), num_classes=np.int64(num_classes))
+    tmp.replace(path)
+    return path

@@ -6,8 +6,8 @@ usable covariance of its own, while the tied one is estimated from every real fe
 classifier's confidence would reward samples far on the correct side of the boundary (not
 in-distribution ones), and a per-class radius needs a per-class spread we cannot estimate on the
 tail. Threshold: a sample is *in distribution* (kept) when its score is at most the ``quantile`` of
-the same scores of the real training features, pooled over classes (comparable across classes
-because the covariance is shared).
+the same scores of real training features, pooled over classes (comparable across classes because
+the covariance is shared) and cross-fitted (each real feature scored by a fit that excluded it).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class FilterResult:
 class MahalanobisScorer:
     """Class means and a tied covariance fitted on real features; ``score`` = Mahalanobis distance."""
 
-    def __init__(self, z: torch.Tensor, y: torch.Tensor, num_classes: int):
+    def __init__(self, z: torch.Tensor, y: torch.Tensor, num_classes: int, cross_fit: bool = True):
         z = z.detach().double()
         self.means = torch.stack([z[y == c].mean(0) if (y == c).any() else torch.zeros(z.shape[1], dtype=z.dtype,
                                   device=z.device) for c in range(num_classes)])
@@ -49,11 +49,25 @@ class MahalanobisScorer:
         cov = LedoitWolf(assume_centered=True).fit(centred).covariance_
         cov = torch.as_tensor(cov, dtype=z.dtype, device=z.device)
         self.precision_chol = torch.linalg.cholesky(torch.linalg.inv(cov))
-        self.real_scores = self.score(z, y)
+        self.real_scores = _cross_fitted_scores(z, y, num_classes) if cross_fit else self.score(z, y)
 
     def score(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = (z.detach().double() - self.means[y]) @ self.precision_chol
         return d.norm(dim=-1)
+
+
+def _cross_fitted_scores(z: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 5) -> torch.Tensor:
+    """Scores of real features by a scorer that did not see them (K-fold): in-sample Mahalanobis distances
+    of a 64-D fit are biased low, which would make every new sample look out of distribution."""
+    from sklearn.model_selection import KFold
+
+    scores = []
+    for fit_idx, held_idx in KFold(folds, shuffle=True, random_state=0).split(z.cpu().numpy()):
+        fit_idx, held_idx = torch.as_tensor(fit_idx), torch.as_tensor(held_idx)
+        scorer = MahalanobisScorer(z[fit_idx], y[fit_idx], num_classes, cross_fit=False)
+        seen = torch.isin(y[held_idx], y[fit_idx])  # a held-out tail example whose class is absent has no mean
+        scores.append(scorer.score(z[held_idx][seen], y[held_idx][seen]))
+    return torch.cat(scores)
 
 
 def aid_filter(scorer: MahalanobisScorer, z_pseudo: torch.Tensor, y_pseudo: torch.Tensor, num_classes: int,
