@@ -1,4 +1,4 @@
-"""The diffusion training loss as a small callable returning an unreduced per-example vector (edm style)."""
+"""The diffusion training loss: a small callable returning an unreduced per-example vector (EDM style)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,33 @@ from pfdiff.diffusion.schedules import NoiseSchedule
 from pfdiff.diffusion.targets import check_prediction, split_prediction, training_target
 
 
-def loss_weight(schedule: NoiseSchedule, t: torch.Tensor, weighting: str, prediction: str,
-                gamma: float = 5.0) -> torch.Tensor:
-    """Per-timestep weight of the regression loss.
+def _uniform(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
+    """λ_t = 1: DDPM's L_simple (Ho et al. 2020, eq. 14)."""
+    return torch.ones(t.shape, dtype=torch.float64, device=t.device)
 
-    uniform: 1 (DDPM's L_simple). inv_sqrt: λ_t = 1/√(1−ᾱ_t). min_snr (Hang et al. 2023, eq. 7):
-    min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v, min(SNR, γ) for x0.
-    """
-    if weighting == "uniform":
-        return torch.ones_like(t, dtype=torch.float32)
-    if weighting == "inv_sqrt":
-        return (1.0 / (1.0 - schedule.alpha_bar.to(t.device)[t]).sqrt()).float()
-    if weighting == "min_snr":
-        snr = schedule.snr(t)
-        clipped = snr.clamp(max=gamma)
-        return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction].float()
-    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of ['inv_sqrt', 'min_snr', 'uniform']")
+
+def _inv_sqrt(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
+    """λ_t = 1/√(1−ᾱ_t)."""
+    return 1.0 / (1.0 - schedule.alpha_bar.to(t.device)[t]).sqrt()
+
+
+def _min_snr(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023, eq. 7 and §3.4): min(SNR, γ) in x0 units, divided by the
+    SNR (ε-prediction) or SNR + 1 (v-prediction) that converts the x0 loss into those units."""
+    snr = schedule.snr(t)
+    clipped = snr.clamp(max=gamma)
+    return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[check_prediction(prediction)]
+
+
+WEIGHTINGS = {"uniform": _uniform, "inv_sqrt": _inv_sqrt, "min_snr": _min_snr}
+
+
+def loss_weight(schedule: NoiseSchedule, t: torch.Tensor, weighting: str, prediction: str = "eps",
+                gamma: float = 5.0) -> torch.Tensor:
+    """Per-timestep weight λ_t of the regression loss, float32 [len(t)]."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {sorted(WEIGHTINGS)}")
+    return WEIGHTINGS[weighting](schedule, t, prediction, gamma).float()
 
 
 @dataclass
@@ -37,13 +48,19 @@ class DiffusionOutput:
 
 
 class DiffusionLoss:
-    """‖target − model(z_t, t, y)‖², weighted per timestep, with noise multiplicity and CFG label drop."""
+    """λ_t·‖target − model(z_t, t, y)‖² per example, with noise multiplicity and CFG label drop.
+
+    Random draws, in this order from ``generator``: t [B·K], ε [B·K, …], then (if cond_drop_prob > 0)
+    the drop coins [B·K]; rows are example-major (row b·K + k is draw k of example b).
+    """
 
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", weighting: str = "uniform",
                  min_snr_gamma: float = 5.0, cond_drop_prob: float = 0.0, null_label: int | None = None,
                  t_min: int = 0, t_max: int | None = None):
         check_prediction(prediction)
         loss_weight(schedule, torch.zeros(1, dtype=torch.long), weighting, prediction)  # validates the name
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}")
         if cond_drop_prob > 0 and null_label is None:
             raise ValueError("cond_drop_prob > 0 needs a null_label (the unconditional class index)")
         t_max = schedule.T if t_max is None else t_max
@@ -53,27 +70,33 @@ class DiffusionLoss:
         self.gamma, self.cond_drop_prob, self.null_label = min_snr_gamma, cond_drop_prob, null_label
         self.t_min, self.t_max = t_min, t_max
 
+    def _draw(self, z0_rep: torch.Tensor, y_rep: torch.Tensor, generator: torch.Generator | None):
+        n, dev = len(z0_rep), z0_rep.device
+        t = torch.randint(self.t_min, self.t_max, (n,), device=dev, generator=generator)
+        eps = torch.randn(z0_rep.shape, device=dev, dtype=z0_rep.dtype, generator=generator)
+        if self.cond_drop_prob > 0:
+            # classifier-free guidance training (Ho & Salimans 2022, Alg. 1): drop y with prob. p
+            drop = torch.rand(n, device=dev, generator=generator) < self.cond_drop_prob
+            y_rep = torch.where(drop, torch.full_like(y_rep, self.null_label), y_rep)
+        return t, eps, y_rep
+
     def __call__(self, model, z0: torch.Tensor, y: torch.Tensor, noise_multiplicity: int = 1,
                  generator: torch.Generator | None = None) -> DiffusionOutput:
         B, K = len(z0), noise_multiplicity
         if K < 1:
             raise ValueError(f"noise_multiplicity must be ≥ 1, got {K}")
-        # DPDM (Dockhorn et al. 2022): K draws of (t, ε) per example in one batched call; their losses
-        # are averaged per example *before* any clipping, so K does not change the sensitivity.
-        z0_rep = z0.repeat_interleave(K, dim=0)
-        y_rep = y.repeat_interleave(K, dim=0)
-        t = torch.randint(self.t_min, self.t_max, (B * K,), device=z0.device, generator=generator)
-        eps = torch.randn(z0_rep.shape, device=z0.device, dtype=z0.dtype, generator=generator)
-        if self.cond_drop_prob > 0:
-            drop = torch.rand(B * K, device=z0.device, generator=generator) < self.cond_drop_prob
-            y_rep = torch.where(drop, torch.full_like(y_rep, self.null_label), y_rep)
-        a = self.schedule.sqrt_alpha_bar(t, z0.ndim)
-        b = self.schedule.sqrt_one_minus_alpha_bar(t, z0.ndim)
-        z_t = a * z0_rep + b * eps
+        # DPDM (Dockhorn et al. 2022, §3.2): K draws of (t, ε) per example in one batched call, averaged
+        # per example *before* any clipping, so K does not change the per-example sensitivity.
+        z0_rep, y_rep = z0.repeat_interleave(K, dim=0), y.repeat_interleave(K, dim=0)
+        t, eps, y_rep = self._draw(z0_rep, y_rep, generator)
+        a = self.schedule.sqrt_alpha_bar(t, z0.ndim, z0.dtype)
+        b = self.schedule.sqrt_one_minus_alpha_bar(t, z0.ndim, z0.dtype)
+        z_t = a * z0_rep + b * eps  # q(z_t | z_0), DDPM eq. 4
         output = model(z_t, t, y_rep)
+        # λ_t · mean over non-batch dims of (output − target)²  (DDPM eq. 14, generalised to ε / v / x0)
         target = training_target(self.prediction, z0_rep, eps, a, b)
         per_row = ((output - target) ** 2).flatten(1).mean(1)
-        per_row = per_row * loss_weight(self.schedule, t, self.weighting, self.prediction, self.gamma)
+        per_row = per_row * loss_weight(self.schedule, t, self.weighting, self.prediction, self.gamma).to(per_row.dtype)
         _, z0_hat = split_prediction(output, z_t, a, b, self.prediction)
         return DiffusionOutput(per_row.view(B, K).mean(1), z0_hat.view(B, K, *z0.shape[1:]),
                                t.view(B, K), y_rep.view(B, K))

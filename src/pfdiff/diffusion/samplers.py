@@ -2,6 +2,7 @@
 
 They do not switch gradients off: wrap them in ``torch.no_grad()`` (``generate`` does) unless a
 loss must flow back through sampling. ``model(z_t, t, y)`` returns the chosen parameterisation.
+``callback(i, t, z_t, x0_hat)``, if given, sees every step's input state and the model's ẑ0.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pfdiff.diffusion.schedules import NoiseSchedule
 from pfdiff.diffusion.targets import check_prediction, split_prediction
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 def make_timesteps(T: int, steps: int, spacing: str = "leading") -> list[int]:
-    """Descending timesteps of a ``steps``-step sampler, as diffusers' DDIMScheduler.set_timesteps."""
+    """Descending timesteps of a ``steps``-step sampler, as diffusers' DDIMScheduler.set_timesteps
+    (steps_offset=0); duplicates, possible with "linspace", are dropped."""
     if not 1 <= steps <= T:
         raise ValueError(f"sampler steps must lie in [1, T={T}], got {steps}")
     if spacing == "leading":
@@ -28,28 +31,50 @@ def make_timesteps(T: int, steps: int, spacing: str = "leading") -> list[int]:
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps).round()
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of ['leading', 'linspace', 'trailing']")
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
     return sorted({int(t) for t in ts}, reverse=True)
 
 
+def _timesteps(schedule: NoiseSchedule, steps: int | Sequence[int], spacing: str) -> list[int]:
+    """An int number of steps → make_timesteps; a sequence → checked to be descending in [0, T)."""
+    if isinstance(steps, int):
+        return make_timesteps(schedule.T, steps, spacing)
+    ts = [int(t) for t in steps]
+    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] >= schedule.T or ts[-1] < 0:
+        raise ValueError(f"timesteps must be strictly descending in [0, T={schedule.T}), got {ts}")
+    return ts
+
+
 def _alpha_bar(schedule: NoiseSchedule, t: int, device) -> torch.Tensor:
-    """ᾱ_t as a float64 scalar; t = −1 means ᾱ = 1 (DDIM's set_alpha_to_one)."""
+    """ᾱ_t as a float64 scalar on ``device``; t = −1 means ᾱ = 1 (DDIM's set_alpha_to_one)."""
     return schedule.alpha_bar[t].to(device) if t >= 0 else torch.ones((), dtype=torch.float64, device=device)
 
 
-def _model_split(model, z_t, t: int, y, schedule: NoiseSchedule, prediction: str):
-    tt = torch.full((len(z_t),), t, device=z_t.device, dtype=torch.long)
-    ab = _alpha_bar(schedule, t, z_t.device).to(z_t.dtype)
-    return split_prediction(model(z_t, tt, y), z_t, ab.sqrt(), (1 - ab).sqrt(), prediction)
+def _split(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSchedule, prediction: str):
+    """(ε̂, ẑ0) of a model output at the scalar timestep t."""
+    ab = _alpha_bar(schedule, t, z_t.device)
+    return split_prediction(output, z_t, ab.sqrt().to(z_t.dtype), (1 - ab).sqrt().to(z_t.dtype), prediction)
+
+
+def _call(model, z_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
+    return model(z_t, torch.full((len(z_t),), t, device=z_t.device, dtype=torch.long), y)
+
+
+def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
 
 def ddpm_step(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSchedule, prediction: str = "eps",
               noise: torch.Tensor | None = None, clip_x0: float | None = None) -> torch.Tensor:
-    """One ancestral step z_t → z_{t−1}: posterior mean (DDPM eq. 7) plus √β̃_t noise (fixed_small)."""
+    """One ancestral step z_t → z_{t−1} (Ho et al. 2020, eqs. 6–7 and 11).
+
+    Posterior mean μ̃(z_t, ẑ0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·ẑ0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·z_t plus √β̃_t·noise,
+    β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t ("fixed_small"); no noise at t = 0 or when ``noise`` is None.
+    """
     dt = z_t.dtype
     ab, ab_prev = _alpha_bar(schedule, t, z_t.device), _alpha_bar(schedule, t - 1, z_t.device)
     alpha_t, beta_t = ab / ab_prev, 1 - ab / ab_prev
-    _, x0 = split_prediction(output, z_t, ab.sqrt().to(dt), (1 - ab).sqrt().to(dt), prediction)
+    _, x0 = _split(output, t, z_t, schedule, prediction)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     mean = (ab_prev.sqrt() * beta_t / (1 - ab)).to(dt) * x0 + (alpha_t.sqrt() * (1 - ab_prev) / (1 - ab)).to(dt) * z_t
@@ -62,24 +87,25 @@ def ddpm_step(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSc
 def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor, prediction: str = "eps",
                 generator: torch.Generator | None = None, callback: Callback | None = None,
                 clip_x0: float | None = None) -> torch.Tensor:
-    """Ancestral DDPM sampling over all T steps (Ho et al. 2020, Alg. 2)."""
+    """Ancestral DDPM sampling over all T steps from x = z_{T−1} ~ N(0, I) (Ho et al. 2020, Alg. 2)."""
     check_prediction(prediction)
     for i, t in enumerate(range(schedule.T - 1, -1, -1)):
-        out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long), y)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if t > 0 else None
-        x_next = ddpm_step(out, t, x, schedule, prediction, noise, clip_x0)
+        out = _call(model, x, t, y)
         if callback is not None:
-            callback(i, t, x_next, x_next)
-        x = x_next
+            callback(i, t, x, _split(out, t, x, schedule, prediction)[1])
+        x = ddpm_step(out, t, x, schedule, prediction, _randn(x, generator) if t > 0 else None, clip_x0)
     return x
 
 
 def ddim_step(output: torch.Tensor, t: int, t_prev: int, z_t: torch.Tensor, schedule: NoiseSchedule,
               prediction: str = "eps", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """z_t → z_{t_prev} (Song et al. 2021, eq. 12); η = 0 is deterministic, η = 1 matches DDPM's variance."""
+    """z_t → z_{t_prev} (Song et al. 2021, eq. 12 with σ_t(η) of eq. 16); t_prev = −1 means ᾱ_prev = 1.
+
+    z_prev = √ᾱ_prev·ẑ0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·noise; η = 0 is deterministic, η = 1 has DDPM's variance.
+    """
     dt = z_t.dtype
     ab, ab_prev = _alpha_bar(schedule, t, z_t.device), _alpha_bar(schedule, t_prev, z_t.device)
-    eps, x0 = split_prediction(output, z_t, ab.sqrt().to(dt), (1 - ab).sqrt().to(dt), prediction)
+    eps, x0 = _split(output, t, z_t, schedule, prediction)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     z_prev = ab_prev.sqrt().to(dt) * x0 + (1 - ab_prev - sigma**2).clamp_min(0).sqrt().to(dt) * eps
     if eta > 0 and noise is not None:
@@ -92,15 +118,13 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor
                 generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """DDIM over a subsequence of timesteps (an int number of steps, or the descending list itself)."""
     check_prediction(prediction)
-    ts = make_timesteps(schedule.T, steps, spacing) if isinstance(steps, int) else list(steps)
+    ts = _timesteps(schedule, steps, spacing)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long), y)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) if eta > 0 else None
-        x_next = ddim_step(out, t, t_prev, x, schedule, prediction, eta, noise)
+        out = _call(model, x, t, y)
         if callback is not None:
-            callback(i, t, x, x_next)
-        x = x_next
+            callback(i, t, x, _split(out, t, x, schedule, prediction)[1])
+        x = ddim_step(out, t, t_prev, x, schedule, prediction, eta, _randn(x, generator) if eta > 0 else None)
     return x
 
 
@@ -110,24 +134,27 @@ def sample_heun(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor
     """Probability-flow ODE with Heun steps (Karras et al. 2022, Alg. 1 without churn).
 
     In x̃ = z/√ᾱ with σ = √((1−ᾱ)/ᾱ) the ODE is dx̃/dσ = ε̂(z, t). The discrete model is evaluated
-    only at the chosen timesteps; the last step (to σ = 0) is an Euler step.
+    only at the chosen timesteps (σ grid: their σ_t, then 0); the last step, to σ = 0, is Euler.
+    Deterministic: ``generator`` is accepted for a uniform sampler signature and unused.
     """
     check_prediction(prediction)
-    ts = make_timesteps(schedule.T, steps, spacing) if isinstance(steps, int) else list(steps)
-    sigmas = [float(schedule.sigma()[t]) for t in ts] + [0.0]
-    xt = x * (1 + sigmas[0] ** 2) ** 0.5  # z_T/√ᾱ_T
+    ts = _timesteps(schedule, steps, spacing)
+    sigma_t = schedule.sigma()
+    sigmas = [float(sigma_t[t]) for t in ts] + [0.0]
 
-    def eps_at(x_tilde, i):
-        z = x_tilde / (1 + sigmas[i] ** 2) ** 0.5
-        return _model_split(model, z, ts[i], y, schedule, prediction)[0]
+    def denoise(x_tilde: torch.Tensor, i: int):
+        z = x_tilde / (1 + sigmas[i] ** 2) ** 0.5  # z = √ᾱ·x̃ and 1 + σ² = 1/ᾱ
+        return _split(_call(model, z, ts[i], y), ts[i], z, schedule, prediction)
 
-    for i in range(len(ts)):
-        d = eps_at(xt, i)
+    xt = x * (1 + sigmas[0] ** 2) ** 0.5  # x̃ at the first timestep
+    for i, t in enumerate(ts):
+        d, x0 = denoise(xt, i)
+        if callback is not None:
+            callback(i, t, xt / (1 + sigmas[i] ** 2) ** 0.5, x0)
+        # Euler step, then the 2nd-order correction with the slope at σ_{i+1} (EDM Alg. 1, lines 5–8)
         x_next = xt + (sigmas[i + 1] - sigmas[i]) * d
         if sigmas[i + 1] > 0:
-            x_next = xt + (sigmas[i + 1] - sigmas[i]) * 0.5 * (d + eps_at(x_next, i + 1))
-        if callback is not None:
-            callback(i, ts[i], xt, x_next)
+            x_next = xt + (sigmas[i + 1] - sigmas[i]) * 0.5 * (d + denoise(x_next, i + 1)[0])
         xt = x_next
     return xt
 
@@ -142,14 +169,22 @@ def get_sampler(name: str):
 
 
 @torch.no_grad()
-def generate(sampler: str, model, noise: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor, steps: int = 50,
-             eta: float = 0.0, prediction: str = "eps", generator: torch.Generator | None = None,
-             spacing: str = "leading") -> torch.Tensor:
-    """Sample from ``noise`` with a named sampler, gradients off (DDPM ignores ``steps``: it uses all T)."""
+def generate(sampler: str, model, shape_or_noise: torch.Tensor | Sequence[int], schedule: NoiseSchedule,
+             y: torch.Tensor, steps: int | Sequence[int] = 50, eta: float = 0.0, prediction: str = "eps",
+             generator: torch.Generator | None = None, spacing: str = "leading",
+             callback: Callback | None = None) -> torch.Tensor:
+    """Sample with a named sampler, gradients off.
+
+    ``shape_or_noise``: the initial noise itself, or a shape whose N(0, I) noise is drawn first from
+    ``generator`` on y's device. DDPM ignores ``steps`` (it uses all T); only DDIM uses ``eta``.
+    """
     fn = get_sampler(sampler)
+    if isinstance(shape_or_noise, torch.Tensor):
+        noise = shape_or_noise
+    else:
+        noise = torch.randn(tuple(shape_or_noise), device=y.device, generator=generator)
     if sampler == "ddpm":
-        return fn(model, noise, schedule, y, prediction=prediction, generator=generator)
-    if sampler == "ddim":
-        return fn(model, noise, schedule, y, steps=steps, eta=eta, spacing=spacing, prediction=prediction,
-                  generator=generator)
-    return fn(model, noise, schedule, y, steps=steps, spacing=spacing, prediction=prediction)
+        return fn(model, noise, schedule, y, prediction=prediction, generator=generator, callback=callback)
+    kw = {"eta": eta} if sampler == "ddim" else {}
+    return fn(model, noise, schedule, y, steps=steps, spacing=spacing, prediction=prediction,
+              generator=generator, callback=callback, **kw)
