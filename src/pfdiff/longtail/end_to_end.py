@@ -272,11 +272,16 @@ def train_end_to_end(split: LongTailSplit, cfg: RunConfig, variant: E2EVariant, 
     return run
 
 
+def per_class_frechet(z, y, z_hat, y_hat) -> list[float | None]:
+    """FD between each class's pseudo-features and its real features (None: fewer than 2 on a side)."""
+    out: list[float | None] = []
+    for c in range(int(y.max()) + 1):
+        real, fake = z[y == c].cpu().numpy(), z_hat[y_hat == c].cpu().numpy()
+        out.append(frechet_distance(real, fake) if len(real) >= 2 and len(fake) >= 2 else None)
+    return out
+
+
 def class_mean_frechet(z, y, z_hat, y_hat) -> float:
     """Mean over classes (with ≥ 2 real and pseudo samples) of the Fréchet distance of pseudo to real."""
-    values = []
-    for c in torch.unique(y).tolist():
-        a, b = z[y == c].cpu().numpy(), z_hat[y_hat == c].cpu().numpy()
-        if len(a) >= 2 and len(b) >= 2:
-            values.append(frechet_distance(a, b))
+    values = [v for v in per_class_frechet(z, y, z_hat, y_hat) if v is not None]
     return float(np.mean(values)) if values else float("nan")

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from pfdiff.config import RunConfig
-from pfdiff.evaluation import GROUPS, frechet_distance, recognition_metrics
+from pfdiff.evaluation import GROUPS, recognition_metrics
 from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
 from pfdiff.longtail.common import LongTailSplit, encode, make_split, predict_logits
-from pfdiff.longtail.end_to_end import class_mean_frechet, parse_e2e, train_end_to_end
+from pfdiff.longtail.end_to_end import class_mean_frechet, parse_e2e, per_class_frechet, train_end_to_end
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, train_feature_diffusion)
@@ -177,15 +177,6 @@ class SeedRun:
         encoder.train()
         self.log({"event": "drift", "method": method, "step": step,
                   "frechet": class_mean_frechet(z, self.y, z_hat, y_hat)})
-
-
-def per_class_frechet(z, y, z_hat, y_hat) -> list[float | None]:
-    """FD between each class's pseudo-features and its real training features (None: too few samples)."""
-    out: list[float | None] = []
-    for c in range(int(y.max()) + 1):
-        real, fake = z[y == c].cpu().numpy(), z_hat[y_hat == c].cpu().numpy()
-        out.append(frechet_distance(real, fake) if len(real) >= 2 and len(fake) >= 2 else None)
-    return out
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
