@@ -98,7 +98,8 @@ def test_resolve_device():
 
 
 @pytest.mark.parametrize("module", [
-    create_encoder("cnn", (1, 8, 8)), create_encoder("resnet32", (3, 32, 32)), create_classifier("linear", 64, 10),
+    create_encoder("cnn", (1, 8, 8)), create_encoder("resnet32", (3, 32, 32)), create_encoder("mlp", (20,)),
+    create_classifier("linear", 64, 10),
     create_classifier("cosine", 64, 10), FeatureDenoiser(64, 10, hidden=32, depth=2)])
 def test_every_model_is_opacus_compatible(module):
     assert ModuleValidator.validate(module, strict=False) == []
@@ -107,7 +108,10 @@ def test_every_model_is_opacus_compatible(module):
 def test_encoder_shapes_and_errors():
     assert create_encoder("auto", (1, 28, 28), feature_dim=32)(torch.randn(2, 1, 28, 28)).shape == (2, 32)
     assert create_encoder("auto", (16,))(torch.randn(3, 16)).shape == (3, 16)
+    assert create_encoder("mlp", (16,), feature_dim=8)(torch.randn(3, 16)).shape == (3, 8)
     with pytest.raises(ValueError, match="choose one of"):
         create_encoder("vit", (1, 8, 8))
     with pytest.raises(ValueError, match="feature vectors"):
         create_encoder("identity", (1, 8, 8))
+    with pytest.raises(ValueError, match="feature vectors"):
+        create_encoder("mlp", (1, 8, 8))

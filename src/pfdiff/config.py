@@ -100,6 +100,34 @@ class E2EConfig(Section):
     drift_per_class: int = Field(50, ge=2)  # pseudo-features per class for the drift FD
 
 
+class PrivacyConfig(Section):
+    """Differential privacy of the feature diffusion (method ``dp-ldmlr``); see docs/privacy.md.
+
+    The long-tailed training set is split per class into a declared *public* part (encoder, scaler,
+    stage-1 classifier: no privacy cost) and the *private* rest; every release derived from the
+    private part goes through the accountant (``privacy/accounting.py``).
+    """
+
+    mechanism: Literal["dpsgd", "dp-promise"] = "dpsgd"
+    target_epsilon: float = Field(10.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["pld", "rdp", "prv"] = "pld"  # calibrates σ and enforces the budget; all three are reported
+    public_fraction: float = Field(0.5, gt=0, lt=1)  # per class, of the long-tailed training set
+    count_epsilon: float = Field(0.5, ge=0)  # ε spent on the noisy class counts (0: counts declared public)
+    max_grad_norm: float = Field(1.0, gt=0)  # C
+    noise_multiplier: float | None = Field(None, gt=0)  # σ; None: calibrated to target_epsilon
+    noise_multiplicity: int = Field(8, ge=1)  # K draws of (t, ε) per example, averaged before clipping
+    expected_batch_size: int = Field(128, ge=1)  # logical batch (Poisson sampling, q = B/N)
+    max_physical_batch_size: int = Field(512, ge=1)
+    steps: int = Field(1500, ge=1)  # logical DP-SGD steps (Phase II for dp-promise)
+    lr: float = Field(1e-3, gt=0)
+    feature_radius: float = Field(8.0, gt=0)  # R: standardised private features are L2-clipped to R (√64 = 8)
+    promise_S: int = Field(900, ge=1)  # dp-promise: Phase I trains on t ∈ [S, T) without clipping or noise
+    promise_phase1_steps: int = Field(500, ge=0)
+    promise_phase1_batch: int = Field(16, ge=1)
+    promise_conditional_phase1: bool = False  # labels are NOT protected in Phase I when true
+
+
 class RunConfig(Section):
     name: str = "quickstart"
     methods: list[str] = ["ce", "logit_adjust", "resample", "ldmlr"]
@@ -115,6 +143,7 @@ class RunConfig(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     pseudo: PseudoConfig = PseudoConfig()
     e2e: E2EConfig = E2EConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @field_validator("seeds")
     @classmethod

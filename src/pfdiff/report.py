@@ -150,6 +150,46 @@ def verdict(results: dict) -> list[str]:
     return lines
 
 
+NOT_PRIVATE = ("This run is **not private**: every release (encoder, classifier and denoiser weights, "
+               "pseudo-features, the feature-scaler statistics and the class counts) is derived from the "
+               "training data without a differential-privacy guarantee.")
+
+
+def privacy_section(results: dict) -> list[str]:
+    """Each release and its ε (per seed, from the ledgers), or the plain statement that nothing is private."""
+    seeds = [(s["seed"], s["diagnostics"]["privacy"]) for s in results["per_seed"] if "privacy" in s["diagnostics"]]
+    md = ["", "## Privacy", ""]
+    if not seeds:
+        return md + [NOT_PRIVATE]
+    _, first = seeds[0]
+    md += ["The long-tailed training set is split per class into a declared **public** part and a **private** "
+           "part (`privacy.public_fraction`). Methods other than `dp-…` are **not private** with respect to the "
+           "private part, except `ce`, `logit_adjust` and `resample`, which use the public part only (ε = 0).", "",
+           "What `dp-ldmlr` releases and how each release is covered:", "",
+           "| release | derived from | guarantee |", "|---|---|---|",
+           "| encoder E, stage-1 classifier, feature scaler | public part | public (ε = 0) |",
+           "| class counts of the private part | private part | " +
+           ("Gaussian mechanism, in the ledger |" if first["count_event"] else "declared public (count_epsilon = 0) |"),
+           f"| denoiser ε_θ | private part | {'dp-promise (Phase I + DP-SGD Phase II)' if first['phase1_steps'] else 'DP-SGD'}"
+           " with noise multiplicity, in the ledger |",
+           "| pseudo-features, fine-tuned classifier G | denoiser + public part | post-processing (no extra ε) |", "",
+           f"Budget: target ε = {first['target_epsilon']:g} at δ = {first['delta']:g} per seed "
+           f"(σ = {first['sigma']:.4f}, q = {first['sample_rate']:.4f}). Spent, per seed "
+           "(PLD is the primary accountant; RDP and PRV cross-check it):", "",
+           "| seed | PLD ε | RDP ε | PRV ε | events (name: noise multiplier, sample rate, steps) |", "|---|---|---|---|---|"]
+    for seed, d in seeds:
+        events = "; ".join(f"{e['name']}: {e['noise_multiplier']:.4g}, {e['sample_rate']:.4g}, {e['steps']}"
+                           for e in d["entries"])
+        eps = d["epsilon"]
+        md.append(f"| {seed} | {eps['pld']:.3f} | {eps['rdp']:.3f} | {eps['prv']:.3f} | {events} |")
+    if "all_seeds_epsilon" in results:
+        e = results["all_seeds_epsilon"]
+        md += ["", f"Each seed is a separate training run on the same private data: releasing the models of all "
+                   f"{len(seeds)} seeds together costs their composition, PLD ε = {e['pld']:.3f} "
+                   f"(RDP {e['rdp']:.3f}, PRV {e['prv']:.3f}). Ledgers: `privacy/seedN.json`."]
+    return md
+
+
 def render_report(run: RunDir) -> Path:
     """Write plots/*.png and report.md from results.json, metrics.jsonl and the saved features."""
     results: dict[str, Any] = run.read_json("results.json")
@@ -186,10 +226,7 @@ def render_report(run: RunDir) -> Path:
         for m, a in aid.items():
             md.append(f"| {m} | " + " | ".join("–" if f is None else f"{f:.2f}" for f in a["kept_fraction_per_class"])
                       + " |")
-    md += ["", "## Privacy", "",
-           "This run is **not private**: every release (encoder, classifier and denoiser weights, "
-           "pseudo-features, the feature-scaler statistics and the class counts) is derived from the "
-           "training data without a differential-privacy guarantee."]
+    md += privacy_section(results)
     md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
     atomic_write_text(run.report_path, "\n".join(md) + "\n")
     return run.report_path

@@ -3,7 +3,7 @@
 Grammar: ``BASE[+la]`` where ``+la`` applies post-hoc logit adjustment with the *effective* prior
 (the class mass the classifier was trained on: real counts plus weighted pseudo-features).
 
-BASE is one of ``ce``, ``resample``, ``ldmlr``, ``ldmlr-aid``, ``ldmlr-ft`` or an end-to-end
+BASE is one of ``ce``, ``resample``, ``ldmlr``, ``ldmlr-aid``, ``ldmlr-ft``, ``dp-ldmlr`` or an end-to-end
 variant ``e2e-{A,B,C}[-{proto,cov,rad}][-aid]``. ``logit_adjust`` is ``ce+la``.
 """
 
@@ -19,6 +19,8 @@ BASES = {
     "ldmlr": "LDMLR: frozen E, pseudo-features from feature diffusion fill every class to n_max (Han et al. 2024)",
     "ldmlr-aid": "LDMLR with AID/OOD-filtered pseudo-features (Mahalanobis, tied covariance)",
     "ldmlr-ft": "LDMLR, then E fine-tuned with G on real images + the fixed pseudo-features",
+    "dp-ldmlr": "DP-LDMLR: ε_θ trained on the private part under DP (privacy.mechanism), noisy class counts, "
+                "G fine-tuned on public features + pseudo-features",
 }
 ALIASES = {"logit_adjust": "ce+la"}
 E2E_HELP = "end-to-end E, G, ε_θ, strategy {A: synchronous, B: alternating, C: progressive}, shape term, ±AID"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,9 @@ from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
+from pfdiff.longtail.private import noisy_counts, public_private_split, train_private_denoiser
+from pfdiff.data import class_counts
+from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.runs import RunDir
 from pfdiff.training import resolve_device
 
@@ -68,6 +72,14 @@ class SeedRun:
         self._stage1: tuple | None = None
         self._pseudo: tuple | None = None
         self._bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # private mode (a dp-… method is asked for): E and the stage-1 G see only the declared public part
+        self.private_mode = any(parse_method(m).base.startswith("dp-") for m in cfg.methods)
+        self.public_idx = self.private_idx = None
+        if self.private_mode:
+            pub, priv = public_private_split(split.train.y, split.num_classes, cfg.privacy.public_fraction,
+                                             cfg.data.split_seed)
+            self.public_idx = torch.as_tensor(pub, device=device)
+            self.private_idx = torch.as_tensor(priv, device=device)
 
     def log(self, record: dict) -> None:
         self.run_dir.log({"seed": self.seed, **record})
@@ -96,7 +108,10 @@ class SeedRun:
     def stage1(self):
         """(encoder, classifier, z_train, z_test) of stage 1, trained once per seed."""
         if self._stage1 is None:
-            enc, g = self.timer("stage1", lambda: train_stage1(self.split, self.cfg, self.seed, self.device,
+            split = self.split
+            if self.private_mode:
+                split = replace(split, train=split.train.subset(self.public_idx.cpu().numpy()))
+            enc, g = self.timer("stage1", lambda: train_stage1(split, self.cfg, self.seed, self.device,
                                                                self.ck / "stage1.safetensors", self.log))
             self._stage1 = (enc, g, encode(enc, self.x), encode(enc, self.x_test))
         return self._stage1
@@ -127,7 +142,9 @@ class SeedRun:
         return self._pseudo
 
     def counts(self) -> torch.Tensor:
-        return torch.as_tensor(self.split.counts, dtype=torch.float32, device=self.device)
+        """The class counts stage 1 was trained on (the public part in private mode)."""
+        y = self.y if not self.private_mode else self.y[self.public_idx]
+        return torch.bincount(y, minlength=self.split.num_classes).float()
 
     # --- methods ------------------------------------------------------------------------------------
     def logits_and_prior(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,11 +158,16 @@ class SeedRun:
             _, g, z, z_test = self.stage1()
             if base == "ce":
                 return predict_logits(g, z_test), self.counts()
-            g = self.timer("crt", lambda: classifier_retraining(self.split, z, self.y, self.cfg, self.seed,
+            y = self.y
+            if self.private_mode:
+                z, y = z[self.public_idx], y[self.public_idx]
+            g = self.timer("crt", lambda: classifier_retraining(self.split, z, y, self.cfg, self.seed,
                                                                  self.ck / "crt.safetensors", self.log))
             return predict_logits(g, z_test), torch.ones(self.split.num_classes, device=self.device)
         if base.startswith("ldmlr"):
             return self.ldmlr(base)
+        if base == "dp-ldmlr":
+            return self.dp_ldmlr()
         variant = parse_e2e(base)
         e2e = self.timer(base, lambda: train_end_to_end(self.split, self.cfg, variant, self.seed, self.device,
                                                         self.ck / f"{base}.safetensors", self.log, base))
@@ -161,7 +183,8 @@ class SeedRun:
                                 self.split.num_classes, self.cfg.e2e.aid_quantile)
             self.diagnostics.setdefault("aid", {})[base] = result.summary()
             z_hat, y_hat = z_hat[result.keep], y_hat[result.keep]
-        prior = self.counts() + self.cfg.pseudo.pseudo_weight * torch.bincount(
+        # G is fine-tuned on every real training feature (public and private alike: LDMLR is not private)
+        prior = torch.as_tensor(self.split.counts, dtype=torch.float32, device=self.device) + self.cfg.pseudo.pseudo_weight * torch.bincount(
             y_hat, minlength=self.split.num_classes).float()
         if base == "ldmlr-ft":
             enc, g = self.timer(base, lambda: finetune_encoder_with_pseudo(
@@ -170,6 +193,34 @@ class SeedRun:
             return predict_logits(g, encode(enc, self.x_test)), prior
         g = self.timer(base, lambda: finetune_with_pseudo(g, z, self.y, z_hat, y_hat, self.cfg, self.seed,
                                                           self.ck / f"{base}-stage3.safetensors", self.log, base))
+        return predict_logits(g, z_test), prior
+
+    def dp_ldmlr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """LDMLR with a DP denoiser on the private part; G is fine-tuned on public features + pseudo-features."""
+        enc, g, z, z_test = self.stage1()
+        C, p = self.split.num_classes, self.cfg.privacy
+        z_pub, y_pub = z[self.public_idx], self.y[self.public_idx]
+        z_priv, y_priv = z[self.private_idx], self.y[self.private_idx]
+        scaler = FeatureScaler.fit(z_pub)  # public statistics: nothing private leaks through the scaler
+        counts_priv, count_event = noisy_counts(class_counts(y_priv.cpu().numpy(), C), p, self.seed)
+        ledger = PrivacyLedger(self.run_dir.path / "privacy" / f"seed{self.seed}.json", p.target_epsilon, p.delta)
+        denoiser, schedule, info = self.timer("dp-ldmlr", lambda: train_private_denoiser(
+            scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, [count_event] if count_event else [],
+            self.ck / "dp-stage2.safetensors", self.log))
+        counts_pub = self.counts().cpu().numpy().astype(int)
+        # fill every class of G's training set (public real + pseudo) up to the largest estimated class size
+        n_gen = np.maximum(0, (counts_pub + counts_priv).max() - counts_pub)
+        u_hat, y_hat = self.timer("dp-ldmlr", lambda: sample_features(denoiser, schedule, n_gen, self.cfg.diffusion,
+                                                                      self.seed, self.device, tag="dp-pseudo"))
+        z_hat = scaler.inverse(u_hat)
+        g = self.timer("dp-ldmlr", lambda: finetune_with_pseudo(g, z_pub, y_pub, z_hat, y_hat, self.cfg, self.seed,
+                                                                self.ck / "dp-stage3.safetensors", self.log, "DP-LDMLR"))
+        summary = ledger.summary(cross_check=True)
+        self.diagnostics["privacy"] = {**summary, **info, "noisy_private_counts": counts_priv.tolist(),
+                                       "count_event": count_event is not None, "generated_per_class": n_gen.tolist(),
+                                       "frechet_per_class": per_class_frechet(z_priv, y_priv, z_hat, y_hat)}
+        prior = torch.as_tensor(counts_pub + self.cfg.pseudo.pseudo_weight * n_gen, dtype=torch.float32,
+                                device=self.device)
         return predict_logits(g, z_test), prior
 
     def log_drift(self, method: str, encoder, z_hat, y_hat, step: int) -> None:
@@ -194,6 +245,11 @@ def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit,
         table[method.name]["per_class"] = np.nanmean(per_class, axis=0).tolist()
     stages = sorted({k for s in per_seed for k in s["timings"]})
     timings = {k: _mean_std([s["timings"].get(k, 0.0) for s in per_seed]) for k in stages}
-    return {"methods": table, "method_names": {m.name: m.description for m in methods},
+    out = {"methods": table, "method_names": {m.name: m.description for m in methods},
             "seeds": [s["seed"] for s in per_seed], "timings": timings, "device": str(device),
             "split": split.summary(), "per_seed": per_seed}
+    private = [s["diagnostics"]["privacy"] for s in per_seed if "privacy" in s["diagnostics"]]
+    if private:  # the seeds' releases compose: ε of publishing all of them together
+        events = [GaussianEvent(**e) for p in private for e in p["entries"]]
+        out["all_seeds_epsilon"] = epsilon_all(events, private[0]["delta"])
+    return out

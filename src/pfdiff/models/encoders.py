@@ -73,19 +73,36 @@ class IdentityEncoder(nn.Module):
         return x
 
 
-ENCODERS = {"cnn": SmallCNN, "resnet32": ResNet32, "identity": IdentityEncoder}
+class MLPEncoder(nn.Module):
+    """A trainable encoder for feature-vector inputs (two LayerNorm'd hidden layers), so that the
+    end-to-end method has an E to move on `.npz` features; ``identity`` keeps them fixed."""
+
+    def __init__(self, in_dim: int, feature_dim: int = 64, width: int = 32):
+        super().__init__()
+        self.feature_dim = feature_dim
+        hidden = 8 * width
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.SiLU(),
+                                 nn.Linear(hidden, feature_dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+ENCODERS = {"cnn": SmallCNN, "resnet32": ResNet32, "identity": IdentityEncoder, "mlp": MLPEncoder}
 
 
 def create_encoder(name: str, input_shape: tuple[int, ...], feature_dim: int = 64, width: int = 32) -> nn.Module:
-    """Build an encoder by name; ``auto`` picks identity for feature inputs and the CNN for images."""
+    """Build an encoder by name; ``auto`` picks identity for feature inputs and the CNN for images
+    (``mlp`` is a trainable encoder for feature inputs)."""
     if name == "auto":
         name = "identity" if len(input_shape) == 1 else "cnn"
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS) + ['auto']}")
-    if name == "identity":
+    if name in ("identity", "mlp"):
         if len(input_shape) != 1:
-            raise ValueError(f"the identity encoder needs feature vectors, got inputs of shape {input_shape}")
-        return IdentityEncoder(input_shape[0])
+            raise ValueError(f"the {name} encoder needs feature vectors, got inputs of shape {input_shape}")
+        return IdentityEncoder(input_shape[0]) if name == "identity" else MLPEncoder(input_shape[0], feature_dim, width)
     if len(input_shape) != 3:
         raise ValueError(f"encoder {name!r} needs images [C, H, W], got inputs of shape {input_shape}")
     if name == "cnn":
