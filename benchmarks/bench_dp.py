@@ -2,17 +2,16 @@
 
 Both steps: a batch of 256 examples, the diffusion loss with K = 4 noise draws per example, AdamW.
 - non-private: mean over the batch of the K-averaged per-example losses, backward, AdamW step;
-- DP: DPSGD.step — per-example gradients of the K-averaged losses (torch.func vmap), Opacus' DPOptimizer
-  clipping + Gaussian noise, AdamW step. Sampling rate q = 1 with N = 256, so the Poisson batch is the
-  expected 256 every step (fixed size for timing).
+- DP: DPSGD.step — per-example clipping of the K-averaged losses, Opacus' Gaussian noise, AdamW step.
+  Sampling rate q = 1 with N = 256, so the Poisson batch is the expected 256 every step (fixed size).
 The two are timed in alternating rounds (the machine may be shared; adjacent steps see the same load);
 we report the mean of N rounds (and median / min) and ratio = dp_ms / nonprivate_ms. Target: ≤ 1.5×.
-Two variants, in this order (allocator tuning cannot be undone in-process): ``default_allocator``
-(DPSGD(tune_allocator=False): glibc returns freed memory to the OS and re-faults the 735 MB of per-example
-gradients every step) and ``engine_default`` (DPSGD as constructed by default: ``tune_cpu_allocator()``).
-The headline is ``engine_default``. Measured earlier, 1 thread: micro-batches of 8/16/32/64 were slower
-than one physical batch of 256 once the allocator is tuned (372/297/238/212 vs 181 ms).
-
+Candidates (DPSGD's ``method``), in this order (allocator tuning cannot be undone in-process):
+- ``ghost`` (the headline: DPSGD's defaults): Opacus ghost clipping on the [B, K, …] model call, per-example
+  norms from activations × backprops, a second backward of Σ_b c_b ℓ_b; no per-example gradients;
+- ``hooks``: Opacus grad-sample hooks on the [B, K, …] call, [B, …] per-example gradients (735 MB);
+- ``vmap``: torch.func vmap(grad) per example (the previous engine), [B, …] per-example gradients;
+- ``*_tuned_allocator``: the same after ``tune_cpu_allocator()`` (DPSGD(tune_allocator=True), opt-in).
 Writes benchmarks/results/dp.json. Run: .venv/bin/python benchmarks/bench_dp.py [--rounds 15]
 One function per model: add e.g. ``bench_unet`` to MODELS returning the same keys.
 """
@@ -33,7 +32,7 @@ from torch import nn
 from pfdiff.config import RunConfig
 from pfdiff.diffusion import DiffusionLoss, make_schedule
 from pfdiff.longtail.ldmlr import build_denoiser
-from pfdiff.privacy.dpsgd import DPSGD
+from pfdiff.privacy.dpsgd import DPSGD, METHODS
 from pfdiff.runs import atomic_write_json
 from pfdiff.training import generator, resolve_device
 
@@ -69,8 +68,9 @@ def _summary(ms: list[float]) -> dict[str, float]:
 
 def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, data: tuple[torch.Tensor, ...],
                 K: int, device: torch.device, rounds: int, max_physical_batch_size: int, tune_allocator: bool,
-                lr: float = 1e-3, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0) -> dict:
-    """Non-private vs DP step for one model; ``data`` = (z0, y), every row in every step."""
+                method: str = "ghost", track_norms: bool = True, lr: float = 1e-3, noise_multiplier: float = 1.0,
+                max_grad_norm: float = 1.0) -> dict:
+    """Non-private vs DP step for one model; ``data`` = (z0, y), all rows in every step."""
     batch = len(data[0])
     torch.manual_seed(0)
     plain = make_model().to(device)
@@ -79,7 +79,8 @@ def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, dat
     private = make_model().to(device)
     engine = DPSGD(private, torch.optim.AdamW(private.parameters(), lr=lr), noise_multiplier=noise_multiplier,
                    max_grad_norm=max_grad_norm, dataset_size=batch, sample_rate=1.0,  # q·N = batch, fixed
-                   max_physical_batch_size=max_physical_batch_size, seed=0, tune_allocator=tune_allocator)
+                   max_physical_batch_size=max_physical_batch_size, seed=0, tune_allocator=tune_allocator,
+                   method=method, track_norms=track_norms)
 
     def nonprivate(step: int) -> None:
         g = generator(device, 0, "bench-ldm", step)
@@ -96,7 +97,7 @@ def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, dat
     paired = [d / n for d, n in zip(times["dp"], times["nonprivate"])]
     np_ms, dp_ms = statistics.mean(times["nonprivate"]), statistics.mean(times["dp"])
     return {"batch": batch, "K": K, "max_physical_batch_size": max_physical_batch_size, "rounds": rounds,
-            "tune_allocator": tune_allocator,
+            "method": method, "tune_allocator": tune_allocator, "track_norms": track_norms,
             "params": sum(p.numel() for p in private.parameters()),
             "nonprivate_ms": np_ms, "dp_ms": dp_ms, "ratio": dp_ms / np_ms,
             "ratio_median_of_rounds": statistics.median(paired),
@@ -104,8 +105,10 @@ def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, dat
             "nonprivate_ms_stats": _summary(times["nonprivate"]), "dp_ms_stats": _summary(times["dp"])}
 
 
-def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bool,
-                           max_physical_batch_size: int = 256, batch: int = 256, K: int = 4, dim: int = 64, classes: int = 10) -> dict:
+def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bool, method: str = "ghost",
+                           track_norms: bool = True,
+                           max_physical_batch_size: int = 256, batch: int = 256, K: int = 4, dim: int = 64,
+                           classes: int = 10) -> dict:
     """LDMLR's feature denoiser with the default config (hidden 256, depth 3), feature dim 64, 10 classes."""
     cfg = RunConfig()
     d = cfg.diffusion
@@ -113,9 +116,10 @@ def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bo
     loss_fn = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting,
                             cond_drop_prob=d.cond_drop_prob, null_label=classes)
     g = torch.Generator().manual_seed(0)
-    data = (torch.randn(batch, dim, generator=g).to(device), torch.randint(0, classes, (batch,), generator=g).to(device))
+    data = (torch.randn(batch, dim, generator=g).to(device),
+            torch.randint(0, classes, (batch,), generator=g).to(device))
     out = bench_model(lambda: build_denoiser(cfg, dim, classes), loss_fn, data, K, device, rounds,
-                      max_physical_batch_size, tune_allocator)
+                      max_physical_batch_size, tune_allocator, method, track_norms)
     return {"model": f"FeatureDenoiser(dim={dim}, classes={classes}, hidden={cfg.model.denoiser_hidden}, "
                      f"depth={cfg.model.denoiser_depth})", **out}
 
@@ -129,14 +133,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed steps of each kind (after 2 warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="DPSGD methods to compare")
+    parser.add_argument("--no-tuned", action="store_true", help="skip the tuned-allocator variants")
     args = parser.parse_args()
     device = resolve_device(args.device)
     threads = torch.get_num_threads()
     results: dict[str, dict] = {name: {} for name in args.models}
-    for variant, tune in (("default_allocator", False), ("engine_default", True)):
+    variants = [(m, False, m) for m in args.methods]
+    if not args.no_tuned:
+        variants += [(f"{m}_tuned_allocator", True, m) for m in args.methods]
+    for variant, tune, method in variants:
         for name in args.models:
-            results[name][variant] = MODELS[name](device, args.rounds, tune_allocator=tune)
-    head = results["feature_denoiser"]["engine_default"] if "feature_denoiser" in results else {}
+            results[name][variant] = MODELS[name](device, args.rounds, tune_allocator=tune, method=method)
+    head = results.get("feature_denoiser", {}).get("ghost", {})
     report = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(), "threads": threads,
@@ -145,8 +154,8 @@ def main() -> None:
         "nonprivate_ms": head.get("nonprivate_ms"), "dp_ms": head.get("dp_ms"), "ratio": head.get("ratio"),
         "target_ratio": TARGET_RATIO, "meets_target": bool(head) and head["ratio"] <= TARGET_RATIO,
         "ratio_median_of_rounds": head.get("ratio_median_of_rounds"), "ratio_of_min": head.get("ratio_of_min"),
-        "headline": "models.feature_denoiser.engine_default (DPSGD defaults: one physical batch of 256, "
-                    "tuned allocator, norm statistics tracked)",
+        "headline": "models.feature_denoiser.ghost (DPSGD defaults: method='ghost', one physical batch of "
+                    "256, glibc's default allocator, norm statistics tracked)",
         "models": results,
     }
     atomic_write_json(OUT, report)

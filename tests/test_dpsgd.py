@@ -8,7 +8,8 @@ from opacus.validators.errors import UnsupportedModuleError
 
 from pfdiff.diffusion import DiffusionLoss, make_schedule
 from pfdiff.models import FeatureDenoiser
-from pfdiff.privacy.dpsgd import (DPSGD, DPIncompatibleLoss, per_example_grads, per_sample_norms,
+from pfdiff.models.denoisers import timestep_embedding
+from pfdiff.privacy.dpsgd import (DPSGD, METHODS, DPIncompatibleLoss, per_example_grads, per_sample_norms,
                                   require_per_example)
 from pfdiff.runs import load_state, save_state
 from pfdiff.training import EMA, generator
@@ -86,43 +87,136 @@ def test_models_are_opacus_valid_and_batchnorm_is_refused():
 
 
 # (a) B per-example gradient units reach DPOptimizer, not B·K, and each is clipped to ≤ C
-def test_dpoptimizer_clips_B_units_not_B_times_K():
+def _spy_units(engine):
+    """Per micro-batch: (number of clipping units, their pre-clip norms, norm of what was added to
+    summed_grad). Ghost clipping has no grad samples: its units are the norms it clips by."""
+    seen, units = [], []
+    if engine.method == "ghost":
+        ghost = engine._ghost_microbatch
+        engine._ghost_microbatch = lambda *a: (units.append(ghost(*a).clone()), units[-1])[1]
+    original = engine.optimizer.pre_step
+
+    def spy(*args):
+        if engine.method != "ghost":
+            units.append(per_sample_norms(engine.optimizer.grad_samples))
+        before = [None if p.summed_grad is None else p.summed_grad.clone() for p in engine.optimizer.params]
+        out = original(*args)
+        added = [p.summed_grad - (0 if b is None else b) for p, b in zip(engine.optimizer.params, before)]
+        seen.append((len(units[-1]), units[-1], torch.cat([a.flatten() for a in added]).norm()))
+        return out
+
+    engine.optimizer.pre_step = spy
+    return seen
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dpoptimizer_clips_B_units_not_B_times_K(method):
     B, K, C = 8, 4, 0.5
     model = _model()
     engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, dataset_size=B,
-                     max_physical_batch_size=1)  # one example per micro-batch: each clip is observable
-    seen = []
-    original = engine.optimizer.clip_and_accumulate
-
-    def spy():
-        gs = engine.optimizer.grad_samples
-        before = [None if p.summed_grad is None else p.summed_grad.clone() for p in engine.optimizer.params]
-        original()
-        added = [p.summed_grad - (0 if b is None else b) for p, b in zip(engine.optimizer.params, before)]
-        seen.append(([g.shape[0] for g in gs], per_sample_norms(gs), torch.cat([a.flatten() for a in added]).norm()))
-
-    engine.optimizer.clip_and_accumulate = spy
+                     max_physical_batch_size=1, method=method)  # one example per micro-batch: each clip is observable
+    seen = _spy_units(engine)
     stats = engine.step(_fixed_loss(scale=100.0), _data(B, K), step=0)
     assert stats["batch_size"] == B
     assert len(seen) == B  # B clipping units over the logical batch, one per example
-    for leading, pre_norm, clipped in seen:
-        assert set(leading) == {1}
+    for units, pre_norm, clipped in seen:
+        assert units == 1
         assert pre_norm.item() > C  # scaled up: every example is clipped
         assert clipped.item() <= C * (1 + 1e-5)
         assert clipped.item() == pytest.approx(C, rel=1e-4)
     assert stats["clip_frac"] == 1.0
 
-    # one physical batch: p.grad_sample has B rows (the K draws were averaged before clipping)
+    # one physical batch: B clipping units (the K draws were summed per example before clipping)
     model = _model()
-    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, dataset_size=B)
+    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, dataset_size=B,
+                     method=method)
+    seen = _spy_units(engine)
     shapes = []
-    original2 = engine.optimizer.clip_and_accumulate
-    engine.optimizer.clip_and_accumulate = lambda: (shapes.append([g.shape for g in engine.optimizer.grad_samples]),
-                                                    original2())
+    if method != "ghost":
+        original2 = engine.optimizer.clip_and_accumulate
+        engine.optimizer.clip_and_accumulate = lambda: (
+            shapes.append([g.shape for g in engine.optimizer.grad_samples]), original2())
     engine.step(_fixed_loss(), _data(B, K), step=0)
-    assert len(shapes) == 1
-    assert all(s[0] == B for s in shapes[0])
-    assert [s[1:] for s in shapes[0]] == [p.shape for p in engine.optimizer.params]
+    assert len(seen) == 1 and seen[0][0] == B
+    if method != "ghost":  # p.grad_sample has B rows
+        assert all(s[0] == B for s in shapes[0])
+        assert [s[1:] for s in shapes[0]] == [p.shape for p in engine.optimizer.params]
+    else:  # ghost clipping never materialises per-example gradients
+        assert all(getattr(p, "grad_sample", None) is None for p in engine.optimizer.params)
+
+
+# the hook paths against the vmap reference: same per-example gradients / norms / clipped sum
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_hook_paths_match_vmap_reference(prediction):
+    B, K = 7, 3
+    data, loss_fn = _data(B, K), _fixed_loss(prediction=prediction)
+    ref = per_example_grads(_model(), loss_fn, *data)
+    ref_norms = per_sample_norms(list(ref.values()))
+    C = ref_norms.median().item()  # about half the examples clipped
+    assert (ref_norms > C).any() and (ref_norms < C).any()
+
+    model = _model()
+    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method="hooks")
+    grads = engine._hooks_microbatch(loss_fn, data)
+    for (n, _), g in zip(engine._params, grads):
+        torch.testing.assert_close(g, ref[n], atol=1e-5, rtol=1e-5)
+    engine.optimizer.zero_grad(set_to_none=True)
+
+    model = _model()
+    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method="ghost")
+    norms = engine._ghost_microbatch(loss_fn, data)
+    torch.testing.assert_close(norms, ref_norms, atol=1e-5, rtol=1e-5)
+    factor = (C / (ref_norms + 1e-6)).clamp(max=1.0)
+    for n, p in engine._params:  # p.grad = Σ_b min(1, C/‖g_b‖)·g_b
+        expected = (factor.view(-1, *[1] * p.dim()) * ref[n]).sum(0)
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ghost", "hooks"])
+def test_hook_paths_refuse_a_model_call_that_is_not_per_example(method):
+    """A loss that calls the model on B·K flat rows, or a model in eval mode (no hooks), would clip the
+    wrong units: refused, not silently mis-clipped."""
+    B, K = 4, 3
+    model = _model()
+    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), dataset_size=B, method=method)
+    lf = DiffusionLoss(SCHEDULE, prediction="v")
+    flat = lambda m, z, y: lf(m, z, y, noise_multiplicity=K, inner_multiplicity=False).loss  # noqa: E731
+    with pytest.raises(ValueError, match="method='vmap'"):
+        engine.step(flat, _data(B, K)[:2], step=0)
+    model.eval()
+    with pytest.raises(ValueError, match="method='vmap'"):
+        engine.step(lambda m, z, y: lf(m, z, y, noise_multiplicity=K).loss, _data(B, K)[:2], step=0)
+    model.train()  # and the engine recovers: the hooks kept no stale state
+    stats = engine.step(lambda m, z, y: lf(m, z, y, noise_multiplicity=K).loss, _data(B, K)[:2], step=1)
+    assert stats["batch_size"] == B and stats["grad_norm"] > 0
+    with pytest.raises(ValueError, match="exactly those"):  # a frozen-by-optimizer parameter
+        DPSGD(model, torch.optim.SGD(list(model.parameters())[1:], lr=0.1), noise_multiplier=1.0,
+              max_grad_norm=1.0, dataset_size=10, sample_rate=0.1, method=method)
+
+
+def test_auto_method_picks_ghost_for_the_feature_denoiser_and_vmap_otherwise():
+    model = _model()
+    assert _engine(model, torch.optim.SGD(model.parameters(), lr=0.1)).method == "ghost"
+    assert DPSGD.__init__.__kwdefaults__["method"] == "auto"
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    assert _engine(conv, torch.optim.SGD(conv.parameters(), lr=0.1)).method == "vmap"
+    model = _model()  # the optimizer holds a subset of the trainable parameters: vmap clips exactly those
+    assert _engine(model, torch.optim.SGD(list(model.parameters())[1:], lr=0.1)).method == "vmap"
+
+
+def test_inner_multiplicity_layout_gives_the_same_loss():
+    B, K = 5, 3
+    model = _model()
+    z, y, _, _ = _data(B, K)
+    lf = DiffusionLoss(SCHEDULE, prediction="v", cond_drop_prob=0.3, null_label=CLASSES)
+    outs = [lf(model, z, y, noise_multiplicity=K, generator=generator("cpu", 1, "ldm", 0), inner_multiplicity=inner)
+            for inner in (False, True)]
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outs[0].z0_hat, outs[1].z0_hat, atol=1e-6, rtol=1e-6)
+    assert torch.equal(outs[0].t, outs[1].t) and torch.equal(outs[0].y_used, outs[1].y_used)
+    t = torch.randint(0, 1000, (B, K))
+    for dim in (8, 9):
+        torch.testing.assert_close(timestep_embedding(t, dim), timestep_embedding(t.reshape(-1), dim).view(B, K, dim))
 
 
 # (b) per-example gradient of the K-mean = mean of the K per-row gradients (plain autograd, row by row)
@@ -155,12 +249,13 @@ def test_per_example_grads_with_random_draws_sum_to_the_batch_gradient_scale():
 
 
 # (c) one step = SGD(lr) on (Σ_b clip(g_b, C) + σC·N(0, I)) / (q·N), the noise from the same seed
-def test_one_step_matches_hand_computed_dp_sgd_update():
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_matches_hand_computed_dp_sgd_update(method):
     N, K, C, sigma, lr, q = 12, 3, 0.3, 0.7, 0.5, 0.5
     model = _model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = _engine(model, torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=C,
-                     dataset_size=N, sample_rate=q, seed=5)
+                     dataset_size=N, sample_rate=q, seed=5, method=method)
     data, loss_fn, step = _data(N, K), _fixed_loss(), 3
     idx = engine.sample(step)
     assert 0 < len(idx) < N
@@ -197,14 +292,15 @@ def test_noise_multiplicity_does_not_change_sensitivity(K):
 
 
 # (e) micro-batches of 3 give the same update as one physical batch
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
-def test_micro_batching_equals_one_physical_batch(sigma):
+def test_micro_batching_equals_one_physical_batch(sigma, method):
     N, K = 11, 2
     data, params = _data(N, K), []
     for physical in (3, 256):
         model = _model()
         engine = _engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), noise_multiplier=sigma,
-                         dataset_size=N, sample_rate=0.9, max_physical_batch_size=physical)
+                         dataset_size=N, sample_rate=0.9, max_physical_batch_size=physical, method=method)
         for step in range(2):
             engine.step(_fixed_loss(), data, step)
         params.append(_flat(model))

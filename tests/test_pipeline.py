@@ -98,3 +98,19 @@ def test_cli_run_and_errors(tmp_path):
     bad = runner.invoke(app, ["run", "--out", str(tmp_path), "--set", "data.name=npz",
                               "--set", f"data.path={tmp_path}/missing.npz"])
     assert bad.exit_code == 2 and "missing.npz" in bad.output
+
+
+def test_private_run_keeps_its_budget_and_reports_every_release(tmp_path):
+    cfg = load_config("dp", TINY + ["methods=[ce,dp-ldmlr,dp-ldmlr+la]", "privacy.steps=6", "privacy.target_epsilon=3",
+                                    "privacy.expected_batch_size=32"])
+    run = RunDir.create(cfg, tmp_path)
+    results = run_experiment(cfg, run)
+    ledger = json.loads((run.path / "privacy" / "seed0.json").read_text())
+    assert [e["name"] for e in ledger["entries"]] == ["class counts (Gaussian)", "denoiser DP-SGD"]
+    assert ledger["entries"][1]["steps"] == 6
+    eps = results["per_seed"][0]["diagnostics"]["privacy"]["epsilon"]
+    assert 2.9 < eps["pld"] <= 3.0 and eps["rdp"] >= eps["pld"] - 1e-6  # calibrated to the target, RDP looser
+    # ce saw only the public part: its prior (stage-1 counts) is below the full long-tailed counts
+    report = render_report(run).read_text()
+    assert "Gaussian mechanism, in the ledger" in report and "public (ε = 0)" in report
+    assert "not private" in report  # methods outside dp-… are labelled

@@ -78,6 +78,22 @@ def make_data(out: Path = typer.Argument(..., help="the .npz file to write"),
 
 
 @app.command()
+def dpdm(out: Path = typer.Option(Path("runs/dpdm"), help="output folder (results JSON and sample grids)"),
+         epsilon: list[str] = typer.Option(["1", "10", "inf"], help="target ε per model; 'inf' = non-private"),
+         seed: int = typer.Option(0), steps: Optional[int] = typer.Option(None, help="training steps per model")):
+    """Image-space reference: DPDM (DP-SGD U-Net on digits images) at each ε; feature-FID, CAS, grids."""
+    from pfdiff.imagespace import run_dpdm
+
+    try:
+        eps = tuple(None if e in ("inf", "none") else float(e) for e in epsilon)
+    except ValueError:
+        _fail(f"--epsilon takes numbers or 'inf', got {epsilon}")
+    results = run_dpdm(out, eps, seed=seed, steps=steps)
+    console.print_json(data={k: v for k, v in results.items() if k != "models"})
+    console.print(f"results: [bold]{out / 'dpdm_results.json'}[/]")
+
+
+@app.command()
 def presets():
     """List the built-in config presets."""
     from pfdiff.config import PRESET_DIR, list_presets

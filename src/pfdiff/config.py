@@ -126,6 +126,7 @@ class PrivacyConfig(Section):
     promise_phase1_steps: int = Field(500, ge=0)
     promise_phase1_batch: int = Field(16, ge=1)
     promise_conditional_phase1: bool = False  # labels are NOT protected in Phase I when true
+    aid_filter: bool = True  # AID/OOD-filter DP pseudo-features with a scorer fit on *public* features (free)
 
 
 class RunConfig(Section):

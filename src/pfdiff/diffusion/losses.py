@@ -52,6 +52,12 @@ class DiffusionLoss:
 
     Random draws, in this order from ``generator``: t [B·K], ε [B·K, …], then (if cond_drop_prob > 0)
     the drop coins [B·K]; rows are example-major (row b·K + k is draw k of example b).
+
+    ``inner_multiplicity``: call the model on z_t [B, K, …] with t, y [B, K] (the K draws as an inner
+    dimension) instead of on B·K rows; same draws, same loss. Per-example-gradient hooks (Opacus) then
+    see B examples whose gradients sum over K: the DP-SGD engine's clipping unit. The model must map
+    leading dimensions [B, K] (``FeatureDenoiser`` does). ``None`` (default): use it iff the model has a
+    true ``inner_multiplicity`` attribute (``pfdiff.privacy.dpsgd.DPSGD`` hands the loss such a model).
     """
 
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", weighting: str = "uniform",
@@ -81,7 +87,8 @@ class DiffusionLoss:
         return t, eps, y_rep
 
     def __call__(self, model, z0: torch.Tensor, y: torch.Tensor, noise_multiplicity: int = 1,
-                 generator: torch.Generator | None = None) -> DiffusionOutput:
+                 generator: torch.Generator | None = None, inner_multiplicity: bool | None = None
+                 ) -> DiffusionOutput:
         B, K = len(z0), noise_multiplicity
         if K < 1:
             raise ValueError(f"noise_multiplicity must be ≥ 1, got {K}")
@@ -92,7 +99,12 @@ class DiffusionLoss:
         a = self.schedule.sqrt_alpha_bar(t, z0.ndim, z0.dtype)
         b = self.schedule.sqrt_one_minus_alpha_bar(t, z0.ndim, z0.dtype)
         z_t = a * z0_rep + b * eps  # q(z_t | z_0), DDPM eq. 4
-        output = model(z_t, t, y_rep)
+        if inner_multiplicity is None:
+            inner_multiplicity = bool(getattr(model, "inner_multiplicity", False))
+        if inner_multiplicity:  # [B, K, …] in, back to example-major rows [B·K, …] out
+            output = model(z_t.view(B, K, *z0.shape[1:]), t.view(B, K), y_rep.view(B, K)).reshape(z_t.shape)
+        else:
+            output = model(z_t, t, y_rep)
         # λ_t · mean over non-batch dims of (output − target)²  (DDPM eq. 14, generalised to ε / v / x0)
         target = training_target(self.prediction, z0_rep, eps, a, b)
         per_row = ((output - target) ** 2).flatten(1).mean(1)

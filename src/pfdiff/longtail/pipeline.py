@@ -213,6 +213,11 @@ class SeedRun:
         u_hat, y_hat = self.timer("dp-ldmlr", lambda: sample_features(denoiser, schedule, n_gen, self.cfg.diffusion,
                                                                       self.seed, self.device, tag="dp-pseudo"))
         z_hat = scaler.inverse(u_hat)
+        if p.aid_filter:  # scorer fit on public features only: filtering costs no privacy
+            result = aid_filter(MahalanobisScorer(z_pub, y_pub, C), z_hat, y_hat, C, self.cfg.e2e.aid_quantile)
+            self.diagnostics.setdefault("aid", {})["dp-ldmlr"] = result.summary()
+            z_hat, y_hat = z_hat[result.keep], y_hat[result.keep]
+            n_gen = torch.bincount(y_hat, minlength=C).cpu().numpy()
         g = self.timer("dp-ldmlr", lambda: finetune_with_pseudo(g, z_pub, y_pub, z_hat, y_hat, self.cfg, self.seed,
                                                                 self.ck / "dp-stage3.safetensors", self.log, "DP-LDMLR"))
         summary = ledger.summary(cross_check=True)

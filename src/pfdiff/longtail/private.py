@@ -135,7 +135,8 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     def per_example_loss(model, z, labels):  # K draws averaged per example *before* clipping (DPDM)
         return phase2_loss(model, z, labels, noise_multiplicity=p.noise_multiplicity).loss
 
-    phase1_step = _phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg, seed, plan)
+    phase1_step = (_phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg, seed, plan)
+                   if plan.phase1_steps else None)
     total = plan.phase1_steps + p.steps
     modules = {"denoiser": denoiser}
     start = _resume(checkpoint, modules, engine.optimizer, ema)

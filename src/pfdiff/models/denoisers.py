@@ -9,13 +9,15 @@ from torch import nn
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; DDPM §B)."""
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; DDPM §B): [*t.shape, dim].
+
+    Any leading shape: ``t`` [B] or [B, K] (the DP-SGD engine's layout, K noise draws per example)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    args = t.float()[..., None] * freqs
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        emb = torch.cat([emb, torch.zeros_like(emb[..., :1])], dim=-1)
     return emb
 
 
@@ -43,7 +45,9 @@ class FeatureDenoiser(nn.Module):
     """ε_θ(z_t, t, y) for feature vectors z ∈ R^dim.
 
     Labels run over ``0..num_classes-1`` plus the null label ``num_classes`` used by
-    classifier-free guidance. Only LayerNorm is used, so Opacus can make it private.
+    classifier-free guidance. Only LayerNorm is used, so Opacus can make it private. Every layer acts
+    on the last dimension, so inputs may carry extra leading dimensions: z_t [B, K, dim] with t, y
+    [B, K] gives [B, K, dim] (the layout of ``DiffusionLoss(..., inner_multiplicity=True)``).
     """
 
     def __init__(self, dim: int, num_classes: int, hidden: int = 256, depth: int = 3,

@@ -4,20 +4,35 @@ Noise multiplicity: a diffusion loss draws K pairs (t, ε) per example. The *exa
 privacy, so its loss is averaged over the K draws **before** its gradient is clipped; K then lowers the
 variance of the per-example gradient without changing the sensitivity C (DPDM §3.2). Opacus on its own
 sees the B·K rows of the model call as B·K examples and clips each row, which lets one example move the
-update by K·C: wrong. Here the engine computes B per-example gradients of the K-averaged losses, puts
-them in ``p.grad_sample`` and lets Opacus' ``DPOptimizer`` clip them to C, add N(0, σ²C²) noise, divide
-by the expected batch size and step.
+update by K·C: wrong. Here the engine clips the B per-example gradients of the K-averaged losses to C
+(Opacus' machinery with the K draws as an inner dimension, or its own vmap), and Opacus' optimizer adds
+N(0, σ²C²) noise, divides by the expected batch size and steps.
 
-Per-example gradients: ``torch.func`` — ``vmap`` over examples of ``grad`` of the example's loss, the
-model run through ``functional_call``. Measured on this project's CPU (AMD EPYC, 1 thread, CPU ms, min of
-5; FeatureDenoiser hidden 256 / depth 3 = 718k parameters, batch 256, K = 4): per-example gradients +
-their norms by vmap 143 ms, by Opacus ``GradSampleModule`` per-row grad samples summed per example
-1999 ms (it materialises [B·K, …] grad samples, K times the [B, …] we need, through its hooks); the
-non-private step is 54 ms. So vmap. (With glibc's default allocator: 368 vs 4755 ms, see
-``tune_cpu_allocator``.) The loss function's random draws (t, ε, CFG coin) run inside
-``vmap(randomness="different")``: independent per example, from the generator the caller seeds per step.
-The cost floor is memory traffic: B × 718k floats = 735 MB of per-example gradients written, then read
-by the norm and the weighted sum, per logical step of 256.
+Per-example clipping, three ways (``DPSGD(method=…)``; default ``"auto"``: ghost for models made of
+Linear / LayerNorm / Embedding such as ``FeatureDenoiser``, vmap otherwise, e.g. the conv U-Net):
+- ``"ghost"``: Opacus' ghost clipping (``GradSampleModuleFastGradientClipping`` hooks, norm samplers, and
+  ``DPOptimizerFastGradientClipping``). The engine hands the loss the model behind a proxy with
+  ``inner_multiplicity = True``, so ``DiffusionLoss`` calls it on z_t [B, K, …] with t, y [B, K]: the K
+  draws are an *inner* dimension and the hooks see B examples. Opacus' Linear norm sampler then computes
+  exactly the norm of the K-summed per-example gradient, ‖Σ_k g_k a_kᵀ‖²_F = Σ_{k,k'} (g_k·g_k')(a_k·a_k'),
+  LayerNorm's grad sampler and Embedding's norm sampler likewise sum over K. A first backward of Σ_b ℓ_b
+  gives the norms ‖∇ℓ_b‖ from activations × backprops; a second one of Σ_b c_b ℓ_b with
+  c_b = min(1, C/(‖∇ℓ_b‖ + 1e-6)) (DPOptimizer's factor) gives Σ_b clip(∇ℓ_b) in ``p.grad``. No
+  per-example gradient is materialised. The two passes are run here rather than by Opacus'
+  ``DPLossFastGradientClipping`` (see ``_ghost_microbatch`` for why).
+- ``"hooks"``: Opacus' ``GradSampleModule`` on the same [B, K, …] call: grad samplers (Linear's einsum over
+  all inner dims) give [B, …] per-example gradients summed over K; ``DPOptimizer`` clips them.
+- ``"vmap"``: ``torch.func`` — ``vmap`` over examples of ``grad`` of the example's loss (the model through
+  ``functional_call``), ``randomness="different"``; any loss and model; ``DPOptimizer`` clips.
+The hook paths trust, as Opacus does, that ℓ_b depends on example b's rows alone (the per-example loss
+contract); vmap enforces it structurally. They check that the hooks saw exactly B rows (a loss calling
+the model on B·K flat rows, or a model in eval mode, is refused rather than mis-clipped).
+Cost (DP step / non-private step; FeatureDenoiser hidden 256 / depth 3 = 718k parameters, batch 256,
+K = 4, AdamW, 2 threads): vmap 4.5× (tuned allocator; 7.6× without), the previous engine. The three
+methods are compared by benchmarks/bench_dp.py (benchmarks/results/dp.json); NOT YET RE-MEASURED on a
+quiet machine at the time of writing — rerun it before relying on "auto" = ghost being the fastest.
+The vmap and hooks paths write B × 718k floats = 735 MB of per-example gradients per 256 examples and read
+them for the norms and the weighted sum; ghost clipping's cost is a second backward pass instead.
 
 Poisson sampling: every logical step includes each example independently with probability q, exactly
 as Opacus' ``UniformWithReplacementSampler`` (``torch.rand(N) < q``), but drawn from a generator seeded
@@ -36,14 +51,16 @@ under Poisson sampling) is a noise-only step, as in Opacus.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import secrets
 import sys
+import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -95,7 +112,8 @@ def per_example_grads(model: nn.Module, per_example_loss_fn: PerExampleLoss, *ba
 
     ``per_example_loss_fn(model, *batch)`` must return the per-example losses ``[B]`` (for a diffusion
     loss: already averaged over the K noise draws). It is run under ``vmap`` with a batch of one, so it
-    may draw random numbers (independently per example) but must not call ``.item()`` or branch on data.
+    may draw random numbers (independently per example) but must not call ``.item()`` or branch on data;
+    and ℓ_b sees example b alone, so no batch statistic can leak into another example's gradient.
     ``names``: the parameters to differentiate (default: those requiring grad); the rest stay fixed.
     ``chunk_size``: examples per vectorised chunk (``vmap``'s; None = all at once, the fastest on CPU).
     """
@@ -134,36 +152,91 @@ def poisson_batch(num_samples: int, sample_rate: float, generator: torch.Generat
     return (torch.rand(num_samples, generator=generator) < sample_rate).nonzero().reshape(-1)
 
 
+class _InnerMultiplicity:
+    """The model as the hook paths hand it to the loss: it declares that it takes [B, K, …] inputs
+    (``DiffusionLoss`` then calls it on the K draws as an inner dimension); calls and attributes pass
+    through to ``module``, whose Opacus hooks see B examples."""
+
+    inner_multiplicity = True
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def __call__(self, *args, **kwargs):
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+@contextlib.contextmanager
+def _quiet_backward_hooks():
+    """Silence torch's notice that the first layers' full backward hooks fire on their outputs (their
+    inputs z_t, t, y do not require grad): expected here, the hooks need only the outputs' gradients."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+#: Per-example clipping strategies of ``DPSGD`` (see the module docstring for measurements).
+METHODS = ("ghost", "hooks", "vmap")
+#: Layers whose Opacus grad/norm samplers treat every inner input dimension as part of the example, so
+#: a call on [B, K, …] gives per-example quantities summed over K ("auto" picks the hook paths for these).
+INNER_DIM_LAYERS = (nn.Linear, nn.LayerNorm, nn.Embedding)
+
+
+def resolve_method(model: nn.Module, method: str = "auto") -> str:
+    """``"auto"`` → ``"ghost"`` if every module holding parameters is one of ``INNER_DIM_LAYERS`` (e.g.
+    ``FeatureDenoiser``), else ``"vmap"`` (e.g. a conv U-Net, which cannot take [B, K, C, H, W])."""
+    if method == "auto":
+        holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+        return "ghost" if all(isinstance(m, INNER_DIM_LAYERS) for m in holders) else "vmap"
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose 'auto' or one of {METHODS}")
+    return method
+
+
 class DPSGD:
     """DP-SGD steps for ``model`` with Poisson sampling, micro-batching and noise multiplicity done right.
 
     Args:
         model: an Opacus-valid module (checked with ``ModuleValidator.validate(strict=True)``).
         optimizer: a plain ``torch.optim`` optimizer over (some of) ``model``'s parameters; it is wrapped
-            in Opacus' ``DPOptimizer`` (``self.optimizer``; its ``state_dict`` is the wrapped one's).
+            in Opacus' ``DPOptimizer`` (``DPOptimizerFastGradientClipping`` for ``method="ghost"``;
+            ``self.optimizer``; its ``state_dict`` is the wrapped one's). With ``"ghost"``/``"hooks"`` it
+            must hold exactly the parameters that require grad (the hooks see all of those).
         noise_multiplier: σ; the noise added to the sum of clipped gradients has std σ·C.
         max_grad_norm: C, the per-example clipping norm.
         dataset_size: N, the number of examples (rows of the data tensors given to ``step``).
         sample_rate / expected_batch_size: q, or q·N; give exactly one. The summed gradient is divided
             by q·N (not by the realised batch size, which would leak it).
-        max_physical_batch_size: examples per vectorised micro-batch (memory bound).
+        max_physical_batch_size: examples per micro-batch (memory bound).
         seed: seeds the Poisson batches and the noise, per step: ``derive_seed(seed, "dpsgd-…", step)``.
         ema: optional EMA, updated once per logical step.
         secure_mode: Opacus' floating-point-attack-resistant noise; batches and noise are then seeded
             from the OS CSPRNG every step (not reproducible, by design) instead of from ``seed``.
-        chunk_size: ``vmap`` chunk inside a micro-batch (None = whole micro-batch, the fastest).
-        tune_allocator: on CPU, call ``tune_cpu_allocator()`` (process-wide; see there): ~2× faster
-            DP steps on CPU by not re-faulting the per-example gradients' pages every micro-batch.
-        track_norms: compute the pre-clip norm statistics ``step`` returns (one extra read of the
-            per-example gradients, ~10 % of a step; DPOptimizer computes the same norms but keeps them).
-            They describe private data and are not differentially private: for monitoring only.
+        method: how per-example gradients are clipped (module docstring): ``"auto"`` (default; see
+            ``resolve_method``: ``"ghost"`` for Linear/LayerNorm/Embedding models, else ``"vmap"``; the
+            resolved one is ``self.method``), ``"ghost"`` (Opacus ghost clipping: per-example norms
+            without per-example gradients, two backward passes),
+            ``"hooks"`` (Opacus grad-sample hooks, [B, …] per-example gradients) — both need the loss to
+            call the model on [B, K, …] (``DiffusionLoss`` does so for the model ``step`` hands it) and a
+            model that maps leading dims [B, K] — or ``"vmap"`` (``torch.func``, any loss and model).
+            The hook methods attach Opacus' hooks to ``model`` only inside ``step``.
+        chunk_size: ``vmap`` chunk inside a micro-batch (``"vmap"`` only; None = whole micro-batch).
+        tune_allocator: on CPU, call ``tune_cpu_allocator()`` (process-wide and irreversible, so opt-in:
+            default False). Worth ~2× only for ``"vmap"``/``"hooks"``, whose [B, …] per-example gradients
+            are re-allocated every micro-batch; not for ``"ghost"``.
+        track_norms: compute the pre-clip norm statistics ``step`` returns (free for ``"ghost"``, which
+            computes the norms anyway; one extra read of the per-example gradients otherwise). They
+            describe private data and are not differentially private: for monitoring only.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, dataset_size: int, sample_rate: float | None = None,
                  expected_batch_size: float | None = None, max_physical_batch_size: int = 256, seed: int = 0,
-                 ema: EMA | None = None, secure_mode: bool = False, chunk_size: int | None = None,
-                 tune_allocator: bool = True, track_norms: bool = True):
+                 ema: EMA | None = None, secure_mode: bool = False, method: str = "auto",
+                 chunk_size: int | None = None, tune_allocator: bool = False, track_norms: bool = True):
         ModuleValidator.validate(model, strict=True)
         if (sample_rate is None) == (expected_batch_size is None):
             raise ValueError("give exactly one of sample_rate and expected_batch_size")
@@ -174,23 +247,47 @@ class DPSGD:
             raise ValueError(f"sample rate must lie in (0, 1], got {q}")
         if noise_multiplier < 0 or max_grad_norm <= 0 or max_physical_batch_size < 1:
             raise ValueError("need noise_multiplier ≥ 0, max_grad_norm > 0 and max_physical_batch_size ≥ 1")
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if method == "auto" and trainable != optimized:
+            method = "vmap"  # the hooks clip every trainable parameter's gradient (see below)
+        method = resolve_method(model, method)
         self.model, self.ema, self.seed, self.secure_mode = model, ema, seed, secure_mode
         self.dataset_size, self.sample_rate = dataset_size, q
         self.expected_batch_size = q * dataset_size
         self.max_physical_batch_size, self.chunk_size = max_physical_batch_size, chunk_size
-        self.track_norms = track_norms
+        self.method, self.track_norms = method, track_norms
         device = next(model.parameters()).device
         if tune_allocator and device.type == "cpu":
             tune_cpu_allocator()
         self._noise_generator = torch.Generator(device=device)
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=self.expected_batch_size, loss_reduction="mean",
-                                     generator=self._noise_generator, secure_mode=secure_mode)
+        opt_cls = DPOptimizerFastGradientClipping if method == "ghost" else DPOptimizer
+        self.optimizer = opt_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                 expected_batch_size=self.expected_batch_size, loss_reduction="mean",
+                                 generator=self._noise_generator, secure_mode=secure_mode)
         by_id = {id(p): n for n, p in model.named_parameters()}
         missing = [p for p in self.optimizer.params if id(p) not in by_id]
         if missing:
             raise ValueError(f"the optimizer holds {len(missing)} parameter(s) that are not parameters of the model")
         self._params = [(by_id[id(p)], p) for p in self.optimizer.params]
+        self._gsm = None
+        if method != "vmap":
+            if trainable != optimized:
+                raise ValueError(f"method={method!r} clips the gradient of every parameter that requires grad, "
+                                 "so the optimizer must hold exactly those (freeze the others) or use "
+                                 "method='vmap'")
+            # loss_reduction="sum": the engine backpropagates Σ_b ℓ_b, so the hooks' backprops are the
+            # per-example ones unscaled; the optimizer's "mean" then divides the noised sum by q·N.
+            if method == "ghost":
+                self._gsm = GradSampleModuleFastGradientClipping(
+                    model, batch_first=True, loss_reduction="sum", max_grad_norm=max_grad_norm,
+                    use_ghost_clipping=True)
+            else:
+                self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+            # Attached only inside ``step`` (``_hooked_loss_backward``): other forward/backward passes of
+            # the model (e.g. non-private phase-I steps, sampling) run without Opacus' hooks.
+            self._gsm.remove_hooks()
+            self._proxy = _InnerMultiplicity(model)
 
     noise_multiplier = property(lambda self: self.optimizer.noise_multiplier)
     max_grad_norm = property(lambda self: self.optimizer.max_grad_norm)
@@ -210,13 +307,103 @@ class DPSGD:
             raise RuntimeError("secure_mode draws noise seeds from the OS CSPRNG; they are not reproducible")
         return derive_seed(self.seed, "dpsgd-noise", step)
 
+    # --- the hook paths -------------------------------------------------------------------------------
+
+    def _hooked_loss_backward(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...],
+                              retain_graph: bool) -> torch.Tensor:
+        """ℓ = loss(model as [B, K] proxy, *batch), backward of Σ_b ℓ_b with the Opacus hooks on; returns ℓ."""
+        size = len(batch[0])
+        if not all(m.training for m in self.model.modules()):  # Opacus' hooks capture in train mode only
+            raise ValueError(f"method={self.method!r} needs the model in train mode (its per-example hooks do "
+                             "not capture in eval mode); call model.train() or use method='vmap'")
+        for _, p in self._params:
+            p._norm_sample, p.grad_sample, p.grad = None, None, None
+        self._gsm.add_hooks(loss_reduction="sum", batch_first=True)  # also enables them
+        try:
+            loss = per_example_loss_fn(self._proxy, *batch)
+            if loss.shape != (size,):
+                raise ValueError(f"per_example_loss_fn must return one loss per example, shape [{size}]; got "
+                                 f"{tuple(loss.shape)}")
+            with _quiet_backward_hooks():
+                loss.sum().backward(retain_graph=retain_graph)
+        finally:
+            self._gsm.remove_hooks()  # also disables them: the graph's hook nodes (ghost's second pass) no-op
+            for m in self.model.modules():  # an exception must not leave activations for the next step
+                if hasattr(m, "activations"):
+                    m.activations = []
+                if hasattr(m, "max_batch_len"):
+                    del m.max_batch_len
+            for _, p in self._params:
+                p._forward_counter = 0
+        return loss
+
+    def _unit_check(self, name: str, rows: int, size: int) -> None:
+        # The privacy unit check: the hooks produce one row per leading index of the model's input. If
+        # the loss called the model on B·K flat rows (not [B, K, …]), or the model was in eval mode, the
+        # hooks did not see the B examples and clipping them would be wrong.
+        if rows != size:
+            raise ValueError(f"method={self.method!r}: the per-example hooks saw {rows} rows for {name} but the "
+                             f"micro-batch has {size} examples; the loss must call the model on [B, K, …] "
+                             f"inputs (DiffusionLoss does for the model step() hands it) and the model must "
+                             f"map leading dims [B, K] in train mode; otherwise use method='vmap'")
+
+    def _ghost_microbatch(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...]
+                          ) -> torch.Tensor:
+        """p.grad = Σ_b min(1, C/‖g_b‖)·g_b by ghost clipping; returns the norms ‖g_b‖ [B].
+
+        Opacus' ``DPLossFastGradientClipping`` runs the same two passes but is not used: it needs the
+        module's and the optimizer's loss_reduction equal (here "sum" for the hooks, "mean" for the
+        division by q·N) and it does not check that the norms have one entry per example before
+        reweighting (a flat [B·K] model call would broadcast silently when B = 1)."""
+        size = len(batch[0])
+        loss = self._hooked_loss_backward(per_example_loss_fn, batch, retain_graph=True)
+        sq = torch.zeros(size, device=loss.device, dtype=loss.dtype)
+        for name, p in self._params:  # ‖g_b‖² = Σ_params ‖g_b,p‖², per parameter from the norm samplers
+            ns = p._norm_sample
+            if ns is None:
+                if p.grad is None:  # not used by this forward: zero gradient
+                    continue
+                self._unit_check(name, -1, size)
+            self._unit_check(name, len(ns), size)
+            sq += ns.to(sq.dtype) ** 2
+            p._norm_sample = None
+        norms = sq.sqrt()
+        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # DPOptimizer's clip factor
+        for _, p in self._params:
+            p.grad = None
+        with _quiet_backward_hooks():
+            (coef.detach() * loss).sum().backward()  # hooks off: only Σ_b c_b ∇ℓ_b
+        for _, p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return norms
+
+    def _hooks_microbatch(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...]
+                          ) -> list[torch.Tensor]:
+        """p.grad_sample [B, …] from Opacus' grad samplers on the [B, K, …] call (summed over K)."""
+        size = len(batch[0])
+        self._hooked_loss_backward(per_example_loss_fn, batch, retain_graph=False)
+        grads = []
+        for name, p in self._params:
+            gs = p.grad_sample
+            if gs is None:
+                if p.grad is None:
+                    gs = p.grad_sample = torch.zeros((size, *p.shape), dtype=p.dtype, device=p.device)
+                else:
+                    self._unit_check(name, -1, size)
+            self._unit_check(name, len(gs), size)
+            grads.append(gs)
+        return grads
+
     def step(self, per_example_loss_fn: PerExampleLoss, data_tensors: tuple[torch.Tensor, ...], step: int
              ) -> dict[str, float]:
-        """One logical DP-SGD step: Poisson batch → per-example gradients (micro-batched) → Opacus clip,
-        noise, ÷ q·N → optimizer step → EMA. ``per_example_loss_fn(model, *batch) -> Tensor[B]`` (see
-        ``per_example_grads``); ``data_tensors`` all have ``dataset_size`` rows. Returns ``batch_size``
-        (realised), ``grad_norm`` (mean pre-clip per-example gradient norm) and ``clip_frac`` (fraction of
-        examples with norm > C); norms 0 for an empty batch and NaN without ``track_norms``."""
+        """One logical DP-SGD step: Poisson batch → per-example clipping (micro-batched) → Opacus noise,
+        ÷ q·N → optimizer step → EMA. ``per_example_loss_fn(model, *batch) -> Tensor[B]`` (see
+        ``per_example_grads``; on the hook methods it is called once per micro-batch with a model that
+        asks ``DiffusionLoss`` for the [B, K, …] layout); ``data_tensors`` all have ``dataset_size``
+        rows. Returns ``batch_size`` (realised), ``grad_norm`` (mean pre-clip per-example gradient norm)
+        and ``clip_frac`` (fraction of examples with norm > C); norms 0 for an empty batch and NaN
+        without ``track_norms``."""
         if any(len(t) != self.dataset_size for t in data_tensors):
             raise ValueError(f"data tensors must have dataset_size={self.dataset_size} rows, got "
                              f"{[len(t) for t in data_tensors]}")
@@ -231,19 +418,33 @@ class DPSGD:
         norms = []
         for i, chunk in enumerate(chunks):
             batch = tuple(t[chunk.to(t.device)] for t in data_tensors)
-            grads = per_example_grads(self.model, per_example_loss_fn, *batch, names=names,
-                                      chunk_size=self.chunk_size)
-            for name, p in self._params:
-                p.grad_sample = grads[name]
-            if self.track_norms:
-                norms.append(per_sample_norms([grads[n] for n in names]))
-            del grads
+            if len(chunk) == 0:  # empty logical batch: a noise-only step
+                for _, p in self._params:
+                    if self.method == "ghost":
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            elif self.method == "ghost":
+                norms.append(self._ghost_microbatch(per_example_loss_fn, batch).detach())
+            elif self.method == "hooks":
+                grads = self._hooks_microbatch(per_example_loss_fn, batch)
+                if self.track_norms:
+                    norms.append(per_sample_norms(grads))
+                del grads
+            else:
+                grads = per_example_grads(self.model, per_example_loss_fn, *batch, names=names,
+                                          chunk_size=self.chunk_size)
+                for name, p in self._params:
+                    p.grad_sample = grads[name]
+                if self.track_norms:
+                    norms.append(per_sample_norms([grads[n] for n in names]))
+                del grads
             last = i == len(chunks) - 1
             if not last:  # BatchMemoryManager's protocol: clip and accumulate only
                 opt.signal_skip_step(do_skip=True)
             opt.step()
             if not last:
-                opt.zero_grad(set_to_none=True)  # clears grad_sample, keeps summed_grad
+                opt.zero_grad(set_to_none=True)  # clears grad / grad_sample, keeps summed_grad
         opt.zero_grad(set_to_none=True)  # frees the last grad samples (p.grad was consumed by the step)
         if self.ema is not None:
             self.ema.update()
@@ -260,11 +461,12 @@ class DPSGD:
 def tune_cpu_allocator() -> bool:
     """Keep freed memory in the process (glibc ``mallopt``) instead of returning it to the OS.
 
-    Per-example gradients are large (B × #params floats, 735 MB for the FeatureDenoiser at B = 256) and
-    freshly allocated every micro-batch; with glibc's defaults each allocation is a new ``mmap`` whose
-    pages are faulted in again, which more than doubled the DP step on CPU (417 → 181 ms, 1 thread).
-    Process-wide and irreversible: ``DPSGD`` calls it on CPU unless ``tune_allocator=False`` (preloading
-    jemalloc/tcmalloc is the alternative). The cost: the process keeps its peak heap instead of returning
+    Per-example gradients (``method="vmap"``/``"hooks"``) are large (B × #params floats, 735 MB for the
+    FeatureDenoiser at B = 256) and freshly allocated every micro-batch; with glibc's defaults each
+    allocation is a new ``mmap`` whose pages are faulted in again, which more than doubled those DP steps
+    on CPU. Ghost clipping allocates nothing that large and does not need it (dp.json). Process-wide and
+    irreversible, so opt-in: ``DPSGD(tune_allocator=True)`` or a direct call by the application
+    (preloading jemalloc/tcmalloc is the alternative). The cost: the process keeps its peak heap instead of returning
     freed memory to the OS. Returns whether the settings were applied (glibc only).
     """
     if not sys.platform.startswith("linux"):
