@@ -92,7 +92,8 @@ def plot_projection(features_file: Path, path: Path, max_classes: int = 10) -> P
 
 def plot_drift(metrics: list[dict], path: Path) -> Path | None:
     """Mean per-class Fréchet distance of pseudo- to current real features against training step."""
-    rows = [r for r in metrics if r.get("event") == "drift" and r.get("frechet") is not None]
+    key = "frechet_rel" if any("frechet_rel" in r for r in metrics if r.get("event") == "drift") else "frechet"
+    rows = [r for r in metrics if r.get("event") == "drift" and r.get(key) is not None]
     methods = list(dict.fromkeys(r["method"] for r in rows if "method" in r))
     if not methods:
         return None
@@ -101,7 +102,7 @@ def plot_drift(metrics: list[dict], path: Path) -> Path | None:
         by_step: dict[int, list[float]] = {}
         for r in rows:
             if r.get("method") == method:
-                by_step.setdefault(r["step"], []).append(r["frechet"])
+                by_step.setdefault(r["step"], []).append(r[key])
         steps = sorted(by_step)
         mean = [float(np.nanmean(by_step[s])) for s in steps]
         if len(steps) == 1:  # frozen encoder: the drift stays at its value when sampled
@@ -109,7 +110,7 @@ def plot_drift(metrics: list[dict], path: Path) -> Path | None:
         else:
             ax.plot(steps, mean, marker=".", label=method)
     ax.set_xlabel("training step of the method")
-    ax.set_ylabel("mean per-class FD(pseudo, current real)")
+    ax.set_ylabel("mean per-class FD(pseudo, current real)" + (" / tr Cov(real)" if key == "frechet_rel" else ""))
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

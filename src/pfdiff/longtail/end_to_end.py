@@ -249,7 +249,7 @@ class EndToEnd:
         u = sample_ddim(self.denoiser, noise, self.schedule, y_hat, steps=self.e.ge_steps,
                         prediction=self.cfg.diffusion.prediction)
         record = {"event": "drift", "method": self.name, "step": step,
-                  "frechet": class_mean_frechet(z, self.y, self.scaler.inverse(u), y_hat)}
+                  **drift_distances(z, self.y, self.scaler.inverse(u), y_hat)}
         self.drift.append(record)
         self.log(record)
         return record
@@ -285,3 +285,12 @@ def class_mean_frechet(z, y, z_hat, y_hat) -> float:
     """Mean over classes (with ≥ 2 real and pseudo samples) of the Fréchet distance of pseudo to real."""
     values = [v for v in per_class_frechet(z, y, z_hat, y_hat) if v is not None]
     return float(np.mean(values)) if values else float("nan")
+
+
+def drift_distances(z, y, z_hat, y_hat) -> dict[str, float]:
+    """Mean per-class FD of pseudo- to real features, raw and relative to the real features' total
+    variance tr Cov(z): FD scales with the square of the feature scale, and every encoder (frozen,
+    fine-tuned, end-to-end) has its own, so only the relative value compares across methods."""
+    fd = class_mean_frechet(z, y, z_hat, y_hat)
+    total_variance = float(torch.var(z.double(), dim=0).sum())
+    return {"frechet": fd, "frechet_rel": fd / total_variance if total_variance > 0 else float("nan")}

@@ -15,7 +15,7 @@ from pfdiff.config import RunConfig
 from pfdiff.evaluation import GROUPS, recognition_metrics
 from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
 from pfdiff.longtail.common import LongTailSplit, encode, make_split, predict_logits
-from pfdiff.longtail.end_to_end import class_mean_frechet, parse_e2e, per_class_frechet, train_end_to_end
+from pfdiff.longtail.end_to_end import drift_distances, parse_e2e, per_class_frechet, train_end_to_end
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, train_feature_diffusion)
@@ -133,7 +133,7 @@ class SeedRun:
                                        self.cfg.diffusion, self.seed, self.device, tag="drift")
             self._pseudo = (z_hat, y_hat, scaler.inverse(u_d), y_d)
             self.log({"event": "drift", "method": "ldmlr", "step": 0,
-                      "frechet": class_mean_frechet(z, self.y, scaler.inverse(u_d), y_d)})
+                      **drift_distances(z, self.y, scaler.inverse(u_d), y_d)})
             save_file({"z_real": z.cpu().contiguous(), "y_real": self.y.cpu().contiguous(),
                        "z_pseudo": z_hat.cpu().contiguous(), "y_pseudo": y_hat.cpu().contiguous()},
                       str(self.ck / "features.safetensors"))
@@ -232,7 +232,7 @@ class SeedRun:
         z = encode(encoder, self.x)
         encoder.train()
         self.log({"event": "drift", "method": method, "step": step,
-                  "frechet": class_mean_frechet(z, self.y, z_hat, y_hat)})
+                  **drift_distances(z, self.y, z_hat, y_hat)})
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
