@@ -114,3 +114,18 @@ def test_private_run_keeps_its_budget_and_reports_every_release(tmp_path):
     report = render_report(run).read_text()
     assert "Gaussian mechanism, in the ledger" in report and "public (ε = 0)" in report
     assert "not private" in report  # methods outside dp-… are labelled
+
+
+def test_dp_encoder_is_composed_into_the_budget(tmp_path):
+    cfg = load_config("dp", TINY + ["methods=[ce,dp-ldmlr]", "privacy.steps=4", "privacy.target_epsilon=4",
+                                    "privacy.expected_batch_size=32", "privacy.encoder=dp", "privacy.encoder_steps=3",
+                                    "privacy.encoder_batch_size=32"])
+    run = RunDir.create(cfg, tmp_path)
+    results = run_experiment(cfg, run)
+    ledger = json.loads((run.path / "privacy" / "seed0.json").read_text())
+    names = [e["name"] for e in ledger["entries"]]
+    assert names[0] == "encoder + stage-1 classifier DP-SGD" and "denoiser DP-SGD" in names
+    assert ledger["entries"][0]["steps"] == 3
+    eps = results["per_seed"][0]["diagnostics"]["privacy"]["epsilon"]["pld"]
+    assert 3.9 < eps <= 4.0  # encoder + counts + denoiser together meet the target
+    assert "DP-SGD (`privacy.encoder: dp`)" in render_report(run).read_text()

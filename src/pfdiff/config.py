@@ -126,6 +126,10 @@ class PrivacyConfig(Section):
     promise_phase1_steps: int = Field(500, ge=0)
     promise_phase1_batch: int = Field(16, ge=1)
     promise_conditional_phase1: bool = False  # labels are NOT protected in Phase I when true
+    encoder: Literal["public", "dp"] = "public"  # E + stage-1 G: trained on the public part, or DP-SGD on the private part
+    encoder_epsilon_share: float = Field(0.5, gt=0, lt=1)  # encoder: dp — share of target ε given to E + G
+    encoder_steps: int = Field(300, ge=1)  # encoder: dp — logical DP-SGD steps of E + G
+    encoder_batch_size: int = Field(64, ge=1)  # encoder: dp — expected logical batch
     aid_filter: bool = True  # AID/OOD-filter DP pseudo-features with a scorer fit on *public* features (free)
 
 

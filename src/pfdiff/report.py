@@ -163,12 +163,19 @@ def privacy_section(results: dict) -> list[str]:
     if not seeds:
         return md + [NOT_PRIVATE]
     _, first = seeds[0]
+    dp_encoder = first.get("encoder") == "dp"
+    stage1_note = ("`ce`, `logit_adjust` and `resample` use the DP encoder and stage-1 classifier (covered by the "
+                   "encoder's event below)" if dp_encoder else
+                   "`ce`, `logit_adjust` and `resample`, which use the public part only (ε = 0)")
+    encoder_row = ("| encoder E, stage-1 classifier G | private part | DP-SGD (`privacy.encoder: dp`), in the ledger |\n"
+                   "| feature scaler (mean/std) | public part | public (ε = 0) |" if dp_encoder else
+                   "| encoder E, stage-1 classifier, feature scaler | public part | public (ε = 0) |")
     md += ["The long-tailed training set is split per class into a declared **public** part and a **private** "
            "part (`privacy.public_fraction`). Methods other than `dp-…` are **not private** with respect to the "
-           "private part, except `ce`, `logit_adjust` and `resample`, which use the public part only (ε = 0).", "",
+           f"private part, except {stage1_note}.", "",
            "What `dp-ldmlr` releases and how each release is covered:", "",
            "| release | derived from | guarantee |", "|---|---|---|",
-           "| encoder E, stage-1 classifier, feature scaler | public part | public (ε = 0) |",
+           encoder_row,
            "| class counts of the private part | private part | " +
            ("Gaussian mechanism, in the ledger |" if first["count_event"] else "declared public (count_epsilon = 0) |"),
            f"| denoiser ε_θ | private part | {'dp-promise (Phase I + DP-SGD Phase II)' if first['phase1_steps'] else 'DP-SGD'}"
@@ -183,6 +190,10 @@ def privacy_section(results: dict) -> list[str]:
                            for e in d["entries"])
         eps = d["epsilon"]
         md.append(f"| {seed} | {eps['pld']:.3f} | {eps['rdp']:.3f} | {eps['prv']:.3f} | {events} |")
+    if first.get("labels_unprotected_in_phase1"):
+        md += ["", "**Warning: labels are not protected.** dp-promise's Phase I was trained conditionally "
+                   "(`privacy.promise_conditional_phase1`): its forward noise covers the features, not the labels, "
+                   "so the ε above does not cover the class labels of the private examples."]
     if "all_seeds_epsilon" in results:
         e = results["all_seeds_epsilon"]
         md += ["", f"Each seed is a separate training run on the same private data: releasing the models of all "

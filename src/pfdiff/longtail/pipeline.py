@@ -20,7 +20,7 @@ from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
-from pfdiff.longtail.private import noisy_counts, public_private_split, train_private_denoiser
+from pfdiff.longtail.private import noisy_counts, public_private_split, train_private_denoiser, train_private_stage1
 from pfdiff.data import class_counts
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.runs import RunDir
@@ -75,6 +75,8 @@ class SeedRun:
         # private mode (a dp-… method is asked for): E and the stage-1 G see only the declared public part
         self.private_mode = any(parse_method(m).base.startswith("dp-") for m in cfg.methods)
         self.public_idx = self.private_idx = None
+        self.encoder_event = None  # privacy.encoder: dp — the DP-SGD event of E + stage-1 G
+        self._ledger: PrivacyLedger | None = None
         if self.private_mode:
             pub, priv = public_private_split(split.train.y, split.num_classes, cfg.privacy.public_fraction,
                                              cfg.data.split_seed)
@@ -111,8 +113,14 @@ class SeedRun:
             split = self.split
             if self.private_mode:
                 split = replace(split, train=split.train.subset(self.public_idx.cpu().numpy()))
-            enc, g = self.timer("stage1", lambda: train_stage1(split, self.cfg, self.seed, self.device,
-                                                               self.ck / "stage1.safetensors", self.log))
+            if self.private_mode and self.cfg.privacy.encoder == "dp":
+                enc, g, self.encoder_event = self.timer("stage1", lambda: train_private_stage1(
+                    self.x[self.private_idx], self.y[self.private_idx], self.split.num_classes,
+                    self.split.train.input_shape, self.cfg, self.seed, self.ledger(),
+                    self.ck / "dp-stage1.safetensors", self.log))
+            else:
+                enc, g = self.timer("stage1", lambda: train_stage1(split, self.cfg, self.seed, self.device,
+                                                                   self.ck / "stage1.safetensors", self.log))
             self._stage1 = (enc, g, encode(enc, self.x), encode(enc, self.x_test))
         return self._stage1
 
@@ -141,9 +149,20 @@ class SeedRun:
                                          "frechet_per_class": per_class_frechet(z, self.y, z_hat, y_hat)}
         return self._pseudo
 
+    def ledger(self) -> PrivacyLedger:
+        """This seed's privacy ledger (``privacy/seedN.json``), rewritten after every private step."""
+        if self._ledger is None:
+            p = self.cfg.privacy
+            self._ledger = PrivacyLedger(self.run_dir.path / "privacy" / f"seed{self.seed}.json",
+                                         p.target_epsilon, p.delta)
+        return self._ledger
+
     def counts(self) -> torch.Tensor:
-        """The class counts stage 1 was trained on (the public part in private mode)."""
-        y = self.y if not self.private_mode else self.y[self.public_idx]
+        """The class counts stage 1 was trained on (the public part, or the private one under encoder: dp)."""
+        if not self.private_mode:
+            y = self.y
+        else:
+            y = self.y[self.private_idx if self.cfg.privacy.encoder == "dp" else self.public_idx]
         return torch.bincount(y, minlength=self.split.num_classes).float()
 
     # --- methods ------------------------------------------------------------------------------------
@@ -203,11 +222,12 @@ class SeedRun:
         z_priv, y_priv = z[self.private_idx], self.y[self.private_idx]
         scaler = FeatureScaler.fit(z_pub)  # public statistics: nothing private leaks through the scaler
         counts_priv, count_event = noisy_counts(class_counts(y_priv.cpu().numpy(), C), p, self.seed)
-        ledger = PrivacyLedger(self.run_dir.path / "privacy" / f"seed{self.seed}.json", p.target_epsilon, p.delta)
+        ledger = self.ledger()
+        fixed = [e for e in (self.encoder_event, count_event) if e is not None]
         denoiser, schedule, info = self.timer("dp-ldmlr", lambda: train_private_denoiser(
-            scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, [count_event] if count_event else [],
+            scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, fixed,
             self.ck / "dp-stage2.safetensors", self.log))
-        counts_pub = self.counts().cpu().numpy().astype(int)
+        counts_pub = torch.bincount(y_pub, minlength=C).cpu().numpy().astype(int)
         # fill every class of G's training set (public real + pseudo) up to the largest estimated class size
         n_gen = np.maximum(0, (counts_pub + counts_priv).max() - counts_pub)
         u_hat, y_hat = self.timer("dp-ldmlr", lambda: sample_features(denoiser, schedule, n_gen, self.cfg.diffusion,
@@ -221,7 +241,7 @@ class SeedRun:
         g = self.timer("dp-ldmlr", lambda: finetune_with_pseudo(g, z_pub, y_pub, z_hat, y_hat, self.cfg, self.seed,
                                                                 self.ck / "dp-stage3.safetensors", self.log, "DP-LDMLR"))
         summary = ledger.summary(cross_check=True)
-        self.diagnostics["privacy"] = {**summary, **info, "noisy_private_counts": counts_priv.tolist(),
+        self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "noisy_private_counts": counts_priv.tolist(),
                                        "count_event": count_event is not None, "generated_per_class": n_gen.tolist(),
                                        "frechet_per_class": per_class_frechet(z_priv, y_priv, z_hat, y_hat)}
         prior = torch.as_tensor(counts_pub + self.cfg.pseudo.pseudo_weight * n_gen, dtype=torch.float32,

@@ -26,6 +26,7 @@ from torch import nn
 from pfdiff.config import PrivacyConfig, RunConfig
 from pfdiff.diffusion import DiffusionLoss, NoiseSchedule, make_schedule
 from pfdiff.longtail.common import seeded_init
+from pfdiff.models import create_classifier, create_encoder
 from pfdiff.longtail.ldmlr import build_denoiser
 from pfdiff.privacy.accounting import (GaussianEvent, PrivacyLedger, calibrate_noise, gaussian_sigma_for,
                                        phase1_noise_multiplier)
@@ -33,6 +34,7 @@ from pfdiff.privacy.dpsgd import DPSGD, poisson_batch
 from pfdiff.training import EMA, _resume, _save, derive_seed, generator, progress_bar
 
 COUNTS, PHASE1, DPSGD_EVENT = "class counts (Gaussian)", "denoiser dp-promise phase I", "denoiser DP-SGD"
+ENCODER_EVENT = "encoder + stage-1 classifier DP-SGD"
 
 
 def public_private_split(y: np.ndarray, num_classes: int, public_fraction: float,
@@ -161,6 +163,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
         model = PhasedLabels(model, S, num_classes)
     info = {"sigma": plan.sigma, "sample_rate": plan.sample_rate, "planned_epsilon": planned_eps,
             "phase1_steps": plan.phase1_steps, "phase1_noise_multiplier": plan.phase1_multiplier,
+            "labels_unprotected_in_phase1": p.mechanism == "dp-promise" and p.promise_conditional_phase1,
             "events": [e.__dict__ for e in plan.events]}
     return model, schedule, info
 
@@ -185,3 +188,43 @@ def _phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg: RunCon
         return {"loss": loss.item()}
 
     return step_fn
+
+
+def train_private_stage1(x: torch.Tensor, y: torch.Tensor, num_classes: int, input_shape: tuple[int, ...],
+                         cfg: RunConfig, seed: int, ledger: PrivacyLedger, checkpoint: Path | None,
+                         log: Callable[[dict], None] | None) -> tuple[nn.Module, nn.Module, GaussianEvent]:
+    """``privacy.encoder: dp`` — E and G trained with DP-SGD (per-example cross-entropy, vmap clipping) on
+    the private part, σ calibrated to ``encoder_epsilon_share``·target; the rest of the budget is left to
+    the counts and the denoiser (their calibration composes this event)."""
+    p, m = cfg.privacy, cfg.model
+    device = x.device
+    encoder = seeded_init(seed, "dp-encoder", lambda: create_encoder(m.encoder, input_shape, m.feature_dim, m.width),
+                          device)
+    classifier = seeded_init(seed, "dp-classifier",
+                             lambda: create_classifier(m.classifier, encoder.feature_dim, num_classes), device)
+    net = nn.Sequential(encoder, classifier)
+    q = min(1.0, p.encoder_batch_size / len(y))
+    sigma = calibrate_noise(p.encoder_epsilon_share * p.target_epsilon, p.delta, q, p.encoder_steps, p.accountant)
+    event = GaussianEvent(sigma, q, p.encoder_steps, ENCODER_EVENT)
+    ledger.check_final([event])
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.stage1.lr, weight_decay=0.0)
+    engine = DPSGD(net, opt, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(y),
+                   sample_rate=q, max_physical_batch_size=p.max_physical_batch_size, seed=seed, method="vmap")
+
+    def per_example_ce(model, xb, yb):
+        return nn.functional.cross_entropy(model(xb), yb, reduction="none")
+
+    modules = {"net": net}
+    start = _resume(checkpoint, modules, engine.optimizer, None)
+    net.train()
+    with progress_bar(f"seed {seed} · DP stage 1: E+G (σ={sigma:.3f})", p.encoder_steps, start) as advance:
+        for step in range(start, p.encoder_steps):
+            info = engine.step(per_example_ce, (x, y), step)
+            ledger.record_progress(ENCODER_EVENT, sigma, q, step + 1)
+            advance(info)
+            if log is not None and ((step + 1) % 100 == 0 or step + 1 == p.encoder_steps):
+                log({"stage": f"seed {seed} · DP stage 1", "step": step + 1, **info})
+            if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == p.encoder_steps):
+                _save(checkpoint, modules, engine.optimizer, None, step + 1)
+    net.eval()
+    return encoder, classifier, event
