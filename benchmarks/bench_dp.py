@@ -124,8 +124,26 @@ def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bo
                      f"depth={cfg.model.denoiser_depth})", **out}
 
 
-# An image U-Net entry goes here later: def bench_unet(device, rounds, ...) -> dict with the same keys.
-MODELS: dict[str, Callable[..., dict]] = {"feature_denoiser": bench_feature_denoiser}
+def bench_unet(device: torch.device, rounds: int, tune_allocator: bool, method: str = "vmap",
+               track_norms: bool = True, batch: int = 256, K: int = 4) -> dict:
+    """The DPDM reference's U-Net on 8×8 digits-sized images (pfdiff.imagespace.dpdm defaults)."""
+    from pfdiff.imagespace.dpdm import DPDMConfig
+    from pfdiff.models.unet import UNet
+
+    if method != "vmap":  # conv layers cannot take the [B, K, C, H, W] layout of the hook paths
+        return {"skipped": f"method {method!r} needs Linear/LayerNorm/Embedding-only models; the U-Net uses vmap"}
+    c = DPDMConfig()
+    schedule = make_schedule("cosine", 1000).to(device)
+    loss_fn = DiffusionLoss(schedule, prediction="v", cond_drop_prob=0.1, null_label=10)
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(batch, 1, 8, 8, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+    make = lambda: UNet(1, 10, base_channels=c.base_channels, channel_mults=c.channel_mults,  # noqa: E731
+                        num_res_blocks=c.num_res_blocks)
+    out = bench_model(make, loss_fn, data, K, device, rounds, batch, tune_allocator, method, track_norms)
+    return {"model": f"UNet(1, 10, base_channels={c.base_channels}, channel_mults={tuple(c.channel_mults)})", **out}
+
+
+MODELS: dict[str, Callable[..., dict]] = {"feature_denoiser": bench_feature_denoiser, "unet": bench_unet}
 
 
 def main() -> None:
@@ -162,6 +180,9 @@ def main() -> None:
     print(f"threads={threads} load={report['load_average_1m']:.1f}")
     for name, entries in results.items():
         for variant, r in entries.items():
+            if "skipped" in r:
+                print(f"{name:17s} {variant:26s} skipped: {r['skipped']}")
+                continue
             print(f"{name:17s} {variant:26s} non-private {r['nonprivate_ms']:7.1f} ms  DP {r['dp_ms']:7.1f} ms  "
                   f"ratio {r['ratio']:.2f} (median of rounds {r['ratio_median_of_rounds']:.2f}, "
                   f"of min {r['ratio_of_min']:.2f})")
