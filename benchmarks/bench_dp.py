@@ -68,7 +68,7 @@ def _summary(ms: list[float]) -> dict[str, float]:
 
 def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, data: tuple[torch.Tensor, ...],
                 K: int, device: torch.device, rounds: int, max_physical_batch_size: int, tune_allocator: bool,
-                method: str = "ghost", track_norms: bool = True, lr: float = 1e-3, noise_multiplier: float = 1.0,
+                method: str = "bk", track_norms: bool = True, lr: float = 1e-3, noise_multiplier: float = 1.0,
                 max_grad_norm: float = 1.0) -> dict:
     """Non-private vs DP step for one model; ``data`` = (z0, y), all rows in every step."""
     batch = len(data[0])
@@ -105,7 +105,7 @@ def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, dat
             "nonprivate_ms_stats": _summary(times["nonprivate"]), "dp_ms_stats": _summary(times["dp"])}
 
 
-def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bool, method: str = "ghost",
+def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bool, method: str = "bk",
                            track_norms: bool = True,
                            max_physical_batch_size: int = 256, batch: int = 256, K: int = 4, dim: int = 64,
                            classes: int = 10) -> dict:
@@ -163,7 +163,7 @@ def main() -> None:
     for variant, tune, method in variants:
         for name in args.models:
             results[name][variant] = MODELS[name](device, args.rounds, tune_allocator=tune, method=method)
-    head = results.get("feature_denoiser", {}).get("ghost", {})
+    head = results.get("feature_denoiser", {}).get("bk", {})
     report = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(), "threads": threads,
@@ -172,7 +172,7 @@ def main() -> None:
         "nonprivate_ms": head.get("nonprivate_ms"), "dp_ms": head.get("dp_ms"), "ratio": head.get("ratio"),
         "target_ratio": TARGET_RATIO, "meets_target": bool(head) and head["ratio"] <= TARGET_RATIO,
         "ratio_median_of_rounds": head.get("ratio_median_of_rounds"), "ratio_of_min": head.get("ratio_of_min"),
-        "headline": "models.feature_denoiser.ghost (DPSGD defaults: method='ghost', one physical batch of "
+        "headline": "models.feature_denoiser.bk (DPSGD defaults: method='bk', one physical batch of "
                     "256, glibc's default allocator, norm statistics tracked)",
         "models": results,
     }

@@ -91,13 +91,14 @@ def _spy_units(engine):
     """Per micro-batch: (number of clipping units, their pre-clip norms, norm of what was added to
     summed_grad). Ghost clipping has no grad samples: its units are the norms it clips by."""
     seen, units = [], []
-    if engine.method == "ghost":
-        ghost = engine._ghost_microbatch
-        engine._ghost_microbatch = lambda *a: (units.append(ghost(*a).clone()), units[-1])[1]
+    if engine.method in ("ghost", "bk"):
+        name = f"_{engine.method}_microbatch"
+        clip = getattr(engine, name)
+        setattr(engine, name, lambda *a: (units.append(clip(*a).clone()), units[-1])[1])
     original = engine.optimizer.pre_step
 
     def spy(*args):
-        if engine.method != "ghost":
+        if engine.method not in ("ghost", "bk"):
             units.append(per_sample_norms(engine.optimizer.grad_samples))
         before = [None if p.summed_grad is None else p.summed_grad.clone() for p in engine.optimizer.params]
         out = original(*args)
@@ -132,16 +133,16 @@ def test_dpoptimizer_clips_B_units_not_B_times_K(method):
                      method=method)
     seen = _spy_units(engine)
     shapes = []
-    if method != "ghost":
+    if method not in ("ghost", "bk"):
         original2 = engine.optimizer.clip_and_accumulate
         engine.optimizer.clip_and_accumulate = lambda: (
             shapes.append([g.shape for g in engine.optimizer.grad_samples]), original2())
     engine.step(_fixed_loss(), _data(B, K), step=0)
     assert len(seen) == 1 and seen[0][0] == B
-    if method != "ghost":  # p.grad_sample has B rows
+    if method not in ("ghost", "bk"):  # p.grad_sample has B rows
         assert all(s[0] == B for s in shapes[0])
         assert [s[1:] for s in shapes[0]] == [p.shape for p in engine.optimizer.params]
-    else:  # ghost clipping never materialises per-example gradients
+    else:  # ghost clipping and book-keeping never materialise per-example gradients
         assert all(getattr(p, "grad_sample", None) is None for p in engine.optimizer.params)
 
 
@@ -162,17 +163,19 @@ def test_hook_paths_match_vmap_reference(prediction):
         torch.testing.assert_close(g, ref[n], atol=1e-5, rtol=1e-5)
     engine.optimizer.zero_grad(set_to_none=True)
 
-    model = _model()
-    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method="ghost")
-    norms = engine._ghost_microbatch(loss_fn, data)
-    torch.testing.assert_close(norms, ref_norms, atol=1e-5, rtol=1e-5)
-    factor = (C / (ref_norms + 1e-6)).clamp(max=1.0)
-    for n, p in engine._params:  # p.grad = Σ_b min(1, C/‖g_b‖)·g_b
-        expected = (factor.view(-1, *[1] * p.dim()) * ref[n]).sum(0)
-        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-5)
+    for method in ("ghost", "bk"):
+        model = _model()
+        engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method=method)
+        norms = getattr(engine, f"_{method}_microbatch")(loss_fn, data)
+        torch.testing.assert_close(norms, ref_norms, atol=1e-5, rtol=1e-5)
+        factor = (C / (ref_norms + 1e-6)).clamp(max=1.0)
+        for n, p in engine._params:  # p.grad = Σ_b min(1, C/‖g_b‖)·g_b
+            expected = (factor.view(-1, *[1] * p.dim()) * ref[n]).sum(0)
+            torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-5)
+            assert p.requires_grad
 
 
-@pytest.mark.parametrize("method", ["ghost", "hooks"])
+@pytest.mark.parametrize("method", ["bk", "ghost", "hooks"])
 def test_hook_paths_refuse_a_model_call_that_is_not_per_example(method):
     """A loss that calls the model on B·K flat rows, or a model in eval mode (no hooks), would clip the
     wrong units: refused, not silently mis-clipped."""
@@ -194,9 +197,9 @@ def test_hook_paths_refuse_a_model_call_that_is_not_per_example(method):
               max_grad_norm=1.0, dataset_size=10, sample_rate=0.1, method=method)
 
 
-def test_auto_method_picks_ghost_for_the_feature_denoiser_and_vmap_otherwise():
+def test_auto_method_picks_bk_for_the_feature_denoiser_and_vmap_otherwise():
     model = _model()
-    assert _engine(model, torch.optim.SGD(model.parameters(), lr=0.1)).method == "ghost"
+    assert _engine(model, torch.optim.SGD(model.parameters(), lr=0.1)).method == "bk"
     assert DPSGD.__init__.__kwdefaults__["method"] == "auto"
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
     assert _engine(conv, torch.optim.SGD(conv.parameters(), lr=0.1)).method == "vmap"

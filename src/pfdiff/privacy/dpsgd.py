@@ -8,7 +8,7 @@ update by K·C: wrong. Here the engine clips the B per-example gradients of the 
 (Opacus' machinery with the K draws as an inner dimension, or its own vmap), and Opacus' optimizer adds
 N(0, σ²C²) noise, divides by the expected batch size and steps.
 
-Per-example clipping, three ways (``DPSGD(method=…)``; default ``"auto"``: ghost for models made of
+Per-example clipping, four ways (``DPSGD(method=…)``; default ``"auto"``: bk for models made of
 Linear / LayerNorm / Embedding such as ``FeatureDenoiser``, vmap otherwise, e.g. the conv U-Net):
 - ``"ghost"``: Opacus' ghost clipping (``GradSampleModuleFastGradientClipping`` hooks, norm samplers, and
   ``DPOptimizerFastGradientClipping``). The engine hands the loss the model behind a proxy with
@@ -29,8 +29,12 @@ contract); vmap enforces it structurally. They check that the hooks saw exactly 
 the model on B·K flat rows, or a model in eval mode, is refused rather than mis-clipped).
 Cost (DP step / non-private step; FeatureDenoiser hidden 256 / depth 3 = 718k parameters, batch 256,
 K = 4, AdamW, 2 threads, quiet machine, benchmarks/bench_dp.py → benchmarks/results/dp.json):
-**ghost 2.2×**, vmap 8.5×, hooks 16× — so "auto" = ghost for such models. The issue's target is 1.5×;
-ghost clipping's second backward pass is what remains above it.
+**bk 1.49×**, ghost 2.4×, vmap 8.7×, hooks 17× — so "auto" = bk for Linear/LayerNorm/Embedding models
+(vmap otherwise, e.g. the conv U-Net: 2.6×).
+- ``"bk"``: book-keeping (Bu et al. 2023): one backward with the parameters frozen, the layers' inputs
+  and output gradients kept by forward hooks, per-example norms from [B, K, K] Gram matrices, the
+  clipped sum as one contraction per layer; Opacus' ``DPOptimizerFastGradientClipping`` then adds the
+  noise and scales, exactly as for ghost clipping.
 The vmap and hooks paths write B × 718k floats = 735 MB of per-example gradients per 256 examples and read
 them for the norms and the weighted sum; ghost clipping's cost is a second backward pass instead.
 
@@ -170,6 +174,110 @@ class _InnerMultiplicity:
 
 
 @contextlib.contextmanager
+def _frozen(params: list[nn.Parameter]):
+    """requires_grad off for the duration: the backward then computes activation gradients only."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+class _BookKeeper:
+    """Keeps, for each Linear / LayerNorm / Embedding layer, the input (normalised input for LayerNorm,
+    indices for Embedding) and the output gradient of one call on [B, K, …] inputs. With the loss Σ_b ℓ_b,
+    row b of both belongs to example b alone, so per-example gradients are sums over the inner rows r:
+    Linear W: g_b = Σ_r G_br A_brᵀ, ‖g_b‖² = Σ_rr' (G_br·G_br')(A_br·A_br'); bias: Σ_r G_br.
+    LayerNorm: weight Σ_r G_br ⊙ x̂_br, bias Σ_r G_br. Embedding: row idx_br += G_br,
+    ‖g_b‖² = Σ_rr' [idx_br = idx_br'] (G_br·G_br')."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, INNER_DIM_LAYERS)
+                       and any(True for _ in m.parameters(recurse=False))]
+        others = [type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))
+                  and not isinstance(m, INNER_DIM_LAYERS)]
+        if others:
+            raise ValueError(f"method='bk' supports Linear, LayerNorm and Embedding layers only, found {others}; "
+                             "use method='vmap'")
+        self.store: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        self._handles: list = []
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.store.clear()
+        self._handles = [m.register_forward_hook(self._forward) for m in self.layers]
+        try:
+            yield
+        finally:
+            for h in self._handles:
+                h.remove()
+            self.store.clear()
+
+    def _forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if module in self.store:
+            raise ValueError(f"method='bk': layer {module} is called twice in one forward; use method='vmap'")
+        x = inputs[0].detach()
+        if isinstance(module, nn.LayerNorm):
+            x = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        entry = self.store[module] = {"a": x}
+        out = output if output.requires_grad else output.detach().requires_grad_(True)
+        out.register_hook(lambda g: entry.__setitem__("g", g.detach()))
+        return out
+
+    def _rows(self, layer: nn.Module, size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        entry = self.store.get(layer)
+        if entry is None or "g" not in entry:
+            return None, None
+        a, g = entry["a"], entry["g"]
+        if len(g) != size:
+            raise ValueError(f"method='bk': layer {layer} saw {len(g)} rows but the micro-batch has {size} "
+                             "examples; the loss must call the model on [B, K, …] inputs; otherwise use method='vmap'")
+        if isinstance(layer, nn.Embedding):
+            return a.reshape(size, -1), g.reshape(size, -1, g.shape[-1])
+        return a.reshape(size, -1, a.shape[-1]), g.reshape(size, -1, g.shape[-1])
+
+    def per_example_sq_norms(self, layer: nn.Module, size: int) -> list[torch.Tensor]:
+        a, g = self._rows(layer, size)
+        if g is None:
+            return []
+        out = []
+        if isinstance(layer, nn.Linear):
+            gram_g = torch.bmm(g, g.transpose(1, 2))
+            out.append((gram_g * torch.bmm(a, a.transpose(1, 2))).sum((1, 2)))
+            if layer.bias is not None:
+                out.append(g.sum(1).pow(2).sum(1))
+        elif isinstance(layer, nn.LayerNorm):
+            if layer.weight is not None:
+                out.append((g * a).sum(1).pow(2).sum(1))
+            if layer.bias is not None:
+                out.append(g.sum(1).pow(2).sum(1))
+        else:  # Embedding
+            same = (a.unsqueeze(2) == a.unsqueeze(1)).to(g.dtype)
+            out.append((torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2)))
+        return [o.float() for o in out]
+
+    def write_clipped_sum(self, layer: nn.Module, coef: torch.Tensor) -> None:
+        a, g = self._rows(layer, len(coef))
+        if g is None:
+            return
+        gc = g * coef.to(g.dtype)[:, None, None]
+        if isinstance(layer, nn.Linear):
+            layer.weight.grad = torch.einsum("bro,bri->oi", gc, a)
+            if layer.bias is not None:
+                layer.bias.grad = gc.sum((0, 1))
+        elif isinstance(layer, nn.LayerNorm):
+            if layer.weight is not None:
+                layer.weight.grad = (gc * a).sum((0, 1))
+            if layer.bias is not None:
+                layer.bias.grad = gc.sum((0, 1))
+        else:
+            layer.weight.grad = torch.zeros_like(layer.weight).index_add_(0, a.reshape(-1), gc.reshape(-1, g.shape[-1]))
+
+
+@contextlib.contextmanager
 def _quiet_backward_hooks():
     """Silence torch's notice that the first layers' full backward hooks fire on their outputs (their
     inputs z_t, t, y do not require grad): expected here, the hooks need only the outputs' gradients."""
@@ -179,18 +287,18 @@ def _quiet_backward_hooks():
 
 
 #: Per-example clipping strategies of ``DPSGD`` (see the module docstring for measurements).
-METHODS = ("ghost", "hooks", "vmap")
+METHODS = ("bk", "ghost", "hooks", "vmap")
 #: Layers whose Opacus grad/norm samplers treat every inner input dimension as part of the example, so
 #: a call on [B, K, …] gives per-example quantities summed over K ("auto" picks the hook paths for these).
 INNER_DIM_LAYERS = (nn.Linear, nn.LayerNorm, nn.Embedding)
 
 
 def resolve_method(model: nn.Module, method: str = "auto") -> str:
-    """``"auto"`` → ``"ghost"`` if every module holding parameters is one of ``INNER_DIM_LAYERS`` (e.g.
+    """``"auto"`` → ``"bk"`` if every module holding parameters is one of ``INNER_DIM_LAYERS`` (e.g.
     ``FeatureDenoiser``), else ``"vmap"`` (e.g. a conv U-Net, which cannot take [B, K, C, H, W])."""
     if method == "auto":
         holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-        return "ghost" if all(isinstance(m, INNER_DIM_LAYERS) for m in holders) else "vmap"
+        return "bk" if all(isinstance(m, INNER_DIM_LAYERS) for m in holders) else "vmap"
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose 'auto' or one of {METHODS}")
     return method
@@ -261,7 +369,7 @@ class DPSGD:
         if tune_allocator and device.type == "cpu":
             tune_cpu_allocator()
         self._noise_generator = torch.Generator(device=device)
-        opt_cls = DPOptimizerFastGradientClipping if method == "ghost" else DPOptimizer
+        opt_cls = DPOptimizerFastGradientClipping if method in ("ghost", "bk") else DPOptimizer
         self.optimizer = opt_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                  expected_batch_size=self.expected_batch_size, loss_reduction="mean",
                                  generator=self._noise_generator, secure_mode=secure_mode)
@@ -271,7 +379,13 @@ class DPSGD:
             raise ValueError(f"the optimizer holds {len(missing)} parameter(s) that are not parameters of the model")
         self._params = [(by_id[id(p)], p) for p in self.optimizer.params]
         self._gsm = None
-        if method != "vmap":
+        if method == "bk":
+            if trainable != optimized:
+                raise ValueError("method='bk' clips the gradient of every parameter that requires grad, so the "
+                                 "optimizer must hold exactly those (freeze the others) or use method='vmap'")
+            self._keeper = _BookKeeper(model)
+            self._proxy = _InnerMultiplicity(model)
+        elif method != "vmap":
             if trainable != optimized:
                 raise ValueError(f"method={method!r} clips the gradient of every parameter that requires grad, "
                                  "so the optimizer must hold exactly those (freeze the others) or use "
@@ -378,6 +492,38 @@ class DPSGD:
                 p.grad = torch.zeros_like(p)
         return norms
 
+    def _bk_microbatch(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """p.grad = Σ_b min(1, C/‖g_b‖)·g_b by book-keeping (Bu et al. 2023, "Differentially private
+        optimization on large model at small cost"): ONE backward for the layers' output gradients (the
+        parameters frozen, so autograd skips their gradients), then per layer the per-example norms from
+        Gram matrices and the clipped sum as one contraction. Opacus has no such path (its ghost
+        clipping needs a second full backward), hence this code; ``tests/test_dpsgd.py`` checks it
+        against the vmap reference. Returns the norms ‖g_b‖ [B]."""
+        size = len(batch[0])
+        if not all(m.training for m in self.model.modules()):
+            raise ValueError("method='bk' needs the model in train mode; call model.train() or use method='vmap'")
+        params = [p for _, p in self._params]
+        flags = [p.requires_grad for p in params]
+        with self._keeper.recording(), _frozen(params):
+            loss = per_example_loss_fn(self._proxy, *batch)
+            if loss.shape != (size,):
+                raise ValueError(f"per_example_loss_fn must return one loss per example, shape [{size}]; got "
+                                 f"{tuple(loss.shape)}")
+            loss.sum().backward()
+            sq = torch.zeros(size, device=loss.device, dtype=torch.float32)
+            for layer in self._keeper.layers:
+                for rows in self._keeper.per_example_sq_norms(layer, size):
+                    sq += rows
+            norms = sq.sqrt()
+            coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # DPOptimizer's clip factor
+            for layer in self._keeper.layers:
+                self._keeper.write_clipped_sum(layer, coef)
+        assert flags == [p.requires_grad for p in params]
+        for _, p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return norms
+
     def _hooks_microbatch(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...]
                           ) -> list[torch.Tensor]:
         """p.grad_sample [B, …] from Opacus' grad samplers on the [B, K, …] call (summed over K)."""
@@ -420,12 +566,14 @@ class DPSGD:
             batch = tuple(t[chunk.to(t.device)] for t in data_tensors)
             if len(chunk) == 0:  # empty logical batch: a noise-only step
                 for _, p in self._params:
-                    if self.method == "ghost":
+                    if self.method in ("ghost", "bk"):
                         p.grad = torch.zeros_like(p)
                     else:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             elif self.method == "ghost":
                 norms.append(self._ghost_microbatch(per_example_loss_fn, batch).detach())
+            elif self.method == "bk":
+                norms.append(self._bk_microbatch(per_example_loss_fn, batch))
             elif self.method == "hooks":
                 grads = self._hooks_microbatch(per_example_loss_fn, batch)
                 if self.track_norms:
