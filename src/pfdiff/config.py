@@ -120,7 +120,7 @@ class PrivacyConfig(Section):
     expected_batch_size: int = Field(128, ge=1)  # logical batch (Poisson sampling, q = B/N)
     max_physical_batch_size: int = Field(512, ge=1)
     steps: int = Field(1500, ge=1)  # logical DP-SGD steps (Phase II for dp-promise)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)  # small: noise-dominated Adam steps move every weight by ≈ lr (a public warm start survives)
     feature_radius: float = Field(8.0, gt=0)  # R: standardised private features are L2-clipped to R (√64 = 8)
     promise_S: int = Field(900, ge=1)  # dp-promise: Phase I trains on t ∈ [S, T) without clipping or noise
     promise_phase1_steps: int = Field(500, ge=0)
@@ -130,6 +130,7 @@ class PrivacyConfig(Section):
     encoder_epsilon_share: float = Field(0.5, gt=0, lt=1)  # encoder: dp — share of target ε given to E + G
     encoder_steps: int = Field(300, ge=1)  # encoder: dp — logical DP-SGD steps of E + G
     encoder_batch_size: int = Field(64, ge=1)  # encoder: dp — expected logical batch
+    public_pretrain: bool = True  # warm-start ε_θ non-privately on the public features (free), then DP on the private
     aid_filter: bool = True  # AID/OOD-filter DP pseudo-features with a scorer fit on *public* features (free)
 
 

@@ -180,6 +180,8 @@ def privacy_section(results: dict) -> list[str]:
            ("Gaussian mechanism, in the ledger |" if first["count_event"] else "declared public (count_epsilon = 0) |"),
            f"| denoiser ε_θ | private part | {'dp-promise (Phase I + DP-SGD Phase II)' if first['phase1_steps'] else 'DP-SGD'}"
            " with noise multiplicity, in the ledger |",
+           *(["| denoiser warm start (`privacy.public_pretrain`) | public part | public (ε = 0) |"]
+             if first.get("public_pretrain") else []),
            "| pseudo-features, fine-tuned classifier G | denoiser + public part | post-processing (no extra ε) |", "",
            f"Budget: target ε = {first['target_epsilon']:g} at δ = {first['delta']:g} per seed "
            f"(σ = {first['sigma']:.4f}, q = {first['sample_rate']:.4f}). Spent, per seed "

@@ -20,7 +20,7 @@ from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
-from pfdiff.longtail.private import noisy_counts, public_private_split, train_private_denoiser, train_private_stage1
+from pfdiff.longtail.private import clip_rows, noisy_counts, public_private_split, train_private_denoiser, train_private_stage1
 from pfdiff.data import class_counts
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.runs import RunDir
@@ -224,9 +224,14 @@ class SeedRun:
         counts_priv, count_event = noisy_counts(class_counts(y_priv.cpu().numpy(), C), p, self.seed)
         ledger = self.ledger()
         fixed = [e for e in (self.encoder_event, count_event) if e is not None]
+        init = None
+        if p.public_pretrain:  # public features only: a free warm start for the DP training
+            init, _ = self.timer("dp-ldmlr", lambda: train_feature_diffusion(
+                clip_rows(scaler.transform(z_pub), p.feature_radius), y_pub, C, self.cfg, self.seed,
+                self.ck / "public-stage2.safetensors", self.log))
         denoiser, schedule, info = self.timer("dp-ldmlr", lambda: train_private_denoiser(
             scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, fixed,
-            self.ck / "dp-stage2.safetensors", self.log))
+            self.ck / "dp-stage2.safetensors", self.log, init))
         counts_pub = torch.bincount(y_pub, minlength=C).cpu().numpy().astype(int)
         # fill every class of G's training set (public real + pseudo) up to the largest estimated class size
         n_gen = np.maximum(0, (counts_pub + counts_priv).max() - counts_pub)
@@ -241,7 +246,7 @@ class SeedRun:
         g = self.timer("dp-ldmlr", lambda: finetune_with_pseudo(g, z_pub, y_pub, z_hat, y_hat, self.cfg, self.seed,
                                                                 self.ck / "dp-stage3.safetensors", self.log, "DP-LDMLR"))
         summary = ledger.summary(cross_check=True)
-        self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "noisy_private_counts": counts_priv.tolist(),
+        self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "public_pretrain": p.public_pretrain, "noisy_private_counts": counts_priv.tolist(),
                                        "count_event": count_event is not None, "generated_per_class": n_gen.tolist(),
                                        "frechet_per_class": per_class_frechet(z_priv, y_priv, z_hat, y_hat)}
         prior = torch.as_tensor(counts_pub + self.cfg.pseudo.pseudo_weight * n_gen, dtype=torch.float32,
