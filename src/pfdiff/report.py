@@ -192,6 +192,11 @@ def privacy_section(results: dict) -> list[str]:
                            for e in d["entries"])
         eps = d["epsilon"]
         md.append(f"| {seed} | {eps['pld']:.3f} | {eps['rdp']:.3f} | {eps['prv']:.3f} | {events} |")
+    md += ["", "Not written to the run directory: per-step losses, gradient norms, clip fractions and batch sizes "
+               "of the DP training (they describe the private part without a guarantee; they appear on the "
+               "console only). Class counts: on this benchmark the long-tailed counts are fixed by the public "
+               "config (the imbalance profile), so `split.json` and the header above print them; with real "
+               "private data treat them as private — `dp-ldmlr` itself uses only the noisy counts."]
     if first.get("labels_unprotected_in_phase1"):
         md += ["", "**Warning: labels are not protected.** dp-promise's Phase I was trained conditionally "
                    "(`privacy.promise_conditional_phase1`): its forward noise covers the features, not the labels, "

@@ -248,7 +248,9 @@ class SeedRun:
         summary = ledger.summary(cross_check=True)
         self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "public_pretrain": p.public_pretrain, "noisy_private_counts": counts_priv.tolist(),
                                        "count_event": count_event is not None, "generated_per_class": n_gen.tolist(),
-                                       "frechet_per_class": per_class_frechet(z_priv, y_priv, z_hat, y_hat)}
+                                       # against *public* features: a distance to the private ones would be an
+                                       # uncovered release of private data
+                                       "frechet_to_public_per_class": per_class_frechet(z_pub, y_pub, z_hat, y_hat)}
         prior = torch.as_tensor(counts_pub + self.cfg.pseudo.pseudo_weight * n_gen, dtype=torch.float32,
                                 device=self.device)
         return predict_logits(g, z_test), prior

@@ -159,7 +159,9 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
                 ledger.record_progress(DPSGD_EVENT, plan.sigma, plan.sample_rate, s2 + 1)
             advance(info)
             if log is not None and ((step + 1) % 100 == 0 or step + 1 == total):
-                log({"stage": f"seed {seed} · DP stage 2", "step": step + 1, **info})
+                # step only: loss, gradient norms, clip fraction and batch sizes describe the private data
+                # without a DP guarantee, so they stay on the console and out of the run directory
+                log({"stage": f"seed {seed} · DP stage 2", "step": step + 1})
             if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
                 _save(checkpoint, modules, engine.optimizer, ema, step + 1)
     model = ema.module.eval()
@@ -227,7 +229,7 @@ def train_private_stage1(x: torch.Tensor, y: torch.Tensor, num_classes: int, inp
             ledger.record_progress(ENCODER_EVENT, sigma, q, step + 1)
             advance(info)
             if log is not None and ((step + 1) % 100 == 0 or step + 1 == p.encoder_steps):
-                log({"stage": f"seed {seed} · DP stage 1", "step": step + 1, **info})
+                log({"stage": f"seed {seed} · DP stage 1", "step": step + 1})  # see train_private_denoiser
             if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == p.encoder_steps):
                 _save(checkpoint, modules, engine.optimizer, None, step + 1)
     net.eval()
