@@ -117,26 +117,41 @@ def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_
     steps and at the end, and a call that finds the file resumes from it. Batches and noise must come
     from ``step`` (``shuffled_batch``, ``generator``) so that a resumed run repeats the same numbers.
     """
+
+    def update(step: int) -> dict[str, float]:
+        loss, metrics = step_fn(step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{description}: loss is {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update()
+        return {"loss": loss.item(), **metrics}
+
+    run_steps(modules, optimizer, update, steps, description=description, ema=ema, checkpoint=checkpoint,
+              checkpoint_every=checkpoint_every, log=log, log_every=log_every)
+
+
+def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+              update: Callable[[int], dict[str, float]], steps: int, *, description: str, ema: EMA | None = None,
+              checkpoint: Path | None = None, checkpoint_every: int = 500,
+              log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50,
+              log_metrics: bool = True) -> None:
+    """The loop under ``train``: ``update(step)`` does one whole step (e.g. a DP-SGD step) and returns
+    its metrics; progress bar, logging, resumable checkpoints as in ``train``. ``log_metrics=False``
+    logs step counters only (metrics of private data without a DP guarantee stay on the console)."""
     start = _resume(checkpoint, modules, optimizer, ema)
     for m in modules.values():
         m.train()
     with progress_bar(description, steps, start) as advance:
         for step in range(start, steps):
-            loss, metrics = step_fn(step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{description}: loss is {loss.item()} at step {step}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                params = [p for m in modules.values() for p in m.parameters()]
-                nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.update()
-            metrics = {"loss": loss.item(), **metrics}
+            metrics = update(step)
             advance(metrics)
             if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-                log({"stage": description, "step": step + 1, **metrics})
+                log({"stage": description, "step": step + 1, **(metrics if log_metrics else {})})
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                 _save(checkpoint, modules, optimizer, ema, step + 1)
     for m in modules.values():

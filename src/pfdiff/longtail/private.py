@@ -31,7 +31,7 @@ from pfdiff.longtail.ldmlr import build_denoiser
 from pfdiff.privacy.accounting import (GaussianEvent, PrivacyLedger, calibrate_noise, gaussian_sigma_for,
                                        phase1_noise_multiplier)
 from pfdiff.privacy.dpsgd import DPSGD, poisson_batch
-from pfdiff.training import EMA, _resume, _save, derive_seed, generator, progress_bar
+from pfdiff.training import EMA, derive_seed, generator, run_steps
 
 COUNTS, PHASE1, DPSGD_EVENT = "class counts (Gaussian)", "denoiser dp-promise phase I", "denoiser DP-SGD"
 ENCODER_EVENT = "encoder + stage-1 classifier DP-SGD"
@@ -143,27 +143,22 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
 
     phase1_step = (_phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg, seed, plan)
                    if plan.phase1_steps else None)
-    total = plan.phase1_steps + p.steps
-    modules = {"denoiser": denoiser}
-    start = _resume(checkpoint, modules, engine.optimizer, ema)
-    denoiser.train()
-    with progress_bar(f"seed {seed} · DP stage 2: ε_θ ({p.mechanism}, σ={plan.sigma:.3f})", total, start) as advance:
-        for step in range(start, total):
-            if step < plan.phase1_steps:
-                info = phase1_step(step)
-                ledger.record_progress(PHASE1, plan.phase1_multiplier, plan.phase1_rate, step + 1)
-            else:
-                s2 = step - plan.phase1_steps
-                torch.manual_seed(derive_seed(seed, "dp-draws", s2))  # the (t, ε) draws inside vmap
-                info = engine.step(per_example_loss, (u, y), s2)
-                ledger.record_progress(DPSGD_EVENT, plan.sigma, plan.sample_rate, s2 + 1)
-            advance(info)
-            if log is not None and ((step + 1) % 100 == 0 or step + 1 == total):
-                # step only: loss, gradient norms, clip fraction and batch sizes describe the private data
-                # without a DP guarantee, so they stay on the console and out of the run directory
-                log({"stage": f"seed {seed} · DP stage 2", "step": step + 1})
-            if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
-                _save(checkpoint, modules, engine.optimizer, ema, step + 1)
+
+    def update(step: int) -> dict[str, float]:
+        if step < plan.phase1_steps:
+            info = phase1_step(step)
+            ledger.record_progress(PHASE1, plan.phase1_multiplier, plan.phase1_rate, step + 1)
+            return info
+        s2 = step - plan.phase1_steps
+        torch.manual_seed(derive_seed(seed, "dp-draws", s2))  # the per-example loss draws (t, ε) from it
+        info = engine.step(per_example_loss, (u, y), s2)
+        ledger.record_progress(DPSGD_EVENT, plan.sigma, plan.sample_rate, s2 + 1)
+        return info
+
+    run_steps({"denoiser": denoiser}, engine.optimizer, update, plan.phase1_steps + p.steps,
+              description=f"seed {seed} · DP stage 2: ε_θ ({p.mechanism}, σ={plan.sigma:.3f})", ema=ema,
+              checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, log=log, log_every=100,
+              log_metrics=False)  # losses, norms, clip fractions, batch sizes: private, no guarantee
     model = ema.module.eval()
     if p.mechanism == "dp-promise" and not p.promise_conditional_phase1:
         model = PhasedLabels(model, S, num_classes)
@@ -220,17 +215,12 @@ def train_private_stage1(x: torch.Tensor, y: torch.Tensor, num_classes: int, inp
     def per_example_ce(model, xb, yb):
         return nn.functional.cross_entropy(model(xb), yb, reduction="none")
 
-    modules = {"net": net}
-    start = _resume(checkpoint, modules, engine.optimizer, None)
-    net.train()
-    with progress_bar(f"seed {seed} · DP stage 1: E+G (σ={sigma:.3f})", p.encoder_steps, start) as advance:
-        for step in range(start, p.encoder_steps):
-            info = engine.step(per_example_ce, (x, y), step)
-            ledger.record_progress(ENCODER_EVENT, sigma, q, step + 1)
-            advance(info)
-            if log is not None and ((step + 1) % 100 == 0 or step + 1 == p.encoder_steps):
-                log({"stage": f"seed {seed} · DP stage 1", "step": step + 1})  # see train_private_denoiser
-            if checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == p.encoder_steps):
-                _save(checkpoint, modules, engine.optimizer, None, step + 1)
-    net.eval()
+    def update(step: int) -> dict[str, float]:
+        info = engine.step(per_example_ce, (x, y), step)
+        ledger.record_progress(ENCODER_EVENT, sigma, q, step + 1)
+        return info
+
+    run_steps({"net": net}, engine.optimizer, update, p.encoder_steps,
+              description=f"seed {seed} · DP stage 1: E+G (σ={sigma:.3f})", checkpoint=checkpoint,
+              checkpoint_every=cfg.checkpoint_every, log=log, log_every=100, log_metrics=False)
     return encoder, classifier, event
