@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from pfdiff.config import RunConfig
+from pfdiff.data import class_counts
 from pfdiff.evaluation import GROUPS, recognition_metrics
 from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
 from pfdiff.longtail.common import LongTailSplit, encode, make_split, predict_logits
@@ -20,8 +21,8 @@ from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
-from pfdiff.longtail.private import clip_rows, noisy_counts, public_private_split, train_private_denoiser, train_private_stage1
-from pfdiff.data import class_counts
+from pfdiff.longtail.private import (clip_rows, noisy_counts, public_private_split, train_private_denoiser,
+                                     train_private_stage1)
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.runs import RunDir
 from pfdiff.training import resolve_device
