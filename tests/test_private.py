@@ -73,7 +73,8 @@ def test_a_plan_over_budget_is_refused_before_training(tmp_path):
     cfg, u, y = _tiny(noise_multiplier=0.3, target_epsilon=1.0)
     ledger = PrivacyLedger(tmp_path / "ledger.json", 1.0, cfg.privacy.delta)
     with pytest.raises(BudgetError, match="exceeds the target"):
-        train_private_denoiser(u, y, 3, cfg, 0, ledger, [], tmp_path / "ck.safetensors", None)
+        train_private_denoiser(u, y, 3, cfg, 0, ledger, [], tmp_path / "ck.safetensors", None,
+                               init=lambda: pytest.fail("public warm start trained before the budget check"))
     assert not (tmp_path / "ck.safetensors").exists() and ledger.entries == ()
 
 

@@ -227,9 +227,9 @@ class SeedRun:
         fixed = [e for e in (self.encoder_event, count_event) if e is not None]
         init = None
         if p.public_pretrain:  # public features only: a free warm start for the DP training
-            init, _ = self.timer("dp-ldmlr", lambda: train_feature_diffusion(
+            init = lambda: train_feature_diffusion(  # noqa: E731
                 clip_rows(scaler.transform(z_pub), p.feature_radius), y_pub, C, self.cfg, self.seed,
-                self.ck / "public-stage2.safetensors", self.log))
+                self.ck / "public-stage2.safetensors", self.log)[0]
         denoiser, schedule, info = self.timer("dp-ldmlr", lambda: train_private_denoiser(
             scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, fixed,
             self.ck / "dp-stage2.safetensors", self.log, init))

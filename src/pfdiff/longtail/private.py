@@ -114,11 +114,12 @@ class PhasedLabels(nn.Module):
 
 def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, seed: int,
                            ledger: PrivacyLedger, fixed: list[GaussianEvent], checkpoint: Path | None,
-                           log: Callable[[dict], None] | None, init: nn.Module | None = None,
+                           log: Callable[[dict], None] | None, init: Callable[[], nn.Module] | None = None,
                            ) -> tuple[nn.Module, NoiseSchedule, dict[str, Any]]:
     """Fit ε_θ on private standardised features ``u`` under DP; returns the EMA denoiser (wrapped for
     dp-promise sampling), its schedule and the plan. Refuses to start when the plan exceeds the budget.
-    ``init``: a denoiser trained on public data only, whose weights start the DP training (free)."""
+    ``init``: builds a denoiser from public data only (called after the budget check), whose weights
+    start the DP training (free)."""
     p, d, device = cfg.privacy, cfg.diffusion, u.device
     u = clip_rows(u, p.feature_radius)
     schedule = make_schedule(d.schedule, d.T).to(device)
@@ -128,7 +129,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
         ledger.record_progress(e.name, e.noise_multiplier, e.sample_rate, e.steps)
     denoiser = seeded_init(seed, "dp-denoiser", lambda: build_denoiser(cfg, u.shape[1], num_classes), device)
     if init is not None:
-        denoiser.load_state_dict(init.state_dict())
+        denoiser.load_state_dict(init().state_dict())
     ema = EMA(denoiser, d.ema_decay)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=p.lr, weight_decay=0.0)
     S = p.promise_S if p.mechanism == "dp-promise" else d.T
