@@ -15,20 +15,17 @@ import torch
 from torch import nn
 
 from pfdiff.config import RunConfig
-from pfdiff.longtail.common import LongTailSplit, log_prior, seeded_init, train_classifier_on_features
-from pfdiff.models import create_classifier, create_encoder
+from pfdiff.longtail.common import (LongTailSplit, init_encoder_classifier, log_prior, seeded_init,
+                                    train_classifier_on_features)
+from pfdiff.models import create_classifier
 from pfdiff.training import balanced_batch, shuffled_batch, train
 
 
 def train_stage1(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.device,
                  checkpoint: Path | None, log: Callable[[dict], None] | None) -> tuple[nn.Module, nn.Module]:
     """Train encoder E and classifier G jointly with plain cross-entropy on the long-tailed set."""
-    m, o = cfg.model, cfg.stage1
-    shape = split.train.input_shape
-    encoder = seeded_init(seed, "encoder", lambda: create_encoder(m.encoder, shape, m.feature_dim, m.width), device)
-    feature_dim = encoder.feature_dim
-    classifier = seeded_init(seed, "classifier",
-                             lambda: create_classifier(m.classifier, feature_dim, split.num_classes), device)
+    o = cfg.stage1
+    encoder, classifier = init_encoder_classifier(cfg, split.train.input_shape, split.num_classes, seed, device)
     x = torch.as_tensor(split.train.x, device=device)
     y = torch.as_tensor(split.train.y, device=device)
     params = list(encoder.parameters()) + list(classifier.parameters())

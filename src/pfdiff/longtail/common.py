@@ -12,6 +12,7 @@ from torch import nn
 
 from pfdiff.config import RunConfig
 from pfdiff.data import ArrayDataset, ClassGroups, balanced_indices, class_counts, class_groups, load_dataset, longtail_indices, stratified_split
+from pfdiff.models import create_classifier, create_encoder
 from pfdiff.training import generator, shuffled_batch, train
 
 
@@ -95,3 +96,14 @@ def seeded_init(seed: int, name: str, build: Callable[[], nn.Module], device: to
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator("cpu", seed, "init", name).initial_seed())
         return build().to(device)
+
+
+def init_encoder_classifier(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int, seed: int,
+                            device: torch.device, prefix: str = "") -> tuple[nn.Module, nn.Module]:
+    """Fresh E and G of the configured kinds, each seeded by ``prefix`` + "encoder" / "classifier"."""
+    m = cfg.model
+    encoder = seeded_init(seed, f"{prefix}encoder",
+                          lambda: create_encoder(m.encoder, input_shape, m.feature_dim, m.width), device)
+    classifier = seeded_init(seed, f"{prefix}classifier",
+                             lambda: create_classifier(m.classifier, encoder.feature_dim, num_classes), device)
+    return encoder, classifier

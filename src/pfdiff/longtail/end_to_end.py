@@ -26,11 +26,10 @@ from torch import nn
 from pfdiff.config import E2EConfig, RunConfig
 from pfdiff.diffusion import DiffusionLoss, make_schedule, sample_ddim
 from pfdiff.evaluation import frechet_distance
-from pfdiff.longtail.common import LongTailSplit, encode, seeded_init
+from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, seeded_init
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import build_denoiser
 from pfdiff.longtail.semantic import PrototypeBank, covariance_loss, prototype_loss, radius_loss
-from pfdiff.models import create_classifier, create_encoder
 from pfdiff.training import generator, shuffled_batch, train
 
 _METHOD = re.compile(r"^e2e-(?P<strategy>[ABC])(?:-(?P<shape>proto|cov|rad))?(?P<aid>-aid)?$")
@@ -127,12 +126,9 @@ class EndToEnd:
         self.name = name
         self.log = log or (lambda record: None)
         self.drift: list[dict] = []
-        m, C = cfg.model, split.num_classes
-        shape = split.train.input_shape
-        self.encoder = seeded_init(seed, "encoder", lambda: create_encoder(m.encoder, shape, m.feature_dim, m.width),
-                                   device)
+        C = split.num_classes
+        self.encoder, self.classifier = init_encoder_classifier(cfg, split.train.input_shape, C, seed, device)
         D = self.encoder.feature_dim
-        self.classifier = seeded_init(seed, "classifier", lambda: create_classifier(m.classifier, D, C), device)
         self.denoiser = seeded_init(seed, "denoiser", lambda: build_denoiser(cfg, D, C), device)
         self.bank = PrototypeBank(C, D, self.e.proto_momentum).to(device)
         self.scaler = RunningScaler(D).to(device)

@@ -25,8 +25,7 @@ from torch import nn
 
 from pfdiff.config import PrivacyConfig, RunConfig
 from pfdiff.diffusion import DiffusionLoss, NoiseSchedule, make_schedule
-from pfdiff.longtail.common import seeded_init
-from pfdiff.models import create_classifier, create_encoder
+from pfdiff.longtail.common import init_encoder_classifier, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser
 from pfdiff.privacy.accounting import (GaussianEvent, PrivacyLedger, calibrate_noise, gaussian_sigma_for,
                                        phase1_noise_multiplier)
@@ -198,12 +197,8 @@ def train_private_stage1(x: torch.Tensor, y: torch.Tensor, num_classes: int, inp
     """``privacy.encoder: dp`` — E and G trained with DP-SGD (per-example cross-entropy, vmap clipping) on
     the private part, σ calibrated to ``encoder_epsilon_share``·target; the rest of the budget is left to
     the counts and the denoiser (their calibration composes this event)."""
-    p, m = cfg.privacy, cfg.model
-    device = x.device
-    encoder = seeded_init(seed, "dp-encoder", lambda: create_encoder(m.encoder, input_shape, m.feature_dim, m.width),
-                          device)
-    classifier = seeded_init(seed, "dp-classifier",
-                             lambda: create_classifier(m.classifier, encoder.feature_dim, num_classes), device)
+    p, device = cfg.privacy, x.device
+    encoder, classifier = init_encoder_classifier(cfg, input_shape, num_classes, seed, device, prefix="dp-")
     net = nn.Sequential(encoder, classifier)
     q = min(1.0, p.encoder_batch_size / len(y))
     sigma = calibrate_noise(p.encoder_epsilon_share * p.target_epsilon, p.delta, q, p.encoder_steps, p.accountant)
