@@ -134,6 +134,53 @@ class PrivacyConfig(Section):
     aid_filter: bool = True  # AID/OOD-filter DP pseudo-features with a scorer fit on *public* features (free)
 
 
+class FederatedConfig(Section):
+    """Federated feature diffusion on Flower (``pfdiff fed``); see docs/federated.md.
+
+    Clients hold a Dirichlet(α) (α = 0: IID) partition of the long-tailed training set. Phases: E + G by
+    FedAvg (or a public encoder on a declared public split), feature statistics, a FedAvg re-weighting
+    baseline for G, the warm-up that builds the server's auxiliary pool, then the diffusion rounds of
+    each method (``fedavg``, ``fedddpm``, ``fedddpm+``, ``progressive``).
+    """
+
+    num_clients: int = Field(10, ge=1)
+    alpha: float = Field(0.5, ge=0)  # Dirichlet label-skew concentration; 0 ⇒ IID
+    min_partition_size: int = Field(5, ge=1)
+    methods: list[str] = ["fedavg", "fedddpm", "fedddpm+", "progressive"]
+    rounds: int = Field(20, ge=1)  # diffusion rounds per method
+    local_steps: int = Field(20, ge=1)
+    local_lr: float = Field(1e-3, gt=0)
+    local_batch_size: int = Field(64, ge=1)
+    encoder: Literal["fedavg", "public"] = "fedavg"  # public: E + G + scaler fitted on a declared public split
+    encoder_rounds: int = Field(10, ge=1)
+    encoder_local_steps: int = Field(20, ge=1)
+    reweight_rounds: int = Field(5, ge=0)  # FedAvg of G with class-weighted CE (the re-weighting baseline)
+    warmup_steps: int = Field(300, ge=1)  # local steps of each client's own denoiser before FL (Peng et al.)
+    warmup_upload: Literal["features", "model"] = "features"  # what a client uploads to build the aux pool
+    aux_size: int = Field(1000, ge=10)  # generation budget B of auxiliary pseudo-features (all methods)
+    aux_val_share: float = Field(0.2, gt=0, lt=1)  # held-out slice of the warm-up pool: QUICK-TEST / score
+    server_steps: int = Field(10, ge=0)  # FedDDPM: server SGD steps on the aux pool after each aggregation
+    server_lr: float = Field(1e-3, gt=0)
+    server_batch_size: int = Field(128, ge=1)
+    quick_test_threshold: float = Field(0.01, ge=0)  # FedDDPM+: stop when the relative gain falls below
+    quick_test_patience: int = Field(1, ge=1)  # … this many rounds in a row
+    plus_steps: int = Field(200, ge=1)  # FedDDPM+: one-shot server fine-tuning steps at the stop
+    pool_initial_share: float = Field(0.6, gt=0, le=1)  # progressive: share of B generated at warm-up
+    regen_share: float = Field(0.1, gt=0, le=1)  # progressive: share of the pool regenerated per accepted round
+    evict: Literal["stalest", "worst"] = "stalest"
+    accept_min_gain: float = -0.02  # progressive: accept when the score's relative gain lies in [min, max]
+    accept_max_gain: float = 1.0
+    repair_per_class: int = Field(100, ge=1)  # long-tail repair: balanced pseudo-features per class
+    repair_epochs: int = Field(30, ge=1)
+    dp: Literal["none", "example", "client"] = "none"  # example: DP-SGD on clients; client: clipped updates + server noise
+    client_noise_multiplier: float = Field(1.0, gt=0)  # dp = client (Flower's server-side fixed clipping)
+    client_clip: float = Field(1.0, gt=0)
+    min_replies: int = Field(1, ge=1)  # a round with fewer successful replies keeps the previous model
+    round_timeout: float = Field(600.0, gt=0)  # seconds a round waits for replies
+    fail_partitions: list[int] = []  # fault injection (tests): these clients raise during training
+    num_cpus: int = Field(2, ge=1)  # Ray simulation
+
+
 class RunConfig(Section):
     name: str = "quickstart"
     methods: list[str] = ["ce", "logit_adjust", "resample", "ldmlr"]
@@ -150,6 +197,7 @@ class RunConfig(Section):
     pseudo: PseudoConfig = PseudoConfig()
     e2e: E2EConfig = E2EConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    fed: FederatedConfig = FederatedConfig()
 
     @field_validator("seeds")
     @classmethod

@@ -1,9 +1,17 @@
-"""ClientApp (Flower Message API): local diffusion training and held-out evaluation of the feature denoiser.
+"""ClientApp (Flower Message API): every client-side phase of federated feature diffusion.
 
-Each SuperNode reads its ``partition-id`` / ``num-partitions`` from ``context.node_config`` (set by the
-simulation runtime, or ``--node-config`` on a real SuperNode). Everything else the client needs (data
-split settings, local steps, learning rate) arrives in the message's ``ConfigRecord`` under ``"config"``,
-so the app needs no out-of-band state.
+A SuperNode reads its ``partition-id`` / ``num-partitions`` from ``context.node_config`` (set by the
+simulation runtime, or ``--node-config`` on a real SuperNode). The message's ``ConfigRecord``
+``"config"`` carries the run's ``RunConfig`` (YAML, key ``"run-config"``), the ``"phase"`` and what the
+phase needs (round, scaler, class weights); ``"arrays"`` carries the model of the phase:
+
+- ``encoder``: E + G, local cross-entropy steps (FedAvg);
+- ``stats``: E + G; encodes the local data once, keeps the features in ``context.state`` and returns
+  the class counts (noisy under example-level DP) and, without DP, the feature sums for the scaler;
+- ``reweight``: G, class-weighted cross-entropy on the cached features (the re-weighting baseline);
+- ``warmup``: the initial denoiser; trains the client's own denoiser, then uploads it or N
+  pseudo-features sampled from it (``fed.warmup_upload``);
+- ``diffusion``: the global denoiser, local diffusion steps (DP-SGD under example-level DP).
 """
 
 from __future__ import annotations
@@ -12,44 +20,117 @@ import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from pfdiff.federated.task import build_model, evaluate_local, load_client_data, train_local  # noqa: E402
+from pfdiff.config import RunConfig  # noqa: E402
+from pfdiff.federated import task  # noqa: E402
+from pfdiff.longtail.ldmlr import sample_features  # noqa: E402
 
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context):
-    cfg = msg.content["config"]
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    alpha = float(cfg["alpha"]) if float(cfg.get("alpha", 0.0)) > 0 else None  # 0 ⇒ IID
-    seed = int(cfg.get("seed", 0))
-    model = build_model(seed, int(cfg.get("hidden", 64)), int(cfg.get("depth", 2)))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    data = load_client_data(partition_id, num_partitions, alpha, seed)
-    return cfg, partition_id, seed, model, data
+class InjectedFault(RuntimeError):
+    """Raised by a client listed in ``fed.fail_partitions`` (fault-tolerance tests)."""
+
+
+def _tensor(array) -> torch.Tensor:
+    return torch.from_numpy(array.numpy().copy())
+
+
+def _scaled_features(cfg_rec, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    if "features" not in context.state:
+        raise RuntimeError("this client has no cached features: the server must run the 'stats' phase first")
+    rec = context.state["features"]
+    z, y = _tensor(rec["z"]), _tensor(rec["y"])
+    mean, std = torch.tensor(list(cfg_rec["scaler-mean"])), torch.tensor(list(cfg_rec["scaler-std"]))
+    return (z - mean) / std, y
+
+
+def _local_denoiser(cfg: RunConfig, arrays: ArrayRecord, u, y, cfg_rec, pid: int, first_step: int, steps: int):
+    """Train the received denoiser for ``steps`` local steps (DP-SGD steps of the client's plan under DP)."""
+    num_classes = task.split_of(cfg).num_classes
+    model = task.load_arrays(task.build_global_denoiser(cfg), arrays.to_torch_state_dict())
+    loss_fn = task.make_loss(cfg, num_classes)
+    seed, rnd = cfg.seeds[0], int(cfg_rec.get("server-round", 0))
+    if cfg.fed.dp == "example":
+        plan = task.client_dp_plan(cfg, len(y))
+        loss = task.train_denoiser_local_dp(model, u, y, loss_fn, plan, cfg, first_step, steps, seed, pid)
+    else:
+        f = cfg.fed
+        loss = task.train_denoiser_local(model, u, y, loss_fn, steps, f.local_lr, f.local_batch_size, seed,
+                                         (cfg_rec["phase"], rnd, pid))
+    return model, loss
+
+
+def _counts(cfg: RunConfig, y: torch.Tensor, pid: int) -> np.ndarray:
+    sigma = task.client_dp_plan(cfg, len(y)).count_sigma if cfg.fed.dp == "example" else None
+    return task.noisy_label_counts(y, task.split_of(cfg).num_classes, sigma, cfg.seeds[0], pid)
+
+
+def _reply(msg: Message, arrays: ArrayRecord | None, pid: int, **metrics) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"partition-id": pid, **metrics})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global denoiser, run a few local AdamW steps of the diffusion loss, send it back."""
-    cfg, pid, seed, model, data = _setup(msg, context)
-    loss = train_local(model, data.x_train, data.y_train, steps=int(cfg.get("local-steps", 20)),
-                       lr=float(cfg.get("lr", 1e-3)), batch_size=int(cfg.get("batch-size", 64)), seed=seed,
-                       server_round=int(cfg.get("server-round", 0)), partition_id=pid)
-    content = RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"train_loss": loss, "num-examples": len(data.y_train)}),
-    })
-    return Message(content=content, reply_to=msg)
+    cfg_rec = msg.content["config"]
+    cfg = task.config_from_text(str(cfg_rec["run-config"]))
+    pid, nparts = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    phase, rnd, f = str(cfg_rec["phase"]), int(cfg_rec.get("server-round", 0)), cfg.fed
+    if pid in f.fail_partitions and phase == "diffusion":
+        raise InjectedFault(f"client {pid}: injected fault in round {rnd}")
+    arrays = msg.content["arrays"]
+    data = task.load_client_data(cfg, pid, nparts)
+    n = len(data.y)
+    seed = cfg.seeds[0]
 
+    if phase == "encoder":
+        model = task.load_arrays(task.build_encoder_classifier(cfg), arrays.to_torch_state_dict())
+        loss = task.train_encoder_local(model, data.x, data.y, f.encoder_local_steps, f.local_lr,
+                                        f.local_batch_size, seed, (rnd, pid))
+        return _reply(msg, ArrayRecord(model.state_dict()), pid, **{"num-examples": n, "train_loss": loss})
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Mean diffusion loss of the global denoiser on this client's held-out features."""
-    _, pid, seed, model, data = _setup(msg, context)
-    loss = evaluate_local(model, data.x_test, data.y_test, seed=seed, partition_id=pid)
-    content = RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": len(data.y_test)})})
-    return Message(content=content, reply_to=msg)
+    if phase == "stats":
+        model = task.load_arrays(task.build_encoder_classifier(cfg), arrays.to_torch_state_dict())
+        z = task.features_of(model["encoder"], data.x)
+        context.state["features"] = ArrayRecord({"z": z.contiguous(), "y": data.y.contiguous()})
+        metrics = {"num-examples": n, "counts": _counts(cfg, data.y, pid).tolist()}
+        if f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim
+            metrics.update({"sum": z.sum(0).double().tolist(), "sumsq": (z.double() ** 2).sum(0).tolist()})
+        return _reply(msg, None, pid, **metrics)
+
+    if phase == "reweight":
+        rec = context.state["features"]
+        z, y = _tensor(rec["z"]), _tensor(rec["y"])
+        clf = task.build_encoder_classifier(cfg)["classifier"]
+        clf = task.load_arrays(clf, arrays.to_torch_state_dict())
+        weights = torch.tensor(list(cfg_rec["class-weights"]), dtype=torch.float32)
+        loss = task.train_classifier_local(clf, z, y, weights, f.encoder_local_steps, f.local_lr,
+                                           f.local_batch_size, seed, (rnd, pid))
+        return _reply(msg, ArrayRecord(clf.state_dict()), pid, **{"num-examples": n, "train_loss": loss})
+
+    u, y = _scaled_features(cfg_rec, context)
+    if phase == "warmup":
+        model, _ = _local_denoiser(cfg, arrays, u, y, cfg_rec, pid, 0, f.warmup_steps)
+        counts = _counts(cfg, y, pid)
+        if f.warmup_upload == "model":
+            return _reply(msg, ArrayRecord(model.state_dict()), pid, **{"num-examples": n, "counts": counts.tolist()})
+        n_samples = int(round(f.aux_size * counts.sum() / max(1, int(cfg_rec["n-total"]))))
+        per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
+        u_hat, y_hat = sample_features(model.eval(), task.make_loss(cfg, len(counts)).schedule, per_class,
+                                       cfg.diffusion, seed, torch.device("cpu"), tag=f"fed-warmup-{pid}")
+        return _reply(msg, ArrayRecord({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), pid, **{"num-examples": n})
+
+    if phase == "diffusion":
+        first = f.warmup_steps + (rnd - 1) * f.local_steps  # global DP step index: never reused across rounds
+        model, loss = _local_denoiser(cfg, arrays, u, y, cfg_rec, pid, first, f.local_steps)
+        metrics = {"num-examples": n} if f.dp == "example" else {"num-examples": n, "train_loss": loss}
+        return _reply(msg, ArrayRecord(model.state_dict()), pid, **metrics)
+
+    raise ValueError(f"unknown phase {phase!r}")

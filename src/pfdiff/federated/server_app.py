@@ -1,9 +1,17 @@
-"""ServerApp (Flower Message API) and a simulation runner for federated feature diffusion.
+"""ServerApp (Flower Message API): the phases of federated feature diffusion, resumable, with metrics.
 
-``app`` is the template-style ServerApp: it reads its settings from ``context.run_config`` (keys of
-:data:`DEFAULTS`; ``flwr run`` fills them from a ``pyproject.toml`` ``[tool.flwr.app.config]``).
-:func:`run_federated` runs the whole app in-process with Flower's Ray simulation runtime and returns
-the per-round aggregated metrics.
+``app`` reads its settings from ``context.run_config`` (keys of :data:`DEFAULTS`; ``flwr run`` fills them
+from ``pyproject.toml``'s ``[tool.flwr.app.config]``): a preset or YAML file, ``--set``-style overrides
+and the run directory. :func:`run_server` does the work:
+
+1. E + G by FedAvg (or the public encoder), 2. feature statistics (scaler, class counts; also fills
+each client's feature cache), 3. the FedAvg re-weighting baseline for G, 4. the warm-up that builds
+the auxiliary pool, 5. every method's diffusion rounds (checkpoint after each round), 6. evaluation on
+the server's test set (used for reporting only: no decision of any method looks at it).
+
+The round loop is ours, not ``Strategy.start``: it must resume from a checkpointed round, stop early
+(FedDDPM+) and run server steps after the (possibly DP-noised) aggregation; it calls the strategy's
+own ``configure_train`` / ``aggregate_train`` for everything FedAvg does.
 """
 
 from __future__ import annotations
@@ -12,55 +20,467 @@ import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-import json  # noqa: E402
+import copy  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Context  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from pfdiff.federated.strategy import FedDiffusionAvg  # noqa: E402
-from pfdiff.federated.task import build_model  # noqa: E402
+from pfdiff.config import RunConfig, load_config  # noqa: E402
+from pfdiff.evaluation.fid import frechet_distance  # noqa: E402
+from pfdiff.evaluation.metrics import recognition_metrics  # noqa: E402
+from pfdiff.federated import task  # noqa: E402
+from pfdiff.federated.aux_pool import AuxPool  # noqa: E402
+from pfdiff.federated.correction import (QuickTest, ServerCompute, accepted, correct_on_pool, pool_score,  # noqa: E402
+                                         regenerate, relative_gain)
+from pfdiff.federated.strategy import make_strategy  # noqa: E402
+from pfdiff.federated.wire import Wire, record_bytes  # noqa: E402
+from pfdiff.longtail.baselines import logit_adjusted  # noqa: E402
+from pfdiff.longtail.common import train_classifier_on_features  # noqa: E402
+from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter  # noqa: E402
+from pfdiff.longtail.ldmlr import FeatureScaler, sample_features  # noqa: E402
+from pfdiff.privacy.accounting import GaussianEvent, epsilon  # noqa: E402
+from pfdiff.runs import atomic_write_json, load_state, save_state  # noqa: E402
+
+log = logging.getLogger("pfdiff.federated")
+
+METHODS = ("fedavg", "fedddpm", "fedddpm+", "progressive")
+AUX_METHODS = ("fedddpm", "fedddpm+", "progressive")
 
 DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 2,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 1.0,
-    "local-steps": 20,
-    "lr": 1e-3,
-    "batch-size": 64,
-    "alpha": 0.0,  # Dirichlet α of the label skew; 0 ⇒ IID
-    "seed": 0,
-    "hidden": 64,
-    "depth": 2,
+    "config": "federated",  # preset name or YAML path
+    "set": "",  # space-separated overrides, e.g. "fed.rounds=5 fed.alpha=0.1"
+    "run-dir": "runs/fed-flwr",
+    "num-server-rounds": 0,  # > 0: overrides fed.rounds (Flower template key)
+    "local-steps": 0,  # > 0: overrides fed.local_steps
 }
 
 
-def _settings(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    s = dict(DEFAULTS)
-    s.update(overrides or {})
-    return s
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[RunConfig, Path]:
+    s = {**DEFAULTS, **run_config}
+    overrides = [a for a in str(s["set"]).split() if a]
+    if int(s["num-server-rounds"]) > 0:
+        overrides.append(f"fed.rounds={int(s['num-server-rounds'])}")
+    if int(s["local-steps"]) > 0:
+        overrides.append(f"fed.local_steps={int(s['local-steps'])}")
+    return load_config(str(s["config"]), overrides), Path(str(s["run-dir"]))
 
 
-def run_server(grid: Grid, settings: dict[str, Any], sink: dict[str, Any] | None = None) -> None:
-    """Build the strategy and run ``settings["num-server-rounds"]`` rounds; optionally record into ``sink``."""
-    num_nodes = len(list(grid.get_node_ids()))
-    model = build_model(int(settings["seed"]), int(settings["hidden"]), int(settings["depth"]))
-    initial = ArrayRecord(model.state_dict())
-    strategy = FedDiffusionAvg(fraction_train=float(settings["fraction-train"]),
-                               fraction_evaluate=float(settings["fraction-evaluate"]),
-                               min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=max(1, num_nodes))
-    # sent to every client in every round (FedAvg adds "server-round")
-    client_cfg = {k: settings[k] for k in ("local-steps", "lr", "batch-size", "alpha", "seed", "hidden", "depth")}
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(settings["num-server-rounds"]),
-                            train_config=ConfigRecord(dict(client_cfg)),
-                            evaluate_config=ConfigRecord(dict(client_cfg)))
-    if sink is not None:
-        sink["initial_arrays"] = initial
-        sink["result"] = result
-        sink["history"] = strategy.history
+def check_plan(cfg: RunConfig) -> None:
+    """Refuse, before any message is sent, the combinations whose privacy claim we could not keep."""
+    f = cfg.fed
+    unknown = [m for m in f.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown federated method(s) {unknown}; choose from {list(METHODS)}")
+    if f.dp != "none" and f.encoder != "public":
+        raise ValueError(f"fed.dp={f.dp!r} needs fed.encoder='public': a FedAvg encoder and its feature scaler "
+                         "would be released without DP")
+    if f.dp == "client" and any(m in AUX_METHODS for m in f.methods):
+        raise ValueError("fed.dp='client' covers the FedAvg rounds only; the warm-up uploads of "
+                         f"{[m for m in f.methods if m in AUX_METHODS]} have no client-level guarantee")
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """The ids of ``count`` connected SuperNodes (they register asynchronously after the run starts)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of fed.num_clients={count} SuperNodes connected "
+                               f"within {timeout:.0f} s")
+        time.sleep(0.2)
+    return nodes
+
+
+class Server:
+    """The state shared by the phases of one run: grid, config, wire, test data, run directory."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path):
+        self.grid, self.cfg, self.dir = grid, cfg, run_dir
+        self.nodes = wait_for_nodes(grid, cfg.fed.num_clients, cfg.fed.round_timeout)
+        self.wire = Wire(grid, cfg.fed.round_timeout)
+        self.split = task.split_of(cfg)
+        self.C = self.split.num_classes
+        self.cfg_text = task.config_to_text(cfg)
+        self.loss_fn = task.make_loss(cfg, self.C)
+        self.seed = cfg.seeds[0]
+
+    def config(self, phase: str, **extra) -> ConfigRecord:
+        return ConfigRecord({"run-config": self.cfg_text, "phase": phase, **extra})
+
+    def broadcast(self, phase: str, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        """One message to every node (phases without aggregation)."""
+        msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
+                        message_type=MessageType.TRAIN) for n in self.nodes]
+        return self.wire.exchange(msgs, phase)
+
+    def fedavg_rounds(self, phase: str, arrays: ArrayRecord, rounds: int, **extra) -> ArrayRecord:
+        strategy = make_strategy(self.cfg, len(self.nodes), client_dp=False)
+        for r in range(1, rounds + 1):
+            replies = self.wire.exchange(strategy.configure_train(r, arrays, self.config(phase, **extra), self.grid),
+                                         phase, r)
+            if len(replies) >= self.cfg.fed.min_replies:
+                arrays = strategy.aggregate_train(r, replies)[0]
+        return arrays
+
+
+# ---------------------------------------------------------------- phases 1–4
+
+
+def phase_encoder(srv: Server) -> torch.nn.ModuleDict:
+    """E + G: FedAvg of local cross-entropy steps, or fitted on the server's public part."""
+    path = srv.dir / "encoder.safetensors"
+    model = task.build_encoder_classifier(srv.cfg)
+    if path.exists():
+        return task.load_arrays(model, load_state(path)["model"])
+    f = srv.cfg.fed
+    if f.encoder == "public":
+        pub, _ = task.public_private_indices(srv.cfg)
+        x, y = torch.as_tensor(srv.split.train.x[pub]), torch.as_tensor(srv.split.train.y[pub])
+        task.train_encoder_local(model, x, y, f.encoder_rounds * f.encoder_local_steps, f.local_lr,
+                                 f.local_batch_size, srv.seed, ("public",))
+    else:
+        arrays = srv.fedavg_rounds("encoder", ArrayRecord(model.state_dict()), f.encoder_rounds)
+        model = task.load_arrays(model, arrays.to_torch_state_dict())
+    save_state(path, {"model": model.state_dict()})
+    return model
+
+
+def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
+    """Clients encode their data once (cached in their ``context.state``) and report class counts (noisy
+    under example-level DP) and, without DP, feature sums; the scaler comes from those sums or, with a
+    public encoder, from the public part."""
+    replies = srv.broadcast("stats", ArrayRecord(model.state_dict()), srv.config("stats"))
+    if len(replies) < len(srv.nodes):
+        raise RuntimeError("the statistics phase needs every client (see the failures logged above)")
+    m = [r.content["metrics"] for r in replies]
+    counts = np.sum([np.asarray(x["counts"]) for x in m], axis=0)
+    n_per_client = {int(x["partition-id"]): int(x["num-examples"]) for x in m}
+    if srv.cfg.fed.encoder == "public":
+        pub, _ = task.public_private_indices(srv.cfg)
+        scaler = FeatureScaler.fit(task.features_of(model["encoder"], torch.as_tensor(srv.split.train.x[pub])))
+    else:
+        n = sum(n_per_client.values())
+        s1 = torch.tensor(np.sum([x["sum"] for x in m], axis=0))
+        s2 = torch.tensor(np.sum([x["sumsq"] for x in m], axis=0))
+        mean = s1 / n
+        std = ((s2 / n - mean ** 2).clamp_min(0) * n / max(1, n - 1)).sqrt().clamp_min(1e-6)
+        scaler = FeatureScaler(mean.float(), std.float())
+    return {"counts": counts, "n_per_client": n_per_client, "scaler": scaler}
+
+
+def scaler_config(scaler: FeatureScaler) -> dict[str, list[float]]:
+    return {"scaler-mean": scaler.mean.tolist(), "scaler-std": scaler.std.tolist()}
+
+
+def phase_reweight(srv: Server, model: torch.nn.ModuleDict, counts: np.ndarray) -> torch.nn.Module:
+    """Re-weighting baseline: FedAvg of G with class-weighted CE (w_c ∝ 1/n_c) on frozen features."""
+    path = srv.dir / "reweight.safetensors"
+    clf = copy.deepcopy(model["classifier"])
+    if path.exists():
+        return task.load_arrays(clf, load_state(path)["model"])
+    w = 1.0 / np.maximum(counts, 1)
+    w = (w / w.mean()).tolist()
+    if srv.cfg.fed.reweight_rounds:
+        arrays = srv.fedavg_rounds("reweight", ArrayRecord(clf.state_dict()), srv.cfg.fed.reweight_rounds,
+                                   **{"class-weights": w})
+        clf = task.load_arrays(clf, arrays.to_torch_state_dict())
+    save_state(path, {"model": clf.state_dict()})
+    return clf
+
+
+def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
+    """Peng et al.'s warm-up: every client trains its own denoiser and uploads it, or N pseudo-features
+    sampled from it; the server turns either into the auxiliary pool (scored by the AID scorer)."""
+    path = srv.dir / "warmup.safetensors"
+    if path.exists():
+        return load_state(path)
+    f = srv.cfg.fed
+    init = ArrayRecord(task.build_global_denoiser(srv.cfg).state_dict())
+    n_total = int(stats["counts"].sum())
+    replies = srv.broadcast("warmup", init, srv.config("warmup", **scaler_config(stats["scaler"]), **{"n-total": n_total}))
+    if not replies:
+        raise RuntimeError("no client answered the warm-up")
+    us, ys, upload_bytes = [], [], []
+    for r in replies:
+        arrays = r.content["arrays"]
+        upload_bytes.append(record_bytes(r.content))
+        if f.warmup_upload == "model":
+            counts = np.asarray(r.content["metrics"]["counts"])
+            per_class = np.round(counts / n_total * f.aux_size).astype(int)
+            model = task.load_arrays(task.build_global_denoiser(srv.cfg), arrays.to_torch_state_dict()).eval()
+            pid = int(r.content["metrics"]["partition-id"])
+            u, y = sample_features(model, srv.loss_fn.schedule, per_class, srv.cfg.diffusion, srv.seed,
+                                   torch.device("cpu"), tag=f"fed-warmup-server-{pid}")
+        else:
+            u, y = _tensor(arrays["u"]), _tensor(arrays["y"]).long()
+        us.append(u)
+        ys.append(y)
+    u, y = torch.cat(us), torch.cat(ys)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(srv.seed))
+    u, y = u[perm], y[perm]
+    n_val = max(srv.C, int(f.aux_val_share * len(y)))
+    state = {"u": u, "y": y, "n_val": n_val, "upload_bytes": upload_bytes,
+             "model_bytes": record_bytes(init), "feature_bytes": _per_feature_bytes(u.shape[1])}
+    save_state(path, state)
+    return state
+
+
+def _tensor(array) -> torch.Tensor:
+    return torch.from_numpy(array.numpy().copy())
+
+
+def _per_feature_bytes(dim: int) -> dict[str, float]:
+    """Bytes of N pseudo-features (float32 + int64 label) as Flower serialises them: a + b·N, fitted."""
+    sizes = {n: record_bytes(ArrayRecord({"u": torch.zeros(n, dim), "y": torch.zeros(n, dtype=torch.long)}))
+             for n in (1, 1001)}
+    per = (sizes[1001] - sizes[1]) / 1000
+    return {"per_feature": per, "fixed": sizes[1] - per}
+
+
+# ---------------------------------------------------------------- phase 5: one method's rounds
+
+
+def initial_pool(srv: Server, warm: dict[str, Any], method: str) -> tuple[AuxPool, torch.Tensor, torch.Tensor,
+                                                                            MahalanobisScorer]:
+    """The training part of the warm-up pool (the progressive pool starts from its first
+    ``pool_initial_share``: same generation budget as the fixed pool), the held-out slice, the scorer."""
+    n_val = int(warm["n_val"])
+    u_val, y_val = warm["u"][:n_val], warm["y"][:n_val]
+    u, y = warm["u"][n_val:], warm["y"][n_val:]
+    scorer = MahalanobisScorer(u, y, srv.C)
+    if method == "progressive":
+        keep = int(round(srv.cfg.fed.pool_initial_share * len(y)))
+        u, y = u[:keep], y[:keep]
+    pool = AuxPool(u.clone(), y.clone(), torch.zeros(len(y), dtype=torch.long), scorer.score(u, y).float())
+    return pool, u_val, y_val, scorer
+
+
+def _state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return arrays.to_torch_state_dict()
+
+
+def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, Any] | None) -> dict[str, Any]:
+    """The diffusion rounds of one method, checkpointed after every round (``<run-dir>/<method>/``)."""
+    f, cfg = srv.cfg.fed, srv.cfg
+    mdir = srv.dir / method.replace("+", "plus")
+    ckpt_path = mdir / "checkpoint.safetensors"
+    model = task.build_global_denoiser(cfg)
+    pool = u_val = y_val = scorer = None
+    if warm is not None and method in AUX_METHODS:
+        pool, u_val, y_val, scorer = initial_pool(srv, warm, method)
+    st: dict[str, Any] = {"round": 0, "rounds_started": 0, "history": {}, "compute": vars(ServerCompute()),
+                          "quick": None, "stopped_at": None, "best_score": None}
+    if ckpt_path.exists():
+        saved = load_state(ckpt_path)
+        model.load_state_dict(saved["model"])
+        st = saved["state"]
+        if pool is not None:
+            pool = AuxPool.from_state(saved["pool"])
+        log.info("%s: resuming after round %s", method, st["round"])
+    compute = ServerCompute(**st["compute"])
+    quick = QuickTest(f.quick_test_threshold, f.quick_test_patience)
+    if st["quick"]:
+        quick.previous, quick.slow_rounds, quick.gains = st["quick"]["previous"], st["quick"]["slow_rounds"], list(st["quick"]["gains"])
+    strategy = make_strategy(cfg, len(srv.nodes), client_dp=f.dp == "client")
+    arrays = ArrayRecord(model.state_dict())
+    extra = scaler_config(stats["scaler"])
+
+    for r in range(st["round"] + 1, f.rounds + 1):
+        if st["stopped_at"]:
+            break
+        st["rounds_started"] = max(st["rounds_started"], r)  # write-ahead: the clients spend privacy now
+        _save(ckpt_path, model, pool, st)
+        t0, b0 = time.perf_counter(), srv.wire.totals()["total"]
+        msgs = strategy.configure_train(r, arrays, srv.config("diffusion", **extra), srv.grid)
+        replies = srv.wire.exchange(msgs, f"diffusion/{method}", r)
+        row: dict[str, Any] = {"replies": len(replies)}
+        enough = len(replies) >= f.min_replies and (f.dp != "client" or len(replies) == len(srv.nodes))
+        new = strategy.aggregate_train(r, replies)[0] if enough else None
+        if new is None:
+            log.warning("%s round %s: %s replies (< minimum); the global model is kept", method, r, len(replies))
+            row["skipped"] = True
+        else:
+            model.load_state_dict(_state_dict(new))
+            row.update(server_round(srv, method, model, pool, u_val, y_val, scorer, quick, compute, st, r))
+        arrays = ArrayRecord(model.state_dict())
+        row.update(bytes=srv.wire.totals()["total"] - b0, seconds=time.perf_counter() - t0)
+        st["history"][str(r)] = row
+        st["round"], st["compute"] = r, vars(compute)
+        st["quick"] = quick.state()
+        _save(ckpt_path, model, pool, st)
+    return {"model": model, "pool": pool, "scorer": scorer, "state": st, "compute": compute}
+
+
+def server_round(srv: Server, method: str, model, pool, u_val, y_val, scorer, quick: QuickTest,
+                 compute: ServerCompute, st: dict, r: int) -> dict[str, Any]:
+    """What the server does after aggregating round ``r`` (post-processing of the aggregate)."""
+    f, row = srv.cfg.fed, {}
+    tag = (method, r)
+    if method == "fedddpm" or method == "progressive":
+        compute.add(correct_on_pool(model, pool, srv.loss_fn, f.server_steps, f.server_lr, f.server_batch_size,
+                                    srv.seed, tag))
+    if u_val is not None:
+        row["score"] = score = pool_score(model, u_val, y_val, srv.loss_fn, srv.seed)
+    if method == "fedddpm+" and quick.update(score):
+        compute.add(correct_on_pool(model, pool, srv.loss_fn, f.plus_steps, f.server_lr, f.server_batch_size,
+                                    srv.seed, tag + ("one-shot",)))
+        row["score_after_one_shot"] = pool_score(model, u_val, y_val, srv.loss_fn, srv.seed)
+        st["stopped_at"] = r
+        row["quick_test_stop"] = True
+    if method == "progressive":
+        best = st["best_score"]
+        gain = 0.0 if best is None else relative_gain(best, score)
+        row["gain"] = gain
+        if best is None or accepted(gain, srv.cfg):
+            info, c = regenerate(model, srv.loss_fn.schedule, pool, scorer, srv.cfg, srv.C, r, srv.seed)
+            compute.add(c)
+            row["regenerated"] = info
+            st["best_score"] = score if best is None else min(best, score)
+        row["pool"] = pool.summary()
+    return row
+
+
+def _save(path: Path, model, pool: AuxPool | None, st: dict) -> None:
+    save_state(path, {"model": model.state_dict(), "pool": pool.state() if pool is not None else {}, "state": st})
+
+
+# ---------------------------------------------------------------- phase 6: evaluation (server test set, reporting only)
+
+
+def test_features(srv: Server, enc_clf: torch.nn.ModuleDict) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = torch.as_tensor(srv.split.test.x), torch.as_tensor(srv.split.test.y)
+    return task.features_of(enc_clf["encoder"], x), y
+
+
+def accuracy(srv: Server, classifier: torch.nn.Module, z: torch.Tensor, y: torch.Tensor,
+             counts: np.ndarray | None = None) -> dict:
+    classifier.eval()
+    with torch.no_grad():
+        logits = classifier(z)
+        if counts is not None:
+            logits = logit_adjusted(logits, counts, srv.cfg.logit_adjust_tau)
+    out = recognition_metrics(logits.argmax(1).numpy(), y.numpy(), srv.C, srv.split.groups)
+    out.pop("per_class")
+    return out
+
+
+def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_test, y_test, pool_scorer
+                    ) -> dict[str, Any]:
+    """FD of generated to real test features, and the long-tail repair: G re-trained on class-balanced
+    pseudo-features (AID-filtered when a pool scorer exists) sampled by the server."""
+    model, cfg = out["model"].eval(), srv.cfg
+    per_test = np.bincount(y_test.numpy(), minlength=srv.C)
+    u, _ = sample_features(model, srv.loss_fn.schedule, per_test, cfg.diffusion, srv.seed, torch.device("cpu"),
+                           tag="fed-eval-fd")
+    fd = frechet_distance(scaler.inverse(u).numpy(), z_test.numpy())
+    per_class = np.full(srv.C, cfg.fed.repair_per_class)
+    u, y = sample_features(model, srv.loss_fn.schedule, per_class, cfg.diffusion, srv.seed, torch.device("cpu"),
+                           tag="fed-repair")
+    kept = len(y)
+    if pool_scorer is not None:
+        res = aid_filter(pool_scorer, u, y, srv.C, cfg.e2e.aid_quantile)
+        if all(k > 0 for k in res.kept_per_class):
+            u, y = u[res.keep], y[res.keep]
+        kept = len(y)
+    g = train_classifier_on_features(copy.deepcopy(enc_clf["classifier"]), scaler.inverse(u), y,
+                                     epochs=cfg.fed.repair_epochs, batch_size=cfg.stage1.batch_size,
+                                     lr=cfg.pseudo.finetune_lr, weight_decay=cfg.stage1.weight_decay,
+                                     seed=srv.seed, description=f"long-tail repair G ({out['name']})")
+    st, comp = out["state"], out["compute"]
+    f = cfg.fed
+    rounds_run = st["round"] if not st["stopped_at"] else st["stopped_at"]
+    return {"fd": fd, "repair": accuracy(srv, g, z_test, y_test), "repair_pseudo_kept": kept,
+            "rounds": rounds_run, "rounds_saved": f.rounds - rounds_run,
+            "client_steps": rounds_run * f.local_steps * len(srv.nodes),
+            "server_steps": comp.steps, "server_generated": comp.generated, "server_seconds": comp.seconds,
+            "final_score": next((h.get("score_after_one_shot", h.get("score")) for h in
+                                 reversed(list(st["history"].values())) if "score" in h), None),
+            "bytes": int(sum(h["bytes"] for h in st["history"].values())),
+            "history": st["history"]}
+
+
+# ---------------------------------------------------------------- privacy
+
+
+def privacy_report(srv: Server, stats: dict, results: dict[str, Any]) -> dict[str, Any]:
+    """Each client's example-level ε per method (dp = example), or the client-level ε (dp = client)."""
+    cfg, f = srv.cfg, srv.cfg.fed
+    p = cfg.privacy
+    if f.dp == "none":
+        return {"mode": "none", "claim": "no differential privacy: every release (models, pseudo-features, "
+                "counts, feature sums) is computed from private data without a guarantee"}
+    if f.dp == "client":
+        out = {}
+        for m, res in results.items():
+            started = res["rounds_started"]
+            ev = [GaussianEvent(f.client_noise_multiplier, 1.0, started, "client-level FedAvg")]
+            out[m] = {"client_level_epsilon": epsilon(ev, p.delta, p.accountant), "rounds": started}
+        return {"mode": "client", "delta": p.delta, "methods": out,
+                "declared_public": ["encoder, G and scaler (public part)", "class counts (re-weighting baseline)"]}
+    per_method = {}
+    for m, res in results.items():
+        uses_warmup = m in AUX_METHODS
+        eps = {}
+        for pid, n in sorted(stats["n_per_client"].items()):
+            plan = task.client_dp_plan(cfg, n)
+            steps = (f.warmup_steps if uses_warmup else 0) + res["rounds_started"] * f.local_steps
+            eps[pid] = {"epsilon": epsilon(plan.events(steps), p.delta, p.accountant), "sigma": plan.sigma,
+                        "sample_rate": plan.sample_rate, "steps": steps}
+        per_method[m] = eps
+    return {"mode": "example", "target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
+            "methods": per_method,
+            "covered": ["local DP-SGD steps (warm-up and rounds)", "noisy class counts",
+                        "pseudo-features and models derived from them (post-processing)"],
+            "declared_public": ["each client's number of examples", "encoder, G and scaler (public part)"]}
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    check_plan(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    srv = Server(grid, cfg, run_dir)
+    t0 = time.perf_counter()
+    enc_clf = phase_encoder(srv)
+    stats = phase_stats(srv, enc_clf)
+    z_test, y_test = test_features(srv, enc_clf)
+    baselines = {"fedavg-ce": accuracy(srv, enc_clf["classifier"], z_test, y_test),
+                 "fedavg-ce+la": accuracy(srv, enc_clf["classifier"], z_test, y_test, stats["counts"])}
+    rw = phase_reweight(srv, enc_clf, stats["counts"])
+    baselines["fedavg-reweight"] = accuracy(srv, rw, z_test, y_test)
+    warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
+    methods, privacy_in = {}, {}
+    for m in cfg.fed.methods:
+        out = run_method(srv, m, stats, warm)
+        out["name"] = m
+        scorer = out["scorer"] or (MahalanobisScorer(warm["u"], warm["y"], srv.C) if warm else None)
+        methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], z_test, y_test, scorer)
+        privacy_in[m] = {"rounds_started": out["state"]["rounds_started"]}
+    results = {
+        "alpha": cfg.fed.alpha, "num_clients": len(srv.nodes), "baselines": baselines, "methods": methods,
+        "warmup": warmup_summary(warm, cfg) if warm else None,
+        "bytes": srv.wire.totals(), "failures": srv.wire.failures,
+        "privacy": privacy_report(srv, stats, privacy_in), "seconds": time.perf_counter() - t0,
+        "counts": stats["counts"].tolist(), "groups": srv.split.groups.as_dict(),
+    }
+    atomic_write_json(run_dir / "results.json", results)
+    return results
+
+
+def warmup_summary(warm: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """Upload a denoiser or N pseudo-features? Measured serialised bytes and the crossover N."""
+    fb = warm["feature_bytes"]
+    model_bytes = int(warm["model_bytes"])
+    crossover = (model_bytes - fb["fixed"]) / fb["per_feature"]
+    return {"upload": cfg.fed.warmup_upload, "model_bytes": model_bytes, "bytes_per_feature": fb["per_feature"],
+            "crossover_n": int(np.ceil(crossover)), "upload_bytes_per_client": [int(b) for b in warm["upload_bytes"]],
+            "pool_size": int(len(warm["y"])), "val_size": int(warm["n_val"])}
 
 
 app = ServerApp()
@@ -69,55 +489,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Template entry point: settings from ``context.run_config`` over :data:`DEFAULTS`."""
-    run_server(grid, _settings(dict(context.run_config)))
-
-
-def make_server_app(settings: dict[str, Any], sink: dict[str, Any]) -> ServerApp:
-    """A ServerApp bound to ``settings`` that records its ``Result`` into ``sink`` (in-process simulation)."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, settings, sink)
-
-    return server_app
-
-
-def _arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy().copy() for k, v in arrays.items()}
-
-
-def run_federated(num_clients: int = 3, rounds: int = 2, alpha: float | None = None, seed: int = 0,
-                  out_dir: str | Path | None = None, num_cpus: int = 2, **overrides: Any) -> dict[str, Any]:
-    """Simulate ``num_clients`` SuperNodes for ``rounds`` rounds with Flower's Ray backend.
-
-    ``alpha``: Dirichlet label-skew concentration (None ⇒ IID). ``overrides``: further :data:`DEFAULTS`
-    keys (``local-steps``, ``lr``, …, with ``_`` accepted for ``-``). Returns ``{"rounds": {r: {train_loss,
-    eval_loss, …}}, "initial_arrays", "final_arrays"}`` (arrays as name → numpy); with ``out_dir``, writes
-    ``metrics.json`` and the final denoiser ``state_dict`` as ``denoiser.pt`` there.
-    """
-    from flwr.simulation import run_simulation
-
-    from pfdiff.federated.client_app import app as client_app
-
-    settings = _settings({k.replace("_", "-"): v for k, v in overrides.items()})
-    settings.update({"num-server-rounds": rounds, "alpha": 0.0 if alpha is None else float(alpha), "seed": seed})
-    sink: dict[str, Any] = {}
-    run_simulation(server_app=make_server_app(settings, sink), client_app=client_app, num_supernodes=num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": num_cpus, "num_gpus": 0}})
-    if "result" not in sink:
-        raise RuntimeError("the federated simulation did not finish (see the Flower log above)")
-    result = sink["result"]
-    out = {
-        "settings": settings,
-        "rounds": {int(r): dict(m) for r, m in sorted(sink["history"].items())},
-        "initial_arrays": _arrays_to_numpy(sink["initial_arrays"]),
-        "final_arrays": _arrays_to_numpy(result.arrays),
-    }
-    if out_dir is not None:
-        out_path = Path(out_dir)
-        out_path.mkdir(parents=True, exist_ok=True)
-        (out_path / "metrics.json").write_text(json.dumps({"settings": settings, "rounds": out["rounds"]}, indent=2))
-        torch.save(result.arrays.to_torch_state_dict(), out_path / "denoiser.pt")
-    return out
+    cfg, run_dir = config_from_run_config(dict(context.run_config))
+    run_server(grid, cfg, run_dir)

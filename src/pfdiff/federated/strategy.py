@@ -1,11 +1,10 @@
-"""Server strategy for federated feature diffusion: Flower's Message-API ``FedAvg`` plus a correction hook.
+"""Server strategy: Flower's Message-API ``FedAvg`` (weights = each reply's ``num-examples``) with a history.
 
-``FedDiffusionAvg`` is plain weighted FedAvg (weights = ``num-examples`` of each client's reply) of the
-denoiser's parameters. After every aggregation it calls :meth:`FedDiffusionAvg.after_aggregate`, the
-place where the later FedDDPM-style server-side correction of the aggregated denoiser goes (e.g. a
-server momentum / control-variate step, or re-fitting on the label-marginal mismatch of the clients).
-It also keeps a per-round history of the aggregated metrics (``self.history``), besides the ``Result``
-that ``start`` returns.
+The FedDDPM correction, FedDDPM+'s QUICK-TEST and the progressive pool are *not* inside
+``aggregate_train``: with client-level DP, Flower's ``DifferentialPrivacyServerSideFixedClipping``
+wraps this strategy and adds its noise to what ``aggregate_train`` returns, so anything done there
+would come before the noise and break the Gaussian mechanism's sensitivity. The server app runs them
+on the (noised) aggregate instead — post-processing (``server_app.run_method``).
 """
 
 from __future__ import annotations
@@ -13,36 +12,33 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+
+from pfdiff.config import RunConfig
 
 
 class FedDiffusionAvg(FedAvg):
-    """FedAvg of the feature denoiser with a post-aggregation hook (identity for now)."""
+    """FedAvg over every connected client that keeps the aggregated train metrics per round."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=1,
+                         min_available_nodes=max(1, num_nodes))
         self.history: dict[int, dict[str, float]] = {}
-
-    def after_aggregate(self, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
-        """Server-side correction of the aggregated denoiser ``arrays`` after round ``server_round``.
-
-        Placeholder for the FedDDPM server correction: returns ``arrays`` unchanged. A subclass (or the
-        later implementation) may return a new ``ArrayRecord`` with the same keys and shapes; it becomes
-        the global model sent out for evaluation and for the next round.
-        """
-        return arrays
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            arrays = self.after_aggregate(arrays, server_round)
         if metrics is not None:
-            self.history.setdefault(server_round, {}).update({k: float(v) for k, v in metrics.items()})
+            self.history[server_round] = {k: float(v) for k, v in metrics.items()
+                                          if isinstance(v, (int, float)) and k != "partition-id"}
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            self.history.setdefault(server_round, {}).update({k: float(v) for k, v in metrics.items()})
-        return metrics
+
+def make_strategy(cfg: RunConfig, num_nodes: int, client_dp: bool) -> Strategy:
+    """FedAvg, wrapped in Flower's server-side fixed-clipping DP when ``client_dp`` (client-level DP)."""
+    strategy = FedDiffusionAvg(num_nodes)
+    if not client_dp:
+        return strategy
+    f = cfg.fed
+    return DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier=f.client_noise_multiplier,
+                                                      clipping_norm=f.client_clip, num_sampled_clients=num_nodes)

@@ -1,13 +1,15 @@
-"""Model, data and local train/evaluate for federated feature diffusion (Flower app layout: ``task.py``).
+"""Models, client data and local training for federated feature diffusion (Flower layout: ``task.py``).
 
-What is trained: pfdiff's class-conditional feature denoiser (``pfdiff.longtail.ldmlr.build_denoiser``),
-v-prediction with a linear schedule (T = 1000, the ``RunConfig`` defaults), on per-client feature
-vectors. Skeleton data: the flattened 8×8 scikit-learn digits, standardised per feature (64-d).
+Everything here is plain PyTorch on one client's tensors; the apps (``client_app``, ``server_app``)
+only move arrays. The models are the centralised pipeline's: E + G from
+``longtail.common.init_encoder_classifier``, the class-conditional feature denoiser from
+``longtail.ldmlr.build_denoiser``, the diffusion loss and sampler from ``pfdiff.diffusion``.
 
-Partitioning uses flwr-datasets (``IidPartitioner`` / ``DirichletPartitioner`` by label) on an
-in-memory ``datasets.Dataset`` of example indices, so it runs offline. Note: the standardisation uses
-statistics of the whole digits set, i.e. it stands in for a pre-agreed feature normalisation; a real
-federated run would have to agree on it privately (later work).
+Data: the long-tailed training set of ``longtail.common.make_split`` (balanced test set kept by the
+server for evaluation only) is partitioned over clients with flwr-datasets (``IidPartitioner`` or
+``DirichletPartitioner`` by label, on an in-memory ``datasets.Dataset``: no download). With
+``fed.encoder = "public"`` a declared public part (``privacy.public_fraction`` per class) stays on the
+server and only the rest is partitioned.
 """
 
 from __future__ import annotations
@@ -19,119 +21,253 @@ import numpy as np
 import torch
 from torch import nn
 
-from pfdiff.config import RunConfig
+from pfdiff.config import RunConfig, dump_config, load_config
 from pfdiff.diffusion import DiffusionLoss, make_schedule
+from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser
-from pfdiff.training import generator
+from pfdiff.longtail.private import public_private_split
+from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, gaussian_sigma_for
+from pfdiff.privacy.dpsgd import DPSGD
+from pfdiff.training import derive_seed, generator
 
-FEATURE_DIM = 64
-NUM_CLASSES = 10
-HELD_OUT_FRACTION = 0.2
-
-
-def small_config(hidden: int = 64, depth: int = 2) -> RunConfig:
-    """``RunConfig`` with a small denoiser (hidden 64, depth 2) for fast federated runs."""
-    cfg = RunConfig()
-    model = cfg.model.model_copy(update={"denoiser_hidden": hidden, "denoiser_depth": depth})
-    return cfg.model_copy(update={"model": model})
+# ---------------------------------------------------------------- config over the wire
 
 
-def build_model(seed: int = 0, hidden: int = 64, depth: int = 2) -> nn.Module:
-    """The global denoiser, initialised deterministically from ``seed``."""
-    torch.manual_seed(seed)
-    return build_denoiser(small_config(hidden, depth), FEATURE_DIM, NUM_CLASSES)
+def config_to_text(cfg: RunConfig) -> str:
+    return dump_config(cfg)
 
 
-def make_loss(cfg: RunConfig | None = None) -> DiffusionLoss:
-    d = (cfg or RunConfig()).diffusion
-    schedule = make_schedule(d.schedule, d.T)
-    return DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting,
-                         cond_drop_prob=d.cond_drop_prob, null_label=NUM_CLASSES)
+@lru_cache(maxsize=4)
+def config_from_text(text: str) -> RunConfig:
+    """The run's ``RunConfig`` as the server sent it (YAML in the message's ConfigRecord)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "run.yaml"
+        path.write_text(text)
+        return load_config(path)
 
 
 # ---------------------------------------------------------------- data
 
 
-@lru_cache(maxsize=1)
-def digits_features() -> tuple[np.ndarray, np.ndarray]:
-    """Digits images flattened to [N, 64] and standardised per feature; labels [N]."""
-    from pfdiff.data import load_dataset
+@lru_cache(maxsize=2)
+def _split(cfg_text: str) -> LongTailSplit:
+    return make_split(config_from_text(cfg_text))
 
-    ds = load_dataset("digits", None)
-    x = ds.x.reshape(len(ds.x), -1).astype(np.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    return x.astype(np.float32), ds.y.astype(np.int64)
+
+def split_of(cfg: RunConfig) -> LongTailSplit:
+    return _split(config_to_text(cfg))
+
+
+def public_private_indices(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (into the long-tailed training set) of the server's public part and of the clients' part."""
+    split = split_of(cfg)
+    if cfg.fed.encoder != "public":
+        return np.empty(0, dtype=np.int64), np.arange(len(split.train.y))
+    return public_private_split(split.train.y, split.num_classes, cfg.privacy.public_fraction, cfg.data.split_seed)
 
 
 @lru_cache(maxsize=8)
-def partition_indices(num_partitions: int, alpha: float | None, seed: int, labels: tuple[int, ...] | None = None
-                      ) -> tuple[np.ndarray, ...]:
-    """Example indices of each client: IID (``alpha`` None) or Dirichlet(α) label skew.
-
-    Built with flwr-datasets on an in-memory ``datasets.Dataset`` (no download). ``labels`` defaults to
-    the digits labels; pass a tuple to partition another label vector.
-    """
+def _partition(labels: tuple[int, ...], num_partitions: int, alpha: float, seed: int, min_size: int
+               ) -> tuple[np.ndarray, ...]:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    y = digits_features()[1] if labels is None else np.asarray(labels, dtype=np.int64)
+    y = np.asarray(labels, dtype=np.int64)
     table = Dataset.from_dict({"idx": np.arange(len(y)), "label": y})
-    if alpha is None:
+    if alpha == 0:
         part = IidPartitioner(num_partitions=num_partitions)
         table = table.shuffle(seed=seed)  # IidPartitioner splits contiguously
     else:
+        if len(y) < num_partitions * min_size:
+            raise ValueError(f"{len(y)} training examples cannot give {num_partitions} clients "
+                             f"≥ {min_size} examples each (fed.min_partition_size)")
         part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
-                                    min_partition_size=10, self_balancing=False, shuffle=True, seed=seed)
+                                    min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed)
     part.dataset = table
     return tuple(np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions))
 
 
+def partition_indices(labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_size: int = 5
+                      ) -> tuple[np.ndarray, ...]:
+    """Indices into ``labels`` of each client: IID (``alpha`` = 0) or Dirichlet(α) label skew (seeded)."""
+    return _partition(tuple(int(v) for v in labels), num_partitions, float(alpha), seed, min_size)
+
+
+def client_indices(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
+    """Each client's indices into the long-tailed training set."""
+    _, private = public_private_indices(cfg)
+    y = split_of(cfg).train.y[private]
+    parts = partition_indices(y, num_partitions, cfg.fed.alpha, cfg.data.split_seed, cfg.fed.min_partition_size)
+    return tuple(private[p] for p in parts)
+
+
 @dataclass
 class ClientData:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
 
 
-def load_client_data(partition_id: int, num_partitions: int, alpha: float | None, seed: int) -> ClientData:
-    """This client's features, split (seeded) into a local train part and a held-out part."""
-    x, y = digits_features()
-    idx = partition_indices(num_partitions, alpha, seed)[partition_id]
-    perm = torch.randperm(len(idx), generator=generator("cpu", seed, "holdout", partition_id)).numpy()
-    idx = idx[perm]
-    n_test = max(1, int(round(HELD_OUT_FRACTION * len(idx))))
-    te, tr = idx[:n_test], idx[n_test:]
-    t = torch.from_numpy
-    return ClientData(t(x[tr]), t(y[tr]), t(x[te]), t(y[te]))
+def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    split = split_of(cfg)
+    idx = client_indices(cfg, num_partitions)[partition_id]
+    return ClientData(torch.as_tensor(split.train.x[idx]), torch.as_tensor(split.train.y[idx]))
 
 
-# ---------------------------------------------------------------- local train / evaluate
+def client_histograms(cfg: RunConfig, num_partitions: int) -> np.ndarray:
+    """[clients, classes] label counts (for the report; computed by the simulation runner, not sent)."""
+    split = split_of(cfg)
+    return np.stack([np.bincount(split.train.y[i], minlength=split.num_classes)
+                     for i in client_indices(cfg, num_partitions)])
 
 
-def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch_size: int,
-                seed: int, server_round: int, partition_id: int, weight_decay: float = 0.0) -> float:
-    """``steps`` AdamW steps of the diffusion loss; returns the mean training loss over the steps."""
-    loss_fn = make_loss()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+# ---------------------------------------------------------------- models
+
+
+def build_encoder_classifier(cfg: RunConfig) -> nn.ModuleDict:
+    """E and G in one module (state-dict keys ``encoder.*`` / ``classifier.*``), seeded as stage 1."""
+    split = split_of(cfg)
+    seed = cfg.seeds[0]
+    enc, clf = init_encoder_classifier(cfg, split.train.input_shape, split.num_classes, seed, torch.device("cpu"))
+    return nn.ModuleDict({"encoder": enc, "classifier": clf})
+
+
+def build_global_denoiser(cfg: RunConfig) -> nn.Module:
+    split = split_of(cfg)
+    return seeded_init(cfg.seeds[0], "fed-denoiser",
+                       lambda: build_denoiser(cfg, cfg.model.feature_dim, split.num_classes), torch.device("cpu"))
+
+
+def make_loss(cfg: RunConfig, num_classes: int) -> DiffusionLoss:
+    d = cfg.diffusion
+    return DiffusionLoss(make_schedule(d.schedule, d.T), prediction=d.prediction, weighting=d.weighting,
+                         cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
+
+
+def load_arrays(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    module.load_state_dict(state)
+    return module
+
+
+# ---------------------------------------------------------------- local training
+
+
+def _batches(n: int, batch_size: int, seed: int, *tags) -> torch.Tensor:
+    return torch.randint(0, n, (min(batch_size, n),), generator=generator("cpu", seed, *tags))
+
+
+def train_encoder_local(model: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+                        batch_size: int, seed: int, tag: tuple) -> float:
+    """``steps`` AdamW steps of cross-entropy on E + G; returns the mean loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     total = 0.0
-    for step in range(steps):
-        g = generator("cpu", seed, "fed-train", server_round, partition_id, step)
-        idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=g)
-        loss = loss_fn(model, x[idx], y[idx], generator=g).loss.mean()
+    for s in range(steps):
+        idx = _batches(len(y), batch_size, seed, "fed-enc", *tag, s)
+        loss = nn.functional.cross_entropy(model["classifier"](model["encoder"](x[idx])), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += float(loss.detach())
-    return total / max(1, steps)
+    return total / steps
+
+
+def train_classifier_local(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor,
+                           steps: int, lr: float, batch_size: int, seed: int, tag: tuple) -> float:
+    """Class-weighted cross-entropy on frozen features (the re-weighting baseline's local step)."""
+    opt = torch.optim.AdamW(classifier.parameters(), lr=lr)
+    total = 0.0
+    for s in range(steps):
+        idx = _batches(len(y), batch_size, seed, "fed-rw", *tag, s)
+        loss = nn.functional.cross_entropy(classifier(z[idx]), y[idx], weight=class_weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / steps
+
+
+def train_denoiser_local(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss, steps: int,
+                         lr: float, batch_size: int, seed: int, tag: tuple) -> float:
+    """Plain local steps of the diffusion loss (AdamW); returns the mean loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    total = 0.0
+    for s in range(steps):
+        g = generator("cpu", seed, "fed-ldm", *tag, s)
+        idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=g)
+        loss = loss_fn(model, u[idx], y[idx], generator=g).loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / steps
+
+
+@dataclass(frozen=True)
+class ClientDPPlan:
+    """One client's example-level DP plan for one method's run: σ calibrated so that its noisy counts,
+    its warm-up steps and every planned round compose to at most the target ε."""
+
+    sigma: float
+    sample_rate: float
+    count_sigma: float | None
+    total_steps: int
+
+    def events(self, steps_done: int) -> list[GaussianEvent]:
+        out = [GaussianEvent(self.count_sigma, 1.0, 1, "noisy counts")] if self.count_sigma else []
+        if steps_done:
+            out.append(GaussianEvent(self.sigma, self.sample_rate, steps_done, "DP-SGD (local)"))
+        return out
+
+
+def client_dp_plan(cfg: RunConfig, n_examples: int) -> ClientDPPlan:
+    """Calibrate the local DP-SGD σ of a client holding ``n_examples`` (assumed public, as usual in FL)."""
+    p, f = cfg.privacy, cfg.fed
+    q = min(1.0, p.expected_batch_size / n_examples)
+    total = f.warmup_steps + f.rounds * f.local_steps
+    count_sigma = gaussian_sigma_for(p.count_epsilon, p.delta) if p.count_epsilon > 0 else None
+    fixed = [GaussianEvent(count_sigma, 1.0, 1, "noisy counts")] if count_sigma else []
+    sigma = p.noise_multiplier or calibrate_noise(p.target_epsilon, p.delta, q, total, p.accountant,
+                                                  fixed_events=fixed)
+    return ClientDPPlan(sigma, q, count_sigma, total)
+
+
+def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss,
+                            plan: ClientDPPlan, cfg: RunConfig, first_step: int, steps: int, seed: int,
+                            partition_id: int) -> float:
+    """DP-SGD steps ``first_step … first_step+steps-1`` of this client's plan (Poisson batches and noise
+    seeded per global step index, so a resumed or repeated round never reuses a draw of another step)."""
+    p = cfg.privacy
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.fed.local_lr, weight_decay=0.0)
+    engine = DPSGD(model, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(u),
+                   sample_rate=plan.sample_rate, max_physical_batch_size=p.max_physical_batch_size,
+                   seed=derive_seed(seed, "fed-dp", partition_id), track_norms=False)
+
+    def per_example_loss(m, z, labels):  # K draws averaged per example before clipping (DPDM)
+        return loss_fn(m, z, labels, noise_multiplicity=p.noise_multiplicity).loss
+
+    model.train()
+    for s in range(first_step, first_step + steps):
+        torch.manual_seed(derive_seed(seed, "fed-dp-draws", partition_id, s))
+        engine.step(per_example_loss, (u, y), s)
+    return float("nan")  # the private loss is not released
+
+
+def noisy_label_counts(y: torch.Tensor, num_classes: int, count_sigma: float | None, seed: int,
+                       partition_id: int) -> np.ndarray:
+    """This client's class counts; with ``count_sigma``, + N(0, σ²) rounded and clamped ≥ 0 (sensitivity 1)."""
+    counts = np.bincount(y.numpy(), minlength=num_classes).astype(np.float64)
+    if count_sigma:
+        g = torch.Generator().manual_seed(derive_seed(seed, "fed-counts", partition_id))
+        counts = counts + torch.randn(num_classes, generator=g, dtype=torch.float64).numpy() * count_sigma
+    return np.maximum(0, np.round(counts)).astype(np.int64)
 
 
 @torch.no_grad()
-def evaluate_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, partition_id: int,
-                   noise_multiplicity: int = 4) -> float:
-    """Mean diffusion loss on the held-out part (fixed draws of t, ε per client: comparable across rounds)."""
-    loss_fn = make_loss()
-    model.eval()
-    g = generator("cpu", seed, "fed-eval", partition_id)
-    return float(loss_fn(model, x, y, noise_multiplicity=noise_multiplicity, generator=g).loss.mean())
+def features_of(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return encode(encoder, x)

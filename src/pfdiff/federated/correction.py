@@ -1,0 +1,115 @@
+"""Server-side steps on the auxiliary pool: FedDDPM's correction, FedDDPM+'s QUICK-TEST, the progressive
+pool's score and regeneration. Pure functions of (model, pool, …); the server app decides when.
+
+Score (progressive pool and QUICK-TEST): the diffusion loss of the global model on a fixed held-out
+slice of the warm-up pool, with fixed draws of (t, ε). Why this one: it is the training objective (a
+bound on the negative log-likelihood), so it measures what the correction should improve; it needs
+no private data (the slice is pseudo-features the clients released under their privacy plan); fixed
+draws make successive rounds comparable; and the slice never enters the correction, so it is not the
+training loss of the server steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pfdiff.config import RunConfig
+from pfdiff.diffusion import DiffusionLoss, NoiseSchedule
+from pfdiff.federated.aux_pool import AuxPool
+from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
+from pfdiff.longtail.ldmlr import sample_features
+from pfdiff.training import generator
+
+
+@dataclass
+class ServerCompute:
+    """Server work spent on the pool: optimiser steps, sampled pseudo-features, seconds."""
+
+    steps: int = 0
+    generated: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: "ServerCompute") -> None:
+        self.steps += other.steps
+        self.generated += other.generated
+        self.seconds += other.seconds
+
+
+def correct_on_pool(model: nn.Module, pool: AuxPool, loss_fn: DiffusionLoss, steps: int, lr: float,
+                    batch_size: int, seed: int, tag: tuple) -> ServerCompute:
+    """FedDDPM's server correction (Peng et al. 2025): ``steps`` SGD steps of the diffusion loss on the pool,
+    starting from the aggregated model, in place."""
+    start = time.perf_counter()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for s in range(steps):
+        g = generator("cpu", seed, "fed-server", *tag, s)
+        idx = torch.randint(0, len(pool), (min(batch_size, len(pool)),), generator=g)
+        loss = loss_fn(model, pool.u[idx], pool.y[idx], generator=g).loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return ServerCompute(steps=steps, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def pool_score(model: nn.Module, u_val: torch.Tensor, y_val: torch.Tensor, loss_fn: DiffusionLoss, seed: int,
+               multiplicity: int = 4) -> float:
+    """Diffusion loss on the held-out slice with fixed (t, ε) draws (lower is better; see module doc)."""
+    model.eval()
+    g = generator("cpu", seed, "fed-score")
+    return float(loss_fn(model, u_val, y_val, noise_multiplicity=multiplicity, generator=g).loss.mean())
+
+
+def relative_gain(previous: float, current: float) -> float:
+    return (previous - current) / max(abs(previous), 1e-12)
+
+
+@dataclass
+class QuickTest:
+    """FedDDPM+'s QUICK-TEST: stop when the relative gain of the score stays below ``threshold`` for
+    ``patience`` rounds in a row (the global model has stopped learning much from the clients)."""
+
+    threshold: float
+    patience: int = 1
+    previous: float | None = None
+    slow_rounds: int = 0
+    gains: list[float] = field(default_factory=list)
+
+    def update(self, score: float) -> bool:
+        if self.previous is not None:
+            gain = relative_gain(self.previous, score)
+            self.gains.append(gain)
+            self.slow_rounds = self.slow_rounds + 1 if gain < self.threshold else 0
+        self.previous = score
+        return self.slow_rounds >= self.patience
+
+    def state(self) -> dict:
+        return {"previous": self.previous, "slow_rounds": self.slow_rounds, "gains": list(self.gains)}
+
+
+def accepted(gain: float, cfg: RunConfig) -> bool:
+    """The progressive pool's band: regenerate only after a correction whose score gain lies in it."""
+    return cfg.fed.accept_min_gain <= gain <= cfg.fed.accept_max_gain
+
+
+def regenerate(model: nn.Module, schedule: NoiseSchedule, pool: AuxPool, scorer: MahalanobisScorer,
+               cfg: RunConfig, num_classes: int, round_: int, seed: int) -> tuple[dict, ServerCompute]:
+    """Progressive pool (ours): sample ``regen_share`` of the pool from the corrected model with the pool's
+    class histogram, keep the in-distribution ones (AID), replace the stalest / worst of their class."""
+    start = time.perf_counter()
+    f = cfg.fed
+    share = pool.class_counts(num_classes).double() / len(pool)
+    per_class = np.round(share.numpy() * f.regen_share * len(pool)).astype(int)
+    model.eval()
+    u, y = sample_features(model, schedule, per_class, cfg.diffusion, seed, torch.device("cpu"),
+                           tag=f"fed-regen-{round_}")
+    result = aid_filter(scorer, u, y, num_classes, cfg.e2e.aid_quantile)
+    info = pool.replace(u[result.keep], y[result.keep], result.scores[result.keep], round_, f.evict)
+    info.update(generated=int(len(y)), kept=int(result.keep.sum()))
+    return info, ServerCompute(generated=int(len(y)), seconds=time.perf_counter() - start)

@@ -1,0 +1,275 @@
+"""A real Flower deployment on localhost: one SuperLink and N SuperNodes as subprocesses.
+
+Used by the deployment test and handy for manual checks::
+
+    with LocalDeployment("runs/deploy", num_supernodes=3) as dep:
+        run_id = dep.submit(".", {"num-server-rounds": 1, "local-steps": 2})
+        info = dep.wait(run_id, timeout=300)   # the run's `flwr ls` record
+    # every process started here (and their Flower children) is gone now
+
+Everything is insecure (no TLS), bound to 127.0.0.1 on free ports picked at runtime, and written under
+``workdir``: ``flwr-home/`` (``FLWR_HOME``: the Flower config file naming the connection, installed
+FABs), ``superlink.db`` (SuperLink state) and ``logs/<process>.log``. Telemetry, the update check and
+runtime dependency installation are off. The ServerApp logs into ``logs/superlink.log`` and the
+ClientApps into ``logs/supernode-<i>.log``. Only Flower's own executables and CLI are used
+(``flower-superlink``, ``flower-supernode``, ``flwr run``, ``flwr ls``, ``flwr supernode ls``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+CONNECTION = "pfdiff-local"  # name of the SuperLink connection written into FLWR_HOME/config.toml
+TAG_VAR = "PFDIFF_DEPLOY_TAG"  # env marker inherited by every process of one deployment
+
+
+class DeploymentError(RuntimeError):
+    """A process of the local deployment failed, or a run did not finish in time."""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+def executable(name: str) -> str | None:
+    """Path of a Flower executable: next to the running Python first (the venv), then ``PATH``."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def executables_available() -> bool:
+    return all(executable(n) for n in ("flower-superlink", "flower-supernode", "flwr"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """PIDs of live processes whose environment carries ``TAG_VAR=tag`` (Linux ``/proc``; else [])."""
+    needle, pids = f"{TAG_VAR}={tag}".encode(), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and not _is_zombie(entry):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _is_zombie(proc_dir: Path) -> bool:
+    return proc_dir.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def write_flower_config(flwr_home: Path, address: str) -> Path:
+    """Write ``FLWR_HOME/config.toml`` with one insecure connection :data:`CONNECTION` to ``address``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    cfg = {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "insecure": True}}}
+    path.write_text(tomli_w.dumps(cfg))
+    return path
+
+
+class LocalDeployment:
+    """Context manager owning a SuperLink and ``num_supernodes`` SuperNodes on localhost.
+
+    ``node_configs[i]`` is the ``--node-config`` of SuperNode ``i`` (default: ``partition-id=i
+    num-partitions=N``, what :mod:`pfdiff.federated.client_app` reads).
+    """
+
+    def __init__(self, workdir: str | Path, num_supernodes: int = 3, node_configs: list[str] | None = None,
+                 startup_timeout: float = 60.0):
+        self.workdir = Path(workdir).resolve()
+        self.num_supernodes = num_supernodes
+        self.node_configs = node_configs or [f"partition-id={i} num-partitions={num_supernodes}"
+                                             for i in range(num_supernodes)]
+        self.startup_timeout = startup_timeout
+        self.tag = uuid.uuid4().hex
+        self.procs: list[Proc] = []
+        self.port = 0
+        self.flwr_home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the SuperLink, wait until it is healthy, then the SuperNodes, until all are registered."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        write_flower_config(self.flwr_home, f"127.0.0.1:{self.port}")
+        self._spawn("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--database", str(self.workdir / "superlink.db"),
+                                  "--disable-runtime-dependency-installation"])
+        self._wait_until("the SuperLink answers /health", self._superlink_healthy)
+        for i, node_config in enumerate(self.node_configs):
+            self._spawn(f"supernode-{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                           "--port", str(free_port()), "--node-config", node_config])
+        self._wait_until(f"{self.num_supernodes} SuperNodes are online",
+                         lambda: self.online_nodes() >= self.num_supernodes)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every started process group and every tagged descendant; SIGKILL what is left after ``grace`` s."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            targets = self.alive_pids()
+            if not targets:
+                return
+            for p in self.procs:
+                _signal_group(p.popen.pid, sig)
+            for pid in targets:
+                _signal_pid(pid, sig)
+            deadline = time.monotonic() + wait
+            while self.alive_pids() and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    def alive_pids(self) -> list[int]:
+        """Live processes of this deployment: the ones started here and everything Flower spawned under them."""
+        started = [p.popen.pid for p in self.procs if p.popen.poll() is None]
+        return sorted(set(started) | set(tagged_pids(self.tag)))
+
+    # ------------------------------------------------------------------ processes
+
+    def env(self) -> dict[str, str]:
+        """Environment of every process: own ``FLWR_HOME``, no telemetry/update check/dependency install."""
+        env = dict(os.environ)
+        bin_dir = str(Path(executable("flower-superlink") or sys.executable).parent)
+        env.update({"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", TAG_VAR: self.tag,
+                    "PATH": bin_dir + os.pathsep + env.get("PATH", "")})  # Flower spawns flower-superexec by name
+        return env
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        exe = executable(cmd[0])
+        if exe is None:
+            raise DeploymentError(f"{cmd[0]} not found (is flwr installed in this environment?)")
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as fh:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen([exe, *cmd[1:]], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     cwd=self.workdir, env=self.env(), start_new_session=True)
+        self.procs.append(Proc(name, popen, log))
+
+    def check_alive(self) -> None:
+        """Raise :class:`DeploymentError` naming the first started process that has exited, with its log tail."""
+        for p in self.procs:
+            if p.popen.poll() is not None:
+                raise DeploymentError(f"{p.name} exited with code {p.popen.returncode}; last lines of {p.log}:\n"
+                                      f"{log_tail(p.log)}")
+
+    def _wait_until(self, what: str, ready, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while not ready():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"timed out waiting until {what}; logs in {self.logs}")
+            time.sleep(0.5)
+
+    def _superlink_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    # ------------------------------------------------------------------ flwr CLI
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run ``flwr <args> --format json`` against this deployment and return the parsed JSON."""
+        cmd = [executable("flwr") or "flwr", *args, "--format", "json"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=self.env(), cwd=self.workdir, timeout=timeout)
+        try:
+            out = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            out = {"success": False}
+        if res.returncode != 0 or not out.get("success", False):
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {res.returncode}):\n"
+                                  f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return out
+
+    def online_nodes(self) -> int:
+        nodes = self.flwr("supernode", "ls", CONNECTION).get("nodes", [])
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def submit(self, app_dir: str | Path, run_config: dict[str, Any] | None = None) -> int:
+        """``flwr run app_dir`` on this deployment with ``run_config`` overrides (a TOML file); returns the run ID."""
+        args = ["run", str(Path(app_dir).resolve()), CONNECTION]
+        if run_config:
+            path = self.workdir / f"run-config-{uuid.uuid4().hex[:8]}.toml"
+            path.write_text(tomli_w.dumps(run_config))
+            args += ["--run-config", str(path)]
+        return int(self.flwr(*args)["run-id"])
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """The run's ``flwr ls --run-id`` record (``status`` is e.g. ``running`` or ``finished:completed``)."""
+        return self.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
+
+    def wait(self, run_id: int, timeout: float = 600.0, poll: float = 1.0) -> dict[str, Any]:
+        """Wait until the run finishes; raise unless it completed (its status details and the logs' tail)."""
+        deadline = time.monotonic() + timeout
+        while not (info := self.run_info(run_id))["status"].startswith("finished"):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"run {run_id} still {info['status']!r} after {timeout:.0f} s; "
+                                      f"superlink log:\n{log_tail(self.logs / 'superlink.log')}")
+            time.sleep(poll)
+        if info["status"] != "finished:completed":
+            raise DeploymentError(f"run {run_id} {info['status']}: {info.get('status-details', '')}\n"
+                                  f"superlink log:\n{log_tail(self.logs / 'superlink.log')}")
+        return info
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # started with start_new_session=True, so pgid == pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_app(app_dir: str | Path, workdir: str | Path, run_config: dict[str, Any] | None = None,
+            num_supernodes: int = 3, timeout: float = 600.0) -> dict[str, Any]:
+    """Start a local deployment, run the app once, stop everything; returns the run's ``flwr ls`` record."""
+    with LocalDeployment(workdir, num_supernodes) as dep:
+        return dep.wait(dep.submit(app_dir, run_config), timeout)

@@ -1,0 +1,73 @@
+"""Message exchange with byte counting and failure logging (what Flower actually sends, per client).
+
+Bytes are those of the serialised ``RecordDict`` of each message (Flower's protobuf, ``ByteSize()``),
+i.e. the payload on the wire without gRPC framing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+log = logging.getLogger("pfdiff.federated")
+
+
+def record_bytes(content: RecordDict | ArrayRecord) -> int:
+    """Serialised size in bytes of a ``RecordDict`` (or of one ``ArrayRecord`` wrapped in one)."""
+    if isinstance(content, ArrayRecord):
+        content = RecordDict({"arrays": content})
+    return recorddict_to_proto(content).ByteSize()
+
+
+class Wire:
+    """``grid.send_and_receive`` that counts bytes per phase and per client and keeps the failures."""
+
+    def __init__(self, grid: Grid, timeout: float):
+        self.grid, self.timeout = grid, timeout
+        self.sent: dict[str, int] = defaultdict(int)  # phase → bytes server → clients
+        self.received: dict[str, int] = defaultdict(int)  # phase → bytes clients → server
+        self.per_client: dict[int, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
+        self.node_to_partition: dict[int, int] = {}
+        self.failures: list[dict] = []
+
+    def exchange(self, messages: Iterable[Message], phase: str, round_: int = 0) -> list[Message]:
+        """Send, wait (up to the timeout), return the replies without error; log and keep the others."""
+        messages = list(messages)
+        pending_bytes = {}
+        for m in messages:
+            b = record_bytes(m.content)
+            self.sent[phase] += b
+            pending_bytes[m.metadata.dst_node_id] = b
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        ok = []
+        for r in replies:
+            node = r.metadata.src_node_id
+            if r.has_error():
+                self._fail(phase, round_, node, f"{r.error.code}: {r.error.reason}")
+                continue
+            b = record_bytes(r.content)
+            self.received[phase] += b
+            pid = int(r.content["metrics"]["partition-id"])
+            self.node_to_partition[node] = pid
+            self.per_client[pid]["received"] += b
+            self.per_client[pid]["sent"] += pending_bytes.get(node, 0)
+            ok.append(r)
+        answered = {r.metadata.src_node_id for r in replies}
+        for node in pending_bytes.keys() - answered:
+            self._fail(phase, round_, node, f"no reply within {self.timeout:.0f} s")
+        return ok
+
+    def _fail(self, phase: str, round_: int, node: int, reason: str) -> None:
+        pid = self.node_to_partition.get(node)
+        self.failures.append({"phase": phase, "round": round_, "node": node, "partition": pid, "reason": reason})
+        log.warning("%s round %s: client %s (node %s) failed: %s", phase, round_, pid, node, reason)
+
+    def totals(self) -> dict:
+        return {"sent": dict(self.sent), "received": dict(self.received),
+                "per_client": {k: dict(v) for k, v in sorted(self.per_client.items())},
+                "total": sum(self.sent.values()) + sum(self.received.values())}
