@@ -1,94 +1,233 @@
-"""Federated feature diffusion on Flower (Message API): partitioner, handlers, and a Ray simulation."""
+"""Federated feature diffusion on Flower: partitions, pool, server steps, bytes, DP plans, handlers, and a
+Ray simulation with a failing client that is then resumed."""
 
 import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import json  # noqa: E402
 import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 pytest.importorskip("flwr")
 pytest.importorskip("flwr_datasets")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
 
-from pfdiff.federated.task import build_model, digits_features, partition_indices  # noqa: E402
+from pfdiff.config import load_config  # noqa: E402
+from pfdiff.federated import task  # noqa: E402
+from pfdiff.federated.aux_pool import AuxPool  # noqa: E402
+from pfdiff.federated.correction import QuickTest, correct_on_pool, pool_score  # noqa: E402
+from pfdiff.privacy.accounting import epsilon  # noqa: E402
+
+TINY = ["fed.num_clients=3", "fed.rounds=2", "fed.local_steps=3", "fed.encoder_rounds=2", "fed.encoder_local_steps=5",
+        "fed.warmup_steps=10", "fed.reweight_rounds=1", "fed.aux_size=200", "fed.plus_steps=5", "fed.server_steps=2",
+        "fed.repair_epochs=2", "fed.repair_per_class=20"]
 
 
-@pytest.mark.parametrize("alpha", [None, 0.3])
+def tiny(*extra):
+    return load_config("federated", [*TINY, *extra])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_partition_covers_every_example_exactly_once(alpha):
-    y = digits_features()[1]
-    parts = partition_indices(4, alpha, 0)
+    y = np.repeat(np.arange(10), 30)
+    parts = task.partition_indices(y, 4, alpha, 0)
     allidx = np.concatenate(parts)
     assert len(allidx) == len(y) and np.array_equal(np.sort(allidx), np.arange(len(y)))
-    assert all(len(p) >= 10 for p in parts)
-    assert partition_indices.__wrapped__(4, alpha, 0)[1].tolist() == parts[1].tolist()  # seeded
+    assert all(len(p) >= 5 for p in parts)
+    assert [p.tolist() for p in task.partition_indices(y, 4, alpha, 0)] == [p.tolist() for p in parts]  # seeded
 
 
 def test_dirichlet_skew_makes_client_label_histograms_differ():
-    y = digits_features()[1]
-    def dists(alpha):
-        h = np.stack([np.bincount(y[p], minlength=10) for p in partition_indices(4, alpha, 0)]).astype(float)
-        return h / h.sum(1, keepdims=True)
-    skew, iid = dists(0.3), dists(None)
-    # total-variation distance of each client's label distribution from the pooled one
-    tv = lambda d: 0.5 * np.abs(d - np.bincount(y, minlength=10) / len(y)).sum(1)
-    assert tv(skew).min() > 0.15 and tv(iid).max() < 0.1
-    assert not np.allclose(skew[0], skew[1], atol=0.05)
+    y = np.repeat(np.arange(10), 400)
+
+    def tv(alpha):  # total-variation distance of each client's label distribution from the pooled one
+        h = np.stack([np.bincount(y[p], minlength=10) for p in task.partition_indices(y, 4, alpha, 0)]).astype(float)
+        return 0.5 * np.abs(h / h.sum(1, keepdims=True) - 0.1).sum(1)
+
+    assert tv(0.3).min() > 0.15 and tv(0.0).max() < 0.1
 
 
-def _message(kind, arrays, **cfg):
-    config = ConfigRecord({"alpha": 0.5, "seed": 0, "local-steps": 3, "server-round": 1, **cfg})
+def test_clients_partition_the_private_part_only_with_a_public_encoder():
+    cfg = tiny("fed.encoder=public")
+    pub, priv = task.public_private_indices(cfg)
+    clients = np.concatenate(task.client_indices(cfg, 3))
+    assert len(np.intersect1d(pub, clients)) == 0 and np.array_equal(np.sort(clients), np.sort(priv))
+
+
+def _pool():
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    age = torch.tensor([0, 2, 1, 0, 3, 3])
+    score = torch.tensor([1.0, 5.0, 2.0, 9.0, 1.0, 3.0])
+    return AuxPool(torch.zeros(6, 2), y, age, score)
+
+
+def test_pool_replaces_the_stalest_of_the_same_class():
+    pool = _pool()
+    info = pool.replace(torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([0.5, 0.7]), 4, "stalest")
+    assert info["replaced"] == 2 and pool.class_counts(2).tolist() == [3, 3]
+    assert pool.age.tolist() == [4, 2, 4, 0, 3, 3]  # the ages 0 and 1 of class 0 went; class 1 untouched
+    assert pool.u[[0, 2]].eq(1).all() and pool.u[[1, 3, 4, 5]].eq(0).all()
+
+
+def test_pool_replaces_the_worst_scored_and_keeps_its_best_new_samples():
+    pool = _pool()
+    pool.replace(torch.arange(6.).view(3, 2), torch.tensor([1, 1, 1]), torch.tensor([4.0, 0.1, 0.2]), 5, "worst")
+    assert pool.age.tolist() == [0, 2, 1, 5, 5, 5]
+    pool2 = _pool()
+    pool2.replace(torch.arange(6.).view(3, 2), torch.tensor([1, 1, 1]), torch.tensor([4.0, 0.1, 0.2]), 5, "worst")
+    pool3 = _pool()
+    info = pool3.replace(torch.arange(4.).view(2, 2), torch.tensor([1, 1]), torch.tensor([4.0, 0.1]), 5, "worst")
+    assert info["replaced"] == 2 and pool3.age[3] == 5  # score 9.0 was the worst of class 1
+    with pytest.raises(ValueError, match="evict"):
+        pool3.replace(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0.0]), 6, "random")
+
+
+def test_pool_rejects_inconsistent_or_non_finite_samples():
+    with pytest.raises(ValueError, match="disagree"):
+        AuxPool(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long), torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        AuxPool(torch.full((2, 2), float("nan")), torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(2))
+
+
+def test_quick_test_stops_only_after_patience_slow_rounds():
+    q = QuickTest(threshold=0.05, patience=2)
+    assert not q.update(1.0) and not q.update(0.8)  # first gain 0.2: fast
+    assert not q.update(0.79)  # slow once
+    assert q.update(0.785)  # slow twice in a row
+    q2 = QuickTest(threshold=0.05, patience=2)
+    assert [q2.update(s) for s in (1.0, 0.99, 0.5, 0.49)] == [False, False, False, False]  # a fast round resets
+
+
+def test_server_correction_lowers_the_pool_loss():
+    cfg = tiny()
+    model = task.build_global_denoiser(cfg)
+    loss_fn = task.make_loss(cfg, 10)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (256,), generator=g)
+    u = torch.randn(256, cfg.model.feature_dim, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 64)[:, :64] * 2
+    pool = AuxPool(u, y, torch.zeros(256, dtype=torch.long), torch.zeros(256))
+    before = pool_score(model, u, y, loss_fn, 0)
+    compute = correct_on_pool(model, pool, loss_fn, steps=60, lr=0.05, batch_size=128, seed=0, tag=("t",))
+    assert compute.steps == 60 and pool_score(model, u, y, loss_fn, 0) < 0.9 * before
+
+
+def test_bytes_of_pseudo_features_grow_linearly_and_crossover_is_consistent():
+    from pfdiff.federated.server_app import _per_feature_bytes, warmup_summary
+    from pfdiff.federated.wire import record_bytes
+
+    fb = _per_feature_bytes(64)
+    assert 64 * 4 <= fb["per_feature"] <= 64 * 4 + 16
+    n500 = record_bytes(ArrayRecord({"u": torch.zeros(500, 64), "y": torch.zeros(500, dtype=torch.long)}))
+    assert abs(n500 - (fb["fixed"] + 500 * fb["per_feature"])) <= 8
+    warm = {"feature_bytes": fb, "model_bytes": 10 * n500, "upload_bytes": [1], "y": torch.zeros(3), "n_val": 1}
+    s = warmup_summary(warm, tiny())
+    assert abs(s["crossover_n"] * fb["per_feature"] + fb["fixed"] - s["model_bytes"]) <= fb["per_feature"]
+
+
+def test_client_dp_plan_meets_the_target_with_counts_and_every_step():
+    cfg = tiny("fed.dp=example", "fed.encoder=public", "privacy.target_epsilon=4")
+    plan = task.client_dp_plan(cfg, 150)
+    total = cfg.fed.warmup_steps + cfg.fed.rounds * cfg.fed.local_steps
+    eps = epsilon(plan.events(total), cfg.privacy.delta)
+    assert plan.total_steps == total and 3.6 < eps <= 4.0 + 1e-6
+    assert epsilon(plan.events(total // 2), cfg.privacy.delta) < eps
+    assert task.client_dp_plan(cfg, 60).sigma > plan.sigma  # fewer examples: larger q, more noise
+
+
+def test_plans_without_a_privacy_story_are_refused():
+    from pfdiff.federated.server_app import check_plan
+
+    with pytest.raises(ValueError, match="public"):
+        check_plan(tiny("fed.dp=example"))
+    with pytest.raises(ValueError, match="client-level"):
+        check_plan(tiny("fed.dp=client", "fed.encoder=public"))
+    with pytest.raises(ValueError, match="unknown federated method"):
+        check_plan(tiny("fed.methods=[fedsgd]"))
+    check_plan(tiny("fed.dp=client", "fed.encoder=public", "fed.methods=[fedavg]"))
+
+
+# ---------------------------------------------------------------- client handlers without a simulation
+
+
+def _message(content: RecordDict) -> Message:
     # explicit Metadata: a plain instruction Message needs the runtime's TaskIdentity, unset outside a run
     meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                    group_id="1", created_at=0.0, ttl=3600.0, message_type=kind)
-    return Message(RecordDict({"arrays": arrays, "config": config}), metadata=meta)
+                    group_id="1", created_at=0.0, ttl=3600.0, message_type=MessageType.TRAIN)
+    return Message(content, metadata=meta)
 
 
-def _context(pid):
-    return Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 3},
-                   state=RecordDict(), run_config={})
+def _send(app, cfg, phase, arrays, context, **extra):
+    config = ConfigRecord({"run-config": task.config_to_text(cfg), "phase": phase, "server-round": 1, **extra})
+    return app(_message(RecordDict({"arrays": arrays, "config": config})), context)
 
 
-def test_client_handlers_and_strategy_hook_without_simulation():
+def test_client_phases_cache_features_train_and_fail_on_request():
+    from pfdiff.federated.client_app import InjectedFault, app
+
+    cfg = tiny("fed.fail_partitions=[2]")
+    ctx = lambda pid: Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 3},
+                              state=RecordDict(), run_config={})
+    c0 = ctx(0)
+    enc = ArrayRecord(task.build_encoder_classifier(cfg).state_dict())
+    den = ArrayRecord(task.build_global_denoiser(cfg).state_dict())
+    scaler = {"scaler-mean": [0.0] * 64, "scaler-std": [1.0] * 64}
+    with pytest.raises(RuntimeError, match="'stats' phase first"):  # no cached features yet: a clear error
+        _send(app, cfg, "diffusion", den, c0, **scaler)
+
+    stats = _send(app, cfg, "stats", enc, c0)
+    n = int(stats.content["metrics"]["num-examples"])
+    assert sum(stats.content["metrics"]["counts"]) == n and "features" in c0.state
+    assert len(stats.content["metrics"]["sum"]) == cfg.model.feature_dim
+
+    out = _send(app, cfg, "diffusion", den, c0, **scaler)
+    assert not out.has_error() and math.isfinite(out.content["metrics"]["train_loss"])
+    assert any(not np.array_equal(out.content["arrays"][k].numpy(), den[k].numpy()) for k in den)
+
+    c2 = ctx(2)
+    _send(app, cfg, "stats", enc, c2)
+    with pytest.raises(InjectedFault, match="injected fault"):
+        _send(app, cfg, "diffusion", den, c2, **scaler)
+
+
+def test_dp_clients_release_noisy_counts_and_no_feature_sums():
     from pfdiff.federated.client_app import app
-    from pfdiff.federated.strategy import FedDiffusionAvg
 
-    initial = ArrayRecord(build_model(0).state_dict())
-    replies = [app(_message(MessageType.TRAIN, initial), _context(pid)) for pid in range(3)]
-    for r in replies:
-        assert not r.has_error() and r.content["metrics"]["num-examples"] > 0
-        assert math.isfinite(r.content["metrics"]["train_loss"])
-
-    seen = []
-
-    class Hooked(FedDiffusionAvg):
-        def after_aggregate(self, arrays, server_round):
-            seen.append(server_round)
-            return super().after_aggregate(arrays, server_round)
-
-    strategy = Hooked(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    assert seen == [1] and math.isfinite(metrics["train_loss"])
-    assert any(not np.array_equal(arrays[k].numpy(), initial[k].numpy()) for k in initial)
-
-    ev = app(_message(MessageType.EVALUATE, arrays), _context(0))
-    assert math.isfinite(ev.content["metrics"]["eval_loss"]) and "arrays" not in ev.content
+    cfg = tiny("fed.dp=example", "fed.encoder=public", "privacy.count_epsilon=0.1")
+    c = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                run_config={})
+    stats = _send(app, cfg, "stats", ArrayRecord(task.build_encoder_classifier(cfg).state_dict()), c)
+    m = stats.content["metrics"]
+    true = np.bincount(task.load_client_data(cfg, 0, 3).y.numpy(), minlength=10)
+    assert "sum" not in m and "sumsq" not in m and not np.array_equal(np.asarray(m["counts"]), true)
 
 
-@pytest.mark.slow  # starts Ray (≈ 20 s here); kept out of CI's default run until issue 6 makes federation a product
-def test_simulation_three_clients_two_rounds(tmp_path):
-    """Flower Ray simulation, 3 SuperNodes × 2 rounds (about 25 s on 2 CPU cores)."""
-    pytest.importorskip("ray")
-    from pfdiff.federated.server_app import run_federated
+# ---------------------------------------------------------------- the Ray simulation
 
-    out = run_federated(num_clients=3, rounds=2, alpha=0.5, seed=0, out_dir=tmp_path, local_steps=10)
-    assert sorted(out["rounds"]) == [1, 2]
-    for m in out["rounds"].values():
-        assert math.isfinite(m["eval_loss"]) and math.isfinite(m["train_loss"])
-    init, final = out["initial_arrays"], out["final_arrays"]
-    assert init.keys() == final.keys()
-    assert any(not np.allclose(init[k], final[k]) for k in init)
-    assert (tmp_path / "metrics.json").exists() and (tmp_path / "denoiser.pt").exists()
+
+def test_simulation_survives_a_failing_client_and_resumes_without_repeating_rounds(tmp_path):
+    from pfdiff.federated.simulation import simulate
+
+    cfg = tiny("fed.fail_partitions=[1]", "fed.methods=[fedavg,fedddpm+]", "fed.quick_test_patience=5")
+    res = simulate(cfg, tmp_path)
+    failures = [f for f in res["failures"] if f["phase"].startswith("diffusion")]
+    assert len(failures) == 2 * 2 and {f["partition"] for f in failures} <= {1, None}  # every round, both methods
+    for m in ("fedavg", "fedddpm+"):
+        hist = res["methods"][m]["history"]
+        assert sorted(hist) == ["1", "2"] and all(h["replies"] == 2 and not h.get("skipped") for h in hist.values())
+        assert math.isfinite(res["methods"][m]["fd"]) and res["methods"][m]["bytes"] > 0
+    assert res["bytes"]["total"] > 0 and set(res["bytes"]["per_client"]) == {0, 1, 2}
+    assert res["warmup"]["crossover_n"] > 0 and json.loads((tmp_path / "results.json").read_text())["methods"]
+
+    encoder_mtime = (tmp_path / "encoder.safetensors").stat().st_mtime_ns
+    res2 = simulate(load_config("federated", [*TINY, "fed.fail_partitions=[1]", "fed.methods=[fedavg]",
+                                              "fed.rounds=3"]), tmp_path)
+    hist = res2["methods"]["fedavg"]["history"]
+    assert sorted(hist) == ["1", "2", "3"]
+    assert hist["1"] == res["methods"]["fedavg"]["history"]["1"]  # round 1 was not run again
+    assert (tmp_path / "encoder.safetensors").stat().st_mtime_ns == encoder_mtime
+    assert res2["methods"]["fedavg"]["rounds"] == 3

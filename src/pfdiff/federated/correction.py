@@ -42,10 +42,11 @@ class ServerCompute:
 
 def correct_on_pool(model: nn.Module, pool: AuxPool, loss_fn: DiffusionLoss, steps: int, lr: float,
                     batch_size: int, seed: int, tag: tuple) -> ServerCompute:
-    """FedDDPM's server correction (Peng et al. 2025): ``steps`` SGD steps of the diffusion loss on the pool,
-    starting from the aggregated model, in place."""
+    """FedDDPM's server correction (Peng et al. 2025): ``steps`` optimiser steps of the diffusion loss on the
+    pool, starting from the aggregated model, in place. Adam with a fresh state, as the clients' local steps:
+    the correction then moves the weights on the scale of one client's round."""
     start = time.perf_counter()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for s in range(steps):
         g = generator("cpu", seed, "fed-server", *tag, s)

@@ -239,19 +239,39 @@ class LocalDeployment:
         """The run's ``flwr ls --run-id`` record (``status`` is e.g. ``running`` or ``finished:completed``)."""
         return self.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
 
-    def wait(self, run_id: int, timeout: float = 600.0, poll: float = 1.0) -> dict[str, Any]:
-        """Wait until the run finishes; raise unless it completed (its status details and the logs' tail)."""
+    def wait(self, run_id: int, timeout: float = 600.0) -> dict[str, Any]:
+        """Wait until the run finishes; return its ``flwr ls`` record, or raise unless it completed.
+
+        ``flwr log --stream`` (the ServerApp's log, saved to ``logs/run-<id>.log``) returns when the run
+        finishes, so waiting costs no polling; the started processes are checked every half second.
+        """
         deadline = time.monotonic() + timeout
+        run_log = self.logs / f"run-{run_id}.log"
         while not (info := self.run_info(run_id))["status"].startswith("finished"):
-            self.check_alive()
+            self._stream_log(run_id, run_log, deadline)
             if time.monotonic() > deadline:
-                raise DeploymentError(f"run {run_id} still {info['status']!r} after {timeout:.0f} s; "
-                                      f"superlink log:\n{log_tail(self.logs / 'superlink.log')}")
-            time.sleep(poll)
+                raise DeploymentError(f"run {run_id} not finished after {timeout:.0f} s; last lines of {run_log}:\n"
+                                      f"{log_tail(run_log)}")
         if info["status"] != "finished:completed":
             raise DeploymentError(f"run {run_id} {info['status']}: {info.get('status-details', '')}\n"
-                                  f"superlink log:\n{log_tail(self.logs / 'superlink.log')}")
+                                  f"last lines of {run_log}:\n{log_tail(run_log)}")
         return info
+
+    def _stream_log(self, run_id: int, path: Path, deadline: float) -> None:
+        """Append ``flwr log <run_id> --stream`` to ``path`` until it ends, a process dies or ``deadline``."""
+        cmd = [executable("flwr") or "flwr", "log", str(run_id), CONNECTION, "--stream"]
+        with path.open("ab") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir)
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                self.check_alive()
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode:  # e.g. the Control API was briefly unreachable: do not spin
+            time.sleep(2.0)
 
 
 def _signal_group(pid: int, sig: int) -> None:
