@@ -1,4 +1,4 @@
-"""Command line: ``pfdiff run``, ``pfdiff report``, ``pfdiff presets``. Parses and delegates only."""
+"""Command line: ``pfdiff run``, ``report``, ``fed``, ``dpdm``, ``presets``. Parses and delegates only."""
 
 from __future__ import annotations
 
@@ -91,6 +91,31 @@ def dpdm(out: Path = typer.Option(Path("runs/dpdm"), help="output folder (result
     results = run_dpdm(out, eps, seed=seed, steps=steps)
     console.print_json(data={k: v for k, v in results.items() if k != "models"})
     console.print(f"results: [bold]{out / 'dpdm_results.json'}[/]")
+
+
+@app.command()
+def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: federated)"),
+        set_: list[str] = typer.Option([], "--set", help="override, e.g. --set fed.rounds=5"),
+        alpha: list[float] = typer.Option([], help="Dirichlet α to run (repeatable; 0 = IID); default fed.compare_alphas"),
+        out: Optional[Path] = typer.Option(None, help="root folder (default: <output_dir>/<name>); re-running resumes")):
+    """Federated feature diffusion on Flower (Ray simulation): one run per α, then report.md comparing
+    FedAvg, FedDDPM, FedDDPM+ and the progressive pool."""
+    from pfdiff.config import ConfigError, load_config
+    from pfdiff.federated.report import load_results, plot_rounds, write_report
+    from pfdiff.federated.simulation import alpha_dir, simulate
+
+    try:
+        base = load_config(config or "federated", set_)
+        root = out or Path(base.output_dir) / base.name
+        for a in alpha or base.fed.compare_alphas:
+            cfg = base.model_copy(update={"fed": base.fed.model_copy(update={"alpha": float(a)})})
+            console.print(f"α = {a:g} → [bold]{alpha_dir(root, a)}[/]")
+            simulate(cfg, alpha_dir(root, a))
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    results = load_results(root)
+    plot_rounds(root, results)
+    console.print(f"report: [bold]{write_report(root, results)}[/]")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from pfdiff.evaluation import GROUPS  # noqa: E402
 from pfdiff.runs import RunDir, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
-def _save_fig(fig, path: Path) -> Path:
+def save_fig(fig, path: Path) -> Path:
+    """Save ``fig`` as PNG atomically (rendered in memory, then written with a rename) and close it."""
     import io
 
     buf = io.BytesIO()
@@ -42,7 +44,7 @@ def plot_per_class(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"Per-class accuracy, mean of {len(results['seeds'])} seed(s)")
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_training_curves(metrics: list[dict], seed: int, path: Path) -> Path | None:
@@ -60,7 +62,7 @@ def plot_training_curves(metrics: list[dict], seed: int, path: Path) -> Path | N
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss")
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_projection(features_file: Path, path: Path, max_classes: int = 10) -> Path | None:
@@ -87,7 +89,7 @@ def plot_projection(features_file: Path, path: Path, max_classes: int = 10) -> P
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     fig.suptitle("Real vs pseudo features (PCA of real features)", fontsize=10)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_drift(metrics: list[dict], path: Path) -> Path | None:
@@ -115,20 +117,26 @@ def plot_drift(metrics: list[dict], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Drift of pseudo-features from the current real features (mean over seeds)", fontsize=9)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def _fmt(cell: dict) -> str:
     return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table: one header row, a ``|---|`` separator, one line per row (cells via ``str``)."""
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    return "\n".join([line(header), "|---" * len(header) + "|", *(line(r) for r in rows)])
+
+
 def results_table(results: dict) -> str:
     cols = ("top1", "balanced", *GROUPS)
-    lines = ["| method | " + " | ".join(cols) + " | seconds |", "|---" * (len(cols) + 2) + "|"]
-    for method, row in results["methods"].items():
-        secs = f"{row['seconds']['mean']:.1f}" if "seconds" in row else "–"
-        lines.append(f"| {method} | " + " | ".join(_fmt(row[c]) for c in cols) + f" | {secs} |")
-    return "\n".join(lines)
+    rows = [[method, *(_fmt(row[c]) for c in cols), f"{row['seconds']['mean']:.1f}" if "seconds" in row else "–"]
+            for method, row in results["methods"].items()]
+    return markdown_table(["method", *cols, "seconds"], rows)
 
 
 BASELINES = ("ce", "logit_adjust", "ce+la", "resample")
@@ -230,7 +238,7 @@ def render_report(run: RunDir) -> Path:
     md += verdict(results) + [""]
     md += ["Methods:", ""] + [f"- `{m}`: {d}" for m, d in results["method_names"].items()] + [""]
     md += ["## Wall time per stage (s, mean ± std over seeds)", "",
-           "| stage | seconds |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in results["timings"].items()]
+           markdown_table(["stage", "seconds"], [(k, _fmt(v)) for k, v in results["timings"].items()])]
     diag = results["per_seed"][0]["diagnostics"].get("ldmlr")
     if diag:
         fd = ", ".join("–" if d is None else f"{d:.2f}" for d in diag["frechet_per_class"])
@@ -239,12 +247,10 @@ def render_report(run: RunDir) -> Path:
                f"Fréchet distance of each class's pseudo-features to its real training features: {fd}"]
     aid = results["per_seed"][0]["diagnostics"].get("aid", {})
     if aid:
+        rows = [[m, *("–" if f is None else f"{f:.2f}" for f in a["kept_fraction_per_class"])]
+                for m, a in aid.items()]
         md += ["", f"## AID/OOD filter: kept fraction per class (seed {seed})", "",
-               "| method | " + " | ".join(str(c) for c in range(split["num_classes"])) + " |",
-               "|---" * (split["num_classes"] + 1) + "|"]
-        for m, a in aid.items():
-            md.append(f"| {m} | " + " | ".join("–" if f is None else f"{f:.2f}" for f in a["kept_fraction_per_class"])
-                      + " |")
+               markdown_table(["method", *range(split["num_classes"])], rows)]
     md += privacy_section(results)
     md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
     atomic_write_text(run.report_path, "\n".join(md) + "\n")

@@ -468,9 +468,22 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "bytes": srv.wire.totals(), "failures": srv.wire.failures,
         "privacy": privacy_report(srv, stats, privacy_in), "seconds": time.perf_counter() - t0,
         "counts": stats["counts"].tolist(), "groups": srv.split.groups.as_dict(),
+        "fd_reference": fd_references(srv, enc_clf, stats["scaler"], warm, z_test),
+        # true per-client histograms, computed by the runner for the report only (never sent to the server)
+        "client_histograms": task.client_histograms(cfg, len(srv.nodes)).tolist(),
     }
     atomic_write_json(run_dir / "results.json", results)
     return results
+
+
+def fd_references(srv: Server, enc_clf, scaler: FeatureScaler, warm: dict | None, z_test) -> dict[str, float]:
+    """Reference points for the FD column (evaluation only): the clients' real features and the warm-up pool."""
+    _, priv = task.public_private_indices(srv.cfg)
+    z_train = task.features_of(enc_clf["encoder"], torch.as_tensor(srv.split.train.x[priv]))
+    out = {"real_train": frechet_distance(z_train.numpy(), z_test.numpy())}
+    if warm is not None:
+        out["warmup_pool"] = frechet_distance(scaler.inverse(warm["u"]).numpy(), z_test.numpy())
+    return out
 
 
 def warmup_summary(warm: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,411 @@
+"""report.md and fed_rounds.png comparing the federated methods across Dirichlet partitions.
+
+Input: one ``<root>/<sub>/results.json`` per partition (``iid`` or ``alpha-<α>``, see
+:func:`pfdiff.federated.simulation.alpha_dir`), as written by :func:`pfdiff.federated.server_app.run_server`.
+Every sentence of the report, the verdict included, is computed from those files; keys added later
+(``fd_reference``, ``client_histograms``) are optional.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from pfdiff.report import markdown_table, save_fig  # noqa: E402
+from pfdiff.runs import atomic_write_text  # noqa: E402
+
+Results = dict[str, dict[str, Any]]
+
+ACCURACY = ("top1", "few", "medium", "many")
+DASH = "–"
+MB = 1e6
+PLOT_NAME = "fed_rounds.png"
+# (method, the method it is measured against): FedDDPM's server correction vs plain FedAvg; the quick
+# test (FedDDPM+) and the progressive pool vs FedDDPM with its fixed pool and all rounds.
+PAIRS = (("fedddpm", "fedavg"), ("fedddpm+", "fedddpm"), ("progressive", "fedddpm"))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def partition_label(alpha: float) -> str:
+    """"IID" for α = 0, else "α=<α>"."""
+    return "IID" if alpha == 0 else f"α={alpha:g}"
+
+
+def _alpha_of(path: Path, data: dict[str, Any]) -> float:
+    """α from results.json, or from its directory name (``iid`` / ``alpha-<α>``)."""
+    if data.get("alpha") is not None:
+        return float(data["alpha"])
+    name = path.parent.name
+    return 0.0 if name == "iid" else float(name.removeprefix("alpha-"))
+
+
+def load_results(root: Path) -> Results:
+    """Every ``<root>/*/results.json``, keyed "IID" or "α=<α>", IID first then by increasing α."""
+    found = []
+    for path in sorted(Path(root).glob("*/results.json")):
+        data = json.loads(path.read_text())
+        found.append((_alpha_of(path, data), data))
+    return {partition_label(a): d for a, d in sorted(found, key=lambda t: t[0])}
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _num(x: Any, fmt: str = ".3f") -> str:
+    return DASH if _missing(x) else format(x, fmt)
+
+
+def _int(x: Any) -> str:
+    return DASH if _missing(x) else f"{int(x):,}"
+
+
+def _mb(n_bytes: Any) -> str:
+    return DASH if _missing(n_bytes) else f"{n_bytes / MB:.1f}"
+
+
+def _history(method: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(round, row) pairs of a method's history, in round order (JSON keys are strings)."""
+    return sorted((int(r), row) for r, row in method.get("history", {}).items())
+
+
+def _by_client(d: dict[Any, Any]) -> list[tuple[int, Any]]:
+    return sorted((int(k), v) for k, v in d.items())
+
+
+# ---------------------------------------------------------------- comparison table and verdict
+
+
+def comparison_table(res: dict[str, Any]) -> str:
+    """Baselines (accuracy only) and methods: FD, repair accuracy, rounds, steps, server time, bytes."""
+    header = ["method", "FD ↓", *ACCURACY, "rounds (saved)", "client steps", "server steps", "server s",
+              "MB sent+received"]
+    rows = [[name, DASH, *(_num(acc.get(k)) for k in ACCURACY), *[DASH] * 5]
+            for name, acc in res.get("baselines", {}).items()]
+    best = _lowest_fd(res.get("methods", {}))
+    for name, m in res.get("methods", {}).items():
+        fd = _num(m.get("fd"), ".2f")
+        rows.append([name, f"**{fd}**" if name == best else fd, *(_num(m.get("repair", {}).get(k)) for k in ACCURACY),
+                     f"{m.get('rounds', DASH)} ({m.get('rounds_saved', 0)})", m.get("client_steps", DASH),
+                     m.get("server_steps", DASH), _num(m.get("server_seconds"), ".1f"), _mb(m.get("bytes"))])
+    return markdown_table(header, rows)
+
+
+def _lowest_fd(methods: dict[str, dict[str, Any]]) -> str | None:
+    fds = {name: m["fd"] for name, m in methods.items() if not _missing(m.get("fd"))}
+    return min(fds, key=fds.get) if fds else None
+
+
+def _versus(metric: str, a: float, b: float, other: str, lower_better: bool, fmt: str) -> str:
+    """"<metric> a vs b (+d): beats / ties / does not beat <other>"; a tie is a difference that rounds to 0
+    at the printed precision."""
+    diff = a - b
+    if float(format(abs(diff), fmt)) == 0:
+        word = "ties"
+    else:
+        word = "beats" if (diff < 0) == lower_better else "does not beat"
+    return f"{metric} {a:{fmt}} vs {b:{fmt}} ({diff:+{fmt}}): {word} {other}"
+
+
+def _pair_sentence(methods: dict[str, dict[str, Any]], ours: str, theirs: str) -> str:
+    a, b = methods[ours], methods[theirs]
+    parts = []
+    if not (_missing(a.get("fd")) or _missing(b.get("fd"))):
+        parts.append(_versus("FD", a["fd"], b["fd"], theirs, True, ".2f"))
+    fa, fb = a.get("repair", {}).get("few"), b.get("repair", {}).get("few")
+    if not (_missing(fa) or _missing(fb)):
+        parts.append(_versus("few-class accuracy", fa, fb, theirs, False, ".3f"))
+    return f"`{ours}` vs `{theirs}`: " + ("; ".join(parts) or "no comparable numbers") + "."
+
+
+def _savings_sentence(methods: dict[str, dict[str, Any]]) -> str | None:
+    """What FedDDPM+'s quick test saved against FedDDPM (rounds, client steps, bytes), or that it saved nothing."""
+    plus, full = methods.get("fedddpm+"), methods.get("fedddpm")
+    if plus is None:
+        return None
+    planned = plus.get("rounds", 0) + plus.get("rounds_saved", 0)
+    if not plus.get("rounds_saved"):
+        return f"`fedddpm+` ran all {planned} rounds (the quick test never stopped it): it saved nothing."
+    text = f"`fedddpm+` stopped after {plus['rounds']} of {planned} rounds, saving {plus['rounds_saved']} rounds"
+    if full is not None:
+        steps = full.get("client_steps", 0) - plus.get("client_steps", 0)
+        text += f", {steps} client steps and {_mb(full.get('bytes', 0) - plus.get('bytes', 0))} MB vs `fedddpm`"
+    return text + "."
+
+
+def _few_sentence(res: dict[str, Any]) -> str | None:
+    """Which repaired methods beat the strongest baseline on the few classes, and which do not."""
+    base = {n: a["few"] for n, a in res.get("baselines", {}).items() if not _missing(a.get("few"))}
+    ours = {n: m["repair"]["few"] for n, m in res.get("methods", {}).items()
+            if not _missing(m.get("repair", {}).get("few"))}
+    if not base or not ours:
+        return None
+    best = max(base, key=base.get)
+    won = [f"`{n}` ({v:.3f})" for n, v in ours.items() if v > base[best]]
+    lost = [f"`{n}` ({v:.3f})" for n, v in ours.items() if v <= base[best]]
+    return (f"Strongest baseline on the few classes: `{best}` ({base[best]:.3f}). Repaired G above it: "
+            f"{', '.join(won) or 'none'}; not above it: {', '.join(lost) or 'none'}.")
+
+
+def verdict(label: str, res: dict[str, Any]) -> list[str]:
+    """Bullet points for one partition, every claim with its numbers."""
+    methods = res.get("methods", {})
+    best = _lowest_fd(methods)
+    lines = [f"- **{label}**: lowest FD: " + (f"`{best}` ({methods[best]['fd']:.2f})." if best else "none recorded.")]
+    lines += [f"  - {_pair_sentence(methods, a, b)}" for a, b in PAIRS if a in methods and b in methods]
+    lines += [f"  - {s}" for s in (_savings_sentence(methods), _few_sentence(res)) if s]
+    return lines
+
+
+def _fd_reference_line(res: dict[str, Any]) -> list[str]:
+    ref = res.get("fd_reference") or {}
+    if not ref:
+        return []
+    parts = ", ".join(f"{k.replace('_', ' ')} {_num(v, '.2f')}" for k, v in ref.items())
+    return ["", f"FD of reference feature sets to the test features: {parts}."]
+
+
+def comparison_section(results: Results) -> list[str]:
+    """Per partition: its comparison table (and FD references); then the verdict of every partition."""
+    md = ["## Comparison", "",
+          "FD ↓: Fréchet distance of features generated by the final global denoiser to the real test features "
+          "(bold: lowest). Accuracies: G re-trained on class-balanced pseudo-features sampled by the server "
+          "(the long-tail repair); the `fedavg-*` baselines generate nothing. Rounds (saved): rounds run "
+          "(rounds skipped by an early stop). MB: diffusion rounds, server→clients plus clients→server."]
+    for label, res in results.items():
+        md += ["", f"### {label}", "",
+               f"{res.get('num_clients', '?')} clients; class counts {res.get('counts', DASH)}; "
+               f"wall time {_num(res.get('seconds'), '.1f')} s.", "", comparison_table(res)]
+        md += _fd_reference_line(res)
+    md += ["", "## Verdict", ""]
+    for label, res in results.items():
+        md += verdict(label, res)
+    return md
+
+
+# ---------------------------------------------------------------- warm-up, bytes, histograms, failures
+
+
+def _warmup_row(label: str, w: dict[str, Any]) -> list[Any]:
+    up = w.get("upload_bytes_per_client", [])
+    spread = f"{min(up):,}–{max(up):,}" if up else DASH
+    cheaper = sum(b < w.get("model_bytes", 0) for b in up)
+    return [label, w.get("upload", DASH), _int(w.get("model_bytes")), _num(w.get("bytes_per_feature"), ".1f"),
+            _int(w.get("crossover_n")), spread, _mb(sum(up)), f"{cheaper}/{len(up)}",
+            f"{w.get('pool_size', DASH)} ({w.get('val_size', DASH)})"]
+
+
+def warmup_section(results: Results) -> list[str]:
+    """Model bytes vs bytes per pseudo-feature, the crossover N and what the clients actually uploaded."""
+    rows = [_warmup_row(label, res["warmup"]) for label, res in results.items() if res.get("warmup")]
+    md = ["", "## Warm-up uploads", ""]
+    if not rows:
+        return md + ["No warm-up: no method used the auxiliary pool."]
+    return md + ["Each client uploads either its warm-up denoiser (model bytes) or N pseudo-features "
+                 "(bytes per feature each, float32 vector + int64 label); features are cheaper while N is below "
+                 "the crossover N. Measured serialised sizes:", "",
+                 markdown_table(["partition", "upload", "model (B)", "B / pseudo-feature", "crossover N",
+                                 "uploaded per client (B)", "uploaded total (MB)", "clients below model size",
+                                 "pool (held out)"], rows)]
+
+
+def _phases(results: Results) -> list[str]:
+    seen: dict[str, None] = {}
+    for res in results.values():
+        b = res.get("bytes", {})
+        seen.update(dict.fromkeys([*b.get("sent", {}), *b.get("received", {})]))
+    return list(seen)
+
+
+def bytes_section(results: Results) -> list[str]:
+    """MB per phase (server→clients / clients→server) and per client, one column per partition."""
+    labels = list(results)
+    b = {label: res.get("bytes", {}) for label, res in results.items()}
+
+    def cell(d: dict[str, Any], key: Any) -> str:
+        return f"{_mb(d.get('sent', {}).get(key, 0))} / {_mb(d.get('received', {}).get(key, 0))}"
+
+    phases = [[p, *(cell(b[label], p) for label in labels)] for p in _phases(results)]
+    phases.append(["**total**", *(_mb(b[label].get("total")) for label in labels)])
+    clients = sorted({int(k) for d in b.values() for k in d.get("per_client", {})})
+    per_client = [[c, *(_client_cell(b[label].get("per_client", {}), c) for label in labels)] for c in clients]
+    return ["", "## Bytes", "", "MB sent (server→clients) / received (clients→server), per phase:", "",
+            markdown_table(["phase", *labels], phases), "", "Per client (all phases):", "",
+            markdown_table(["client", *labels], per_client)]
+
+
+def _client_cell(per_client: dict[Any, dict[str, int]], client: int) -> str:
+    d = dict(_by_client(per_client)).get(client)
+    return DASH if d is None else f"{_mb(d.get('sent'))} / {_mb(d.get('received'))}"
+
+
+def histogram_section(results: Results) -> list[str]:
+    """Per-client class counts (true partition, computed by the runner for the report only)."""
+    md = []
+    for label, res in results.items():
+        hist = res.get("client_histograms")
+        if not hist:
+            continue
+        rows = [[i, *h, sum(h)] for i, h in enumerate(hist)]
+        md += ["", f"### {label}", "", markdown_table(["client", *range(len(hist[0])), "total"], rows)]
+    return ["", "## Per-client class histograms"] + md if md else []
+
+
+def failures_section(results: Results) -> list[str]:
+    """Per partition: the number of failed client exchanges ("none") and each failure."""
+    md = ["", "## Failures", ""]
+    for label, res in results.items():
+        fails = res.get("failures") or []
+        md.append(f"- {label}: {len(fails) if fails else 'none'}")
+        md += [f"  - {f.get('phase')} round {f.get('round')}, client {f.get('partition')}: {f.get('reason')}"
+               for f in fails]
+    return md
+
+
+# ---------------------------------------------------------------- privacy
+
+
+def _example_privacy(p: dict[str, Any]) -> list[str]:
+    """Each client's example-level ε per method (the largest per method in bold), covered / public lists."""
+    methods = p.get("methods", {})
+    eps = {m: dict((c, e["epsilon"]) for c, e in _by_client(per)) for m, per in methods.items()}
+    top = {m: max(v.values()) for m, v in eps.items() if v}
+    clients = sorted({c for v in eps.values() for c in v})
+
+    def cell(m: str, c: int) -> str:
+        e = eps[m].get(c)
+        return DASH if e is None else (f"**{e:.3f}**" if e == top.get(m) else f"{e:.3f}")
+
+    rows = [[c, *(cell(m, c) for m in eps)] for c in clients]
+    rows.append(["**max**", *(_num(top.get(m)) for m in eps)])
+    worst = (f" The largest ε of any client under any one method is {max(top.values()):.3f}; releasing several "
+             "methods' outputs together composes their budgets." if top else "")
+    return [f"Example-level DP-SGD on every client: target ε = {_num(p.get('target_epsilon'), 'g')} at "
+            f"δ = {_num(p.get('delta'), 'g')} ({p.get('accountant', '?')} accountant).{worst} "
+            "ε spent per client and method (bold: the largest per method):",
+            "", markdown_table(["client", *eps], rows), "", *_public_lists(p)]
+
+
+def _public_lists(p: dict[str, Any]) -> list[str]:
+    """What the guarantee covers and what is declared public, as bullets (when present)."""
+    return [f"- {title}: " + "; ".join(p[key]) + "." for key, title in
+            (("covered", "Covered"), ("declared_public", "Declared public (no ε)")) if p.get(key)]
+
+
+def _client_privacy(p: dict[str, Any]) -> list[str]:
+    rows = [[m, _num(d.get("client_level_epsilon")), d.get("rounds", DASH)] for m, d in p.get("methods", {}).items()]
+    return [f"Client-level DP (noisy FedAvg) at δ = {_num(p.get('delta'), 'g')}:", "",
+            markdown_table(["method", "client-level ε", "rounds"], rows), "", *_public_lists(p)]
+
+
+def privacy_section(results: Results) -> list[str]:
+    """Per partition: the DP mode, its claim, and the ε per client (example) or per method (client)."""
+    md = ["", "## Privacy"]
+    for label, res in results.items():
+        p = res.get("privacy") or {"mode": "none"}
+        mode = p.get("mode", "none")
+        md += ["", f"### {label}: mode `{mode}`", ""]
+        if p.get("claim"):
+            md += [f"Claim: {p['claim']}.", ""]
+        if mode == "example":
+            md += _example_privacy(p)
+        elif mode == "client":
+            md += _client_privacy(p)
+        else:
+            md.append("There is **no differential-privacy claim** for this partition.")
+    return md
+
+
+# ---------------------------------------------------------------- the report and the plot
+
+
+def write_report(root: Path, results: Results) -> Path:
+    """Write ``<root>/report.md`` (atomically) comparing the methods across the partitions of ``results``."""
+    if not results:
+        raise ValueError(f"no federated results to report under {root}")
+    root = Path(root)
+    md = ["# Federated feature diffusion: methods across partitions", "",
+          f"Partitions: {', '.join(results)} (Dirichlet label skew; α = 0 is IID). Test-set numbers are for "
+          "reporting only: no method's decision looks at them.", ""]
+    md += comparison_section(results) + warmup_section(results) + bytes_section(results)
+    md += histogram_section(results) + failures_section(results) + privacy_section(results)
+    if (root / PLOT_NAME).exists():
+        md += ["", "## Rounds", "", f"![score and pool per round]({PLOT_NAME})"]
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    return path
+
+
+def _round_axis(ax) -> None:
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _plot_scores(ax, label: str, methods: dict[str, dict[str, Any]]) -> None:
+    """Held-out aux-pool diffusion loss per round, one line per method with a score; FedDDPM+'s stop marked."""
+    for name, m in methods.items():
+        pts = [(r, row["score"]) for r, row in _history(m) if not _missing(row.get("score"))]
+        if not pts:
+            continue
+        (line,) = ax.plot(*zip(*pts), marker=".", label=name)
+        for r, row in _history(m):
+            if row.get("quick_test_stop"):
+                ax.plot([r], [row["score"]], marker="X", ms=10, color=line.get_color(), ls="none",
+                        label=f"{name} stop (round {r})")
+    ax.set_title(f"{label}: score per round")
+    _round_axis(ax)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _plot_pool(ax, progressive: dict[str, Any] | None) -> None:
+    """The progressive pool's mean age (line) and the features replaced per round (bars)."""
+    rows = [(r, row) for r, row in _history(progressive or {}) if "pool" in row]
+    if not rows:
+        ax.text(0.5, 0.5, "no progressive pool", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    rounds = [r for r, _ in rows]
+    bars = ax.twinx()
+    bars.bar(rounds, [row.get("regenerated", {}).get("replaced", 0) for _, row in rows], color="0.8", width=0.6)
+    bars.set_ylabel("replaced")
+    ax.set_zorder(bars.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.plot(rounds, [row["pool"].get("mean_age") for _, row in rows], marker=".", color="tab:purple")
+    ax.set_ylabel("pool mean age (rounds)", color="tab:purple")
+    ax.set_title("progressive pool: mean age (line), replaced (bars)", fontsize=9)
+    _round_axis(ax)
+
+
+def plot_rounds(root: Path, results: Results) -> Path:
+    """``<root>/fed_rounds.png``: per partition, the score per round (top) and the progressive pool (bottom)."""
+    fig, axes = plt.subplots(2, max(1, len(results)), figsize=(4.5 * max(1, len(results)), 6.5), squeeze=False)
+    for col, (label, res) in enumerate(results.items()):
+        _plot_scores(axes[0][col], label, res.get("methods", {}))
+        _plot_pool(axes[1][col], res.get("methods", {}).get("progressive"))
+    axes[0][0].set_ylabel("held-out aux-pool diffusion loss")
+    fig.tight_layout()
+    return save_fig(fig, Path(root) / PLOT_NAME)
+
+
+def render(root: Path) -> Path:
+    """Load every partition under ``root``, draw the rounds plot, write and return ``report.md``."""
+    results = load_results(root)
+    if not results:
+        raise FileNotFoundError(f"no */results.json under {root}")
+    plot_rounds(root, results)
+    return write_report(root, results)

@@ -1,0 +1,147 @@
+"""The federated report: tables, a verdict computed from the numbers, privacy per mode, the rounds plot."""
+
+import copy
+import json
+
+import pytest
+
+from pfdiff.federated.report import load_results, plot_rounds, verdict, write_report
+
+METHODS = ("fedavg", "fedddpm", "fedddpm+", "progressive")
+
+
+def _acc(top1, few, medium=0.95, many=1.0):
+    return {"top1": top1, "balanced": top1, "many": many, "medium": medium, "few": few}
+
+
+def _history(rounds, method):
+    """Rows shaped like server_app.run_method's history (keys are strings after JSON)."""
+    out = {}
+    for r in range(1, rounds + 1):
+        row = {"replies": 3, "bytes": 1_000_000, "seconds": 0.5}
+        if method != "fedavg":
+            row["score"] = 1.0 / r
+        if method == "progressive":
+            row.update(gain=0.01, regenerated={"replaced": 2 * r, "generated": 5, "kept": 5},
+                       pool={"size": 40, "mean_age": r / 2, "mean_score": 7.0, "share_from_warmup": 0.5})
+        out[str(r)] = row
+    if method == "fedddpm+":
+        out[str(rounds)].update(quick_test_stop=True, score_after_one_shot=0.9 / rounds)
+    return out
+
+
+def _method(name, fd, few, rounds, planned=4, server_steps=20):
+    return {"fd": fd, "repair": _acc(0.81, few), "repair_pseudo_kept": 99, "rounds": rounds,
+            "rounds_saved": planned - rounds, "client_steps": rounds * 30, "server_steps": server_steps,
+            "server_generated": 0, "server_seconds": 1.25, "final_score": 0.25, "bytes": rounds * 1_000_000,
+            "history": _history(rounds, name)}
+
+
+def _privacy_example():
+    eps = {"fedavg": [1.1, 2.345, 0.9], "fedddpm": [1.5, 3.125, 1.2]}
+    return {"mode": "example", "target_epsilon": 8.0, "delta": 1e-5, "accountant": "pld",
+            "methods": {m: {str(c): {"epsilon": e, "sigma": 1.0, "sample_rate": 0.1, "steps": 40}
+                            for c, e in enumerate(v)} for m, v in eps.items()},
+            "covered": ["local DP-SGD steps (warm-up and rounds)", "noisy class counts"],
+            "declared_public": ["each client's number of examples"]}
+
+
+def fake_results(alpha=0.5, privacy=None):
+    """A trimmed copy of a real results.json (α = 0.5, 3 clients, 4 rounds)."""
+    return {
+        "alpha": alpha, "num_clients": 3,
+        "baselines": {"fedavg-ce": _acc(0.777, 0.566), "fedavg-ce+la": _acc(0.783, 0.606),
+                      "fedavg-reweight": _acc(0.789, 0.589)},
+        "methods": {"fedavg": _method("fedavg", 70.1255, 0.634, 4, server_steps=0),
+                    "fedddpm": _method("fedddpm", 70.268, 0.634, 4),
+                    "fedddpm+": _method("fedddpm+", 107.1, 0.646, 2),
+                    "progressive": _method("progressive", 70.29, 0.634, 4)},
+        "warmup": {"upload": "features", "model_bytes": 595428, "bytes_per_feature": 264.007, "crossover_n": 2255,
+                   "upload_bytes_per_client": [8584, 15976, 36839], "pool_size": 205, "val_size": 41},
+        "bytes": {"sent": {"encoder": 2_000_000, "diffusion/fedavg": 3_600_000},
+                  "received": {"encoder": 1_900_000, "diffusion/fedavg": 3_500_000},
+                  "per_client": {str(c): {"sent": 1_800_000, "received": 1_700_000} for c in range(3)},
+                  "total": 11_000_000},
+        "failures": [],
+        "privacy": privacy or {"mode": "none", "claim": "no differential privacy: every release is computed "
+                                                        "from private data without a guarantee"},
+        "seconds": 82.81, "counts": [139, 89, 58, 37, 24, 15, 10, 6, 4, 2],
+        "groups": {"many": [0], "medium": [1, 2, 3, 4], "few": [5, 6, 7, 8, 9], "rule": "thresholds"},
+    }
+
+
+@pytest.fixture
+def results():
+    iid = fake_results(alpha=0, privacy=_privacy_example())
+    iid["client_histograms"] = [[50, 30, 20, 12, 8, 5, 3, 2, 1, 1], [45, 30, 19, 13, 8, 5, 4, 2, 2, 0],
+                                [44, 29, 19, 12, 8, 5, 3, 2, 1, 1]]
+    iid["fd_reference"] = {"real_train": 3.5, "warmup_pool": 60.25}
+    skewed = fake_results(alpha=0.5)
+    skewed["failures"] = [{"phase": "diffusion/fedavg", "round": 2, "node": 7, "partition": 1,
+                           "reason": "no reply within 60 s"}]
+    return {"IID": iid, "α=0.5": skewed}
+
+
+def test_report_has_every_method_partition_and_formatted_numbers(tmp_path, results):
+    text = write_report(tmp_path, results).read_text()
+    for name in (*METHODS, "fedavg-ce", "fedavg-ce+la", "fedavg-reweight", "### IID", "### α=0.5"):
+        assert name in text
+    # FD with 2 decimals (lowest in bold), accuracies with 3, rounds (saved), server seconds, MB
+    assert "**70.13**" in text and "| 107.10 |" in text and "0.646" in text and "| 2 (2) |" in text
+    assert "| 1.2 |" in text and "| 4.0 |" in text
+    assert "595,428" in text and "2,255" in text and "3/3" in text  # warm-up: every upload below a model
+    assert "| encoder | 2.0 / 1.9 | 2.0 / 1.9 |" in text  # bytes per phase
+    assert "real train 3.50, warmup pool 60.25" in text
+    assert "## Per-client class histograms" in text and "| 0 | 50 | 30 |" in text
+    assert "- IID: none" in text and "- α=0.5: 1" in text and "no reply within 60 s" in text
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
+
+
+def test_verdict_is_computed_from_the_numbers(results):
+    res = results["α=0.5"]
+    text = "\n".join(verdict("α=0.5", res))
+    assert "lowest FD: `fedavg` (70.13)" in text
+    assert "FD 70.27 vs 70.13 (+0.14): does not beat fedavg" in text
+    assert "few-class accuracy 0.634 vs 0.634 (+0.000): ties fedavg" in text
+    assert "`fedddpm+` stopped after 2 of 4 rounds, saving 2 rounds, 60 client steps and 2.0 MB" in text
+    assert "`fedavg-ce+la` (0.606)" in text
+
+    better = copy.deepcopy(res)
+    better["methods"]["fedddpm"]["fd"] = 50.0
+    better["methods"]["fedddpm"]["repair"]["few"] = 0.7
+    better["methods"]["fedddpm+"]["rounds_saved"] = 0
+    text = "\n".join(verdict("α=0.5", better))
+    assert "lowest FD: `fedddpm` (50.00)" in text
+    assert "FD 50.00 vs 70.13 (-20.13): beats fedavg" in text and "(+0.066): beats fedavg" in text
+    assert "the quick test never stopped it" in text
+
+
+def test_privacy_section_per_mode(tmp_path, results):
+    results["α=0.5"]["privacy"] = {"mode": "client", "delta": 1e-5, "declared_public": ["class counts"],
+                                   "methods": {"fedavg": {"client_level_epsilon": 4.5678, "rounds": 4}}}
+    results["α=0.1"] = fake_results(alpha=0.1)
+    text = write_report(tmp_path, results).read_text()
+    privacy = text.split("## Privacy", 1)[1]
+    assert "mode `example`" in privacy and "**2.345**" in privacy and "**3.125**" in privacy
+    assert "| **max** | 2.345 | 3.125 |" in privacy and "any one method is 3.125" in privacy
+    assert "noisy class counts" in privacy and "each client's number of examples" in privacy
+    assert "mode `client`" in privacy and "| fedavg | 4.568 | 4 |" in privacy
+    assert "no differential-privacy claim" in privacy.split("### α=0.1", 1)[1]
+
+
+def test_plot_rounds_writes_a_png_linked_from_the_report(tmp_path, results):
+    path = plot_rounds(tmp_path, results)
+    assert path == tmp_path / "fed_rounds.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](fed_rounds.png)" in write_report(tmp_path, results).read_text()
+
+
+def test_load_results_labels_and_orders_partitions(tmp_path):
+    for sub, alpha in [("alpha-10", 10.0), ("iid", 0), ("alpha-0.5", 0.5), ("alpha-0.1", 0.1)]:
+        (tmp_path / sub).mkdir()
+        data = fake_results(alpha)
+        if sub == "alpha-0.1":
+            del data["alpha"]  # falls back to the directory name
+        (tmp_path / sub / "results.json").write_text(json.dumps(data))
+    loaded = load_results(tmp_path)
+    assert list(loaded) == ["IID", "α=0.1", "α=0.5", "α=10"]
+    assert loaded["α=0.5"]["methods"]["fedavg"]["fd"] == 70.1255
