@@ -231,3 +231,18 @@ def test_simulation_survives_a_failing_client_and_resumes_without_repeating_roun
     assert hist["1"] == res["methods"]["fedavg"]["history"]["1"]  # round 1 was not run again
     assert (tmp_path / "encoder.safetensors").stat().st_mtime_ns == encoder_mtime
     assert res2["methods"]["fedavg"]["rounds"] == 3
+
+
+@pytest.mark.slow
+def test_dp_clients_end_to_end_report_every_clients_epsilon_within_target(tmp_path):
+    from pfdiff.federated.simulation import simulate
+
+    cfg = tiny("fed.dp=example", "fed.encoder=public", "fed.methods=[fedavg,fedddpm]", "privacy.target_epsilon=5")
+    res = simulate(cfg, tmp_path)
+    priv = res["privacy"]
+    assert priv["mode"] == "example" and "fedavg-reweight" not in res["baselines"]
+    for m in ("fedavg", "fedddpm"):
+        eps = [c["epsilon"] for c in priv["methods"][m].values()]
+        assert len(eps) == 3 and all(0 < e <= 5.0 + 1e-6 for e in eps)
+    # the warm-up is part of FedDDPM's release, not of FedAvg's
+    assert priv["methods"]["fedddpm"]["0"]["steps"] > priv["methods"]["fedavg"]["0"]["steps"]

@@ -156,7 +156,7 @@ class FederatedConfig(Section):
     encoder_rounds: int = Field(10, ge=1)
     encoder_local_steps: int = Field(20, ge=1)
     reweight_rounds: int = Field(5, ge=0)  # FedAvg of G with class-weighted CE (the re-weighting baseline)
-    warmup_steps: int = Field(300, ge=1)  # local steps of each client's own denoiser before FL (Peng et al.)
+    warmup_steps: int = Field(1500, ge=1)  # local steps of each client's own denoiser before FL (Peng et al.)
     warmup_upload: Literal["features", "model"] = "features"  # what a client uploads to build the aux pool
     aux_size: int = Field(1000, ge=10)  # generation budget B of auxiliary pseudo-features (all methods)
     aux_val_share: float = Field(0.2, gt=0, lt=1)  # held-out slice of the warm-up pool: QUICK-TEST / score

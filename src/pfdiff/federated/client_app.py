@@ -130,7 +130,9 @@ def train(msg: Message, context: Context) -> Message:
     if phase == "diffusion":
         first = f.warmup_steps + (rnd - 1) * f.local_steps  # global DP step index: never reused across rounds
         model, loss = _local_denoiser(cfg, arrays, u, y, cfg_rec, pid, first, f.local_steps)
-        metrics = {"num-examples": n} if f.dp == "example" else {"num-examples": n, "train_loss": loss}
+        # client-level DP: equal weights, so one client moves the average by at most clip/m (the wrapper's σ·clip/m)
+        weight = 1 if f.dp == "client" else n
+        metrics = {"num-examples": weight, "train_loss": loss} if f.dp == "none" else {"num-examples": weight}
         return _reply(msg, ArrayRecord(model.state_dict()), pid, **metrics)
 
     raise ValueError(f"unknown phase {phase!r}")

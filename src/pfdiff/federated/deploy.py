@@ -10,9 +10,9 @@ Used by the deployment test and handy for manual checks::
 Everything is insecure (no TLS), bound to 127.0.0.1 on free ports picked at runtime, and written under
 ``workdir``: ``flwr-home/`` (``FLWR_HOME``: the Flower config file naming the connection, installed
 FABs), ``superlink.db`` (SuperLink state) and ``logs/<process>.log``. Telemetry, the update check and
-runtime dependency installation are off. The ServerApp logs into ``logs/superlink.log`` and the
-ClientApps into ``logs/supernode-<i>.log``. Only Flower's own executables and CLI are used
-(``flower-superlink``, ``flower-supernode``, ``flwr run``, ``flwr ls``, ``flwr supernode ls``).
+runtime dependency installation are off. The ServerApp's log (``flwr log``) is saved to
+``logs/run-<id>.log``; the ClientApps print into ``logs/supernode-<i>.log``. Only Flower's own executables
+and CLI are used (``flower-superlink``, ``flower-supernode``, ``flwr run|ls|log``, ``flwr supernode ls``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,6 @@ def executable(name: str) -> str | None:
     """Path of a Flower executable: next to the running Python first (the venv), then ``PATH``."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else shutil.which(name)
-
-
-def executables_available() -> bool:
-    return all(executable(n) for n in ("flower-superlink", "flower-supernode", "flwr"))
 
 
 def free_port() -> int:
@@ -192,7 +189,7 @@ class LocalDeployment:
                 raise DeploymentError(f"{p.name} exited with code {p.popen.returncode}; last lines of {p.log}:\n"
                                       f"{log_tail(p.log)}")
 
-    def _wait_until(self, what: str, ready, timeout: float | None = None) -> None:
+    def _wait_until(self, what: str, ready: Callable[[], bool], timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.startup_timeout)
         while not ready():
             self.check_alive()
@@ -218,8 +215,8 @@ class LocalDeployment:
         except json.JSONDecodeError:
             out = {"success": False}
         if res.returncode != 0 or not out.get("success", False):
-            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {res.returncode}):\n"
-                                  f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            detail = out.get("error-message") or f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {res.returncode}):\n{detail}")
         return out
 
     def online_nodes(self) -> int:

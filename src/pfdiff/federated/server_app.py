@@ -421,7 +421,8 @@ def privacy_report(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
             ev = [GaussianEvent(f.client_noise_multiplier, 1.0, started, "client-level FedAvg")]
             out[m] = {"client_level_epsilon": epsilon(ev, p.delta, p.accountant), "rounds": started}
         return {"mode": "client", "delta": p.delta, "methods": out,
-                "declared_public": ["encoder, G and scaler (public part)", "class counts (re-weighting baseline)"]}
+                "declared_public": ["encoder, G and scaler (public part)",
+                                   "each client's class counts (released exactly at the statistics phase)"]}
     per_method = {}
     for m, res in results.items():
         uses_warmup = m in AUX_METHODS
@@ -452,8 +453,9 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     z_test, y_test = test_features(srv, enc_clf)
     baselines = {"fedavg-ce": accuracy(srv, enc_clf["classifier"], z_test, y_test),
                  "fedavg-ce+la": accuracy(srv, enc_clf["classifier"], z_test, y_test, stats["counts"])}
-    rw = phase_reweight(srv, enc_clf, stats["counts"])
-    baselines["fedavg-reweight"] = accuracy(srv, rw, z_test, y_test)
+    if cfg.fed.dp == "none":  # its FedAvg of G on private features has no DP guarantee: not run under DP
+        rw = phase_reweight(srv, enc_clf, stats["counts"])
+        baselines["fedavg-reweight"] = accuracy(srv, rw, z_test, y_test)
     warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
     methods, privacy_in = {}, {}
     for m in cfg.fed.methods:
