@@ -430,7 +430,7 @@ def privacy_report(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
         for pid, n in sorted(stats["n_per_client"].items()):
             plan = task.client_dp_plan(cfg, n)
             steps = (f.warmup_steps if uses_warmup else 0) + res["rounds_started"] * f.local_steps
-            eps[pid] = {"epsilon": epsilon(plan.events(steps), p.delta, p.accountant), "sigma": plan.sigma,
+            eps[str(pid)] = {"epsilon": epsilon(plan.events(steps), p.delta, p.accountant), "sigma": plan.sigma,
                         "sample_rate": plan.sample_rate, "steps": steps}
         per_method[m] = eps
     return {"mode": "example", "target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
