@@ -21,6 +21,7 @@ from torch import nn
 from pfdiff.config import RunConfig
 from pfdiff.diffusion import DiffusionLoss, NoiseSchedule
 from pfdiff.federated.aux_pool import AuxPool
+from pfdiff.federated.task import train_denoiser_local
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import sample_features
 from pfdiff.training import generator
@@ -43,18 +44,10 @@ class ServerCompute:
 def correct_on_pool(model: nn.Module, pool: AuxPool, loss_fn: DiffusionLoss, steps: int, lr: float,
                     batch_size: int, seed: int, tag: tuple) -> ServerCompute:
     """FedDDPM's server correction (Peng et al. 2025): ``steps`` optimiser steps of the diffusion loss on the
-    pool, starting from the aggregated model, in place. Adam with a fresh state, as the clients' local steps:
-    the correction then moves the weights on the scale of one client's round."""
+    pool, starting from the aggregated model, in place — the clients' local step (Adam, fresh state) on
+    the pool's pseudo-features, so the correction moves the weights on the scale of one client's round."""
     start = time.perf_counter()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for s in range(steps):
-        g = generator("cpu", seed, "fed-server", *tag, s)
-        idx = torch.randint(0, len(pool), (min(batch_size, len(pool)),), generator=g)
-        loss = loss_fn(model, pool.u[idx], pool.y[idx], generator=g).loss.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_denoiser_local(model, pool.u, pool.y, loss_fn, steps, lr, batch_size, seed, tag, stream="fed-server")
     return ServerCompute(steps=steps, seconds=time.perf_counter() - start)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
@@ -160,52 +161,54 @@ def _batches(n: int, batch_size: int, seed: int, *tags) -> torch.Tensor:
     return torch.randint(0, n, (min(batch_size, n),), generator=generator("cpu", seed, *tags))
 
 
-def train_encoder_local(model: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
-                        batch_size: int, seed: int, tag: tuple) -> float:
-    """``steps`` AdamW steps of cross-entropy on E + G; returns the mean loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
+def adam_steps(params, lr: float, steps: int, loss_at: Callable[[int], torch.Tensor],
+               weight_decay: float = 0.0) -> float:
+    """``steps`` AdamW steps (fresh state, as every local round) of ``loss_at(step)``; the mean loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = 0.0
     for s in range(steps):
-        idx = _batches(len(y), batch_size, seed, "fed-enc", *tag, s)
-        loss = nn.functional.cross_entropy(model["classifier"](model["encoder"](x[idx])), y[idx])
+        loss = loss_at(s)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         total += float(loss.detach())
-    return total / steps
+    return total / max(1, steps)
+
+
+def train_encoder_local(model: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+                        batch_size: int, seed: int, tag: tuple) -> float:
+    """Cross-entropy steps on E + G (weight decay as torch's AdamW default)."""
+    model.train()
+
+    def loss_at(s: int) -> torch.Tensor:
+        idx = _batches(len(y), batch_size, seed, "fed-enc", *tag, s)
+        return nn.functional.cross_entropy(model["classifier"](model["encoder"](x[idx])), y[idx])
+
+    return adam_steps(model.parameters(), lr, steps, loss_at, weight_decay=0.01)
 
 
 def train_classifier_local(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor,
                            steps: int, lr: float, batch_size: int, seed: int, tag: tuple) -> float:
     """Class-weighted cross-entropy on frozen features (the re-weighting baseline's local step)."""
-    opt = torch.optim.AdamW(classifier.parameters(), lr=lr)
-    total = 0.0
-    for s in range(steps):
+    def loss_at(s: int) -> torch.Tensor:
         idx = _batches(len(y), batch_size, seed, "fed-rw", *tag, s)
-        loss = nn.functional.cross_entropy(classifier(z[idx]), y[idx], weight=class_weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
-    return total / steps
+        return nn.functional.cross_entropy(classifier(z[idx]), y[idx], weight=class_weights)
+
+    return adam_steps(classifier.parameters(), lr, steps, loss_at, weight_decay=0.01)
 
 
 def train_denoiser_local(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss, steps: int,
-                         lr: float, batch_size: int, seed: int, tag: tuple) -> float:
-    """Plain local steps of the diffusion loss (AdamW); returns the mean loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+                         lr: float, batch_size: int, seed: int, tag: tuple, stream: str = "fed-ldm") -> float:
+    """Plain local steps of the diffusion loss (also the server's correction on the pool, ``stream`` naming
+    its own random draws)."""
     model.train()
-    total = 0.0
-    for s in range(steps):
-        g = generator("cpu", seed, "fed-ldm", *tag, s)
+
+    def loss_at(s: int) -> torch.Tensor:
+        g = generator("cpu", seed, stream, *tag, s)
         idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=g)
-        loss = loss_fn(model, u[idx], y[idx], generator=g).loss.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
-    return total / steps
+        return loss_fn(model, u[idx], y[idx], generator=g).loss.mean()
+
+    return adam_steps(model.parameters(), lr, steps, loss_at)
 
 
 @dataclass(frozen=True)
