@@ -119,6 +119,46 @@ def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
 
 
 @app.command()
+def attack(run_dir: Path = typer.Argument(..., help="a run directory written by `pfdiff run`"),
+           attacks: list[str] = typer.Option(["loss", "secmi", "pia"], "--attack", help="loss | secmi | pia (repeatable)")):
+    """Membership-inference attacks on every feature denoiser of a finished run; adds them to its report."""
+    from pfdiff.longtail.membership import attack_and_report
+
+    try:
+        report = attack_and_report(run_dir, tuple(attacks))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"report: [bold]{report}[/] (attack.json, plots/roc.png)")
+
+
+@app.command()
+def audit(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: dp)"),
+          set_: list[str] = typer.Option([], "--set", help="override, e.g. --set privacy.target_epsilon=1"),
+          canaries: int = typer.Option(200, "--canaries", help="number of canaries m (each included w.p. 1/2)"),
+          seed: int = typer.Option(0, help="seed of the canaries, their inclusion and the training"),
+          out: Optional[Path] = typer.Option(None, help="folder for audit.json and the audit's privacy ledger")):
+    """One-run privacy audit (Steinke, Nasr & Jagielski 2023) of the DP denoiser training: the claimed ε
+    against an audited lower bound at 95 % confidence. Exits with 1 when the lower bound exceeds the claim."""
+    from pfdiff.config import ConfigError
+    from pfdiff.privacy.audit import audit_config, run_audit
+
+    try:
+        result = run_audit(audit_config(config or "dp", set_), canaries, seed, out)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    r = result
+    console.print(f"claimed ε = {r['epsilon_claimed']:.3f} (PLD, δ = {r['delta']:g}); audited lower bound ε ≥ "
+                  f"{r['epsilon_lower']:.3f} at {1 - r['beta']:.0%} confidence ({r['correct']}/{r['guesses']} guesses "
+                  f"right, k₊ = {r['k_plus']}, k₋ = {r['k_minus']}, {r['canaries']} canaries; at most "
+                  f"{r['epsilon_ceiling']:.2f} certifiable; {r['seconds']:.1f} s)")
+    if out is not None:
+        console.print(f"audit: [bold]{out / 'audit.json'}[/]")
+    if r["epsilon_lower"] > r["epsilon_claimed"]:
+        console.print("[bold red]VIOLATION:[/] the audited lower bound exceeds the claimed ε")
+        raise typer.Exit(1)
+
+
+@app.command()
 def presets():
     """List the built-in config presets."""
     from pfdiff.config import PRESET_DIR, list_presets

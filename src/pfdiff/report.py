@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,36 @@ def privacy_section(results: dict) -> list[str]:
     return md
 
 
+def membership_section(run: RunDir) -> list[str]:
+    """Membership-inference results of ``pfdiff attack`` (``attack.json``), if the run was attacked."""
+    path = run.path / "attack.json"
+    if not path.exists():
+        return []
+    att = json.loads(path.read_text())
+    rows, copy_rows = [], []
+    for seed, targets in att["seeds"].items():
+        for target, res in targets.items():
+            for name in att["attacks"]:
+                m = res[name]
+                rows.append([seed, target, name, f"{m['auc']:.3f}", f"{m['tpr_at_1pct_fpr']:.3f}",
+                             f"{m['tpr_at_0.1pct_fpr']:.3f}", res["n_members"]])
+            c = res["copying"]
+            copy_rows.append([seed, target, f"{c['mean_ratio']:.3f}", f"{c['copy_fraction']:.3f}", c["n_pseudo"]])
+    md = ["", "## Membership inference (`pfdiff attack`)", "",
+          "Members: the examples each denoiser was trained on; non-members: held-out examples of the same "
+          "classes (never trained on, chosen before training), balanced per class. AUC 0.5 = no leak. "
+          "TPR at a low FPR is what matters for a worst-case individual; with a few hundred examples the "
+          "0.1 % point rests on no more than one non-member.", "",
+          markdown_table(["seed", "denoiser", "attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR", "members"], rows), "",
+          "Copying check of pseudo-features: distance to the nearest member over the distance to the nearest "
+          "held-out example of the same class (equal-size reference sets; ≈ 1: no preference for training "
+          "points; 'copies': ratio < 0.5).", "",
+          markdown_table(["seed", "denoiser", "mean ratio", "copies", "pseudo-features"], copy_rows)]
+    if (run.plots / "roc.png").exists():
+        md += ["", "![ROC curves](plots/roc.png)"]
+    return md
+
+
 def render_report(run: RunDir) -> Path:
     """Write plots/*.png and report.md from results.json, metrics.jsonl and the saved features."""
     results: dict[str, Any] = run.read_json("results.json")
@@ -252,6 +284,7 @@ def render_report(run: RunDir) -> Path:
         md += ["", f"## AID/OOD filter: kept fraction per class (seed {seed})", "",
                markdown_table(["method", *range(split["num_classes"])], rows)]
     md += privacy_section(results)
+    md += membership_section(run)
     md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
     atomic_write_text(run.report_path, "\n".join(md) + "\n")
     return run.report_path

@@ -170,6 +170,8 @@ def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
         mean = s1 / n
         std = ((s2 / n - mean ** 2).clamp_min(0) * n / max(1, n - 1)).sqrt().clamp_min(1e-6)
         scaler = FeatureScaler(mean.float(), std.float())
+    # kept for evaluation and attacks (the server holds it anyway; it is sent to every client)
+    save_state(srv.dir / "scaler.safetensors", {"mean": scaler.mean, "std": scaler.std})
     return {"counts": counts, "n_per_client": n_per_client, "scaler": scaler}
 
 

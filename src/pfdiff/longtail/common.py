@@ -24,6 +24,8 @@ class LongTailSplit:
     test: ArrayDataset
     counts: np.ndarray  # training examples per class
     groups: ClassGroups
+    heldout: ArrayDataset | None = None  # the training pool's examples the long-tailed subset left out (never
+    # trained on; decided by data.split_seed before training): the non-members of membership attacks
 
     @property
     def num_classes(self) -> int:
@@ -42,9 +44,11 @@ def make_split(cfg: RunConfig) -> LongTailSplit:
     # exactly balanced test set; the few extra test examples go back to the training pool
     keep = test_idx[balanced_indices(data.y[test_idx], cfg.data.split_seed, data.num_classes)]
     pool = data.subset(np.union1d(train_idx, np.setdiff1d(test_idx, keep)))
-    lt = pool.subset(longtail_indices(pool.y, cfg.data.imbalance_factor, cfg.data.split_seed, data.num_classes))
+    lt_idx = longtail_indices(pool.y, cfg.data.imbalance_factor, cfg.data.split_seed, data.num_classes)
+    lt = pool.subset(lt_idx)
     counts = class_counts(lt.y, data.num_classes)
-    return LongTailSplit(lt, data.subset(keep), counts, class_groups(counts))
+    heldout = pool.subset(np.setdiff1d(np.arange(len(pool.y)), lt_idx))
+    return LongTailSplit(lt, data.subset(keep), counts, class_groups(counts), heldout)
 
 
 def to_tensors(ds: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

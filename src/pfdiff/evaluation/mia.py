@@ -1,0 +1,353 @@
+"""Membership-inference attacks (MIAs) on diffusion models, and a copying check of released samples.
+
+Every attack is a pure function of (model, schedule, data): gradients off, batched over the examples,
+deterministic (the loss attack draws its noises from a seeded ``torch.Generator``), and shape-agnostic:
+``x`` is [N, ...] (feature vectors [N, d] or images [N, C, H, W]); errors reduce over all non-batch dims.
+``model(z_t, t, y)`` must return the network output in the given ``prediction`` parameterisation
+("eps", "v" or "x0"); it is turned into ε̂ with ``split_prediction``, so wrapped models work too.
+
+Scores follow one convention: HIGHER = more likely a member (training example).
+
+- ``loss_scores``: the loss attack (Matsumoto et al. 2023, "Membership Inference Attacks against
+  Diffusion Models", §4; Carlini et al. 2023, "Extracting Training Data from Diffusion Models", §5.1).
+- ``secmi_scores``: SecMI's t-error (Duan et al., ICML 2023, eqs. 8–10).
+- ``pia_scores``: PIA, the proximal initialisation attack (Kong et al., ICLR 2024, eqs. 9–10).
+- ``lira_scores``: the likelihood-ratio test of Carlini et al. 2022 (S&P), on per-example attack
+  scores of shadow models (the shadow models themselves are the caller's business).
+- ``nearest_neighbour_check``: do released pseudo-features sit closer to training points than to
+  held-out points of the same class?
+- ``attack_metrics``, ``plot_roc``, ``run_attacks``: AUC and TPR at low FPR (Carlini et al. 2022, §III.A).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pfdiff.diffusion.samplers import ddim_step
+from pfdiff.diffusion.schedules import NoiseSchedule
+from pfdiff.diffusion.targets import check_prediction, split_prediction
+
+ATTACKS = ("loss", "secmi", "pia")
+LOW_FPRS = (0.01, 0.001)
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared pieces
+# ---------------------------------------------------------------------------------------------------
+
+def _batches(n: int, batch_size: int):
+    """Index slices of consecutive batches covering 0..n−1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    return (slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
+
+
+def _per_example(sq_err: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dims: [B, ...] → [B]."""
+    return sq_err.flatten(1).mean(1)
+
+
+def _check_timestep(schedule: NoiseSchedule, *ts: int) -> None:
+    for t in ts:
+        if not 0 <= int(t) < schedule.T:
+            raise ValueError(f"timestep {t} outside [0, T={schedule.T})")
+
+
+def model_output(model, z_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
+    """``model(z_t, t, y)`` at the scalar timestep ``t`` for a batch z_t [B, ...]."""
+    return model(z_t, torch.full((len(z_t),), int(t), dtype=torch.long, device=z_t.device), y)
+
+
+def predict_eps(model, schedule: NoiseSchedule, z_t: torch.Tensor, t: int, y: torch.Tensor,
+                prediction: str) -> torch.Tensor:
+    """ε̂(z_t, t, y) whatever the model's parameterisation (``split_prediction``)."""
+    tt = torch.full((len(z_t),), int(t), dtype=torch.long, device=z_t.device)
+    return split_prediction(model_output(model, z_t, t, y), z_t, tt, schedule, prediction)[0]
+
+
+def ddim_inversion_step(output: torch.Tensor, t: int, t_next: int, z_t: torch.Tensor,
+                        schedule: NoiseSchedule, prediction: str = "eps") -> torch.Tensor:
+    """Deterministic DDIM inversion z_t → z_{t_next}, t_next > t (Song et al. 2021, eq. 12 run forwards;
+    SecMI's φ_θ, Duan et al. 2023, eq. 9): with ε̂ and ẑ0 from the model output *at the current point*,
+    z_{t_next} = √ᾱ_{t_next}·ẑ0 + √(1−ᾱ_{t_next})·ε̂.
+
+    ``ddim_step`` cannot be reused here: its σ_t(η) takes √(1 − ᾱ_t/ᾱ_prev), which is NaN when the
+    "previous" timestep is the noisier one, even at η = 0.
+    """
+    tt = torch.full((len(z_t),), int(t), dtype=torch.long, device=z_t.device)
+    tn = torch.full_like(tt, int(t_next))
+    eps, x0 = split_prediction(output, z_t, tt, schedule, prediction)
+    a = schedule.sqrt_alpha_bar(tn, z_t.ndim, z_t.dtype)
+    b = schedule.sqrt_one_minus_alpha_bar(tn, z_t.ndim, z_t.dtype)
+    return a * x0 + b * eps
+
+
+def _scores_by_batch(fn, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Concatenate fn(x[b], y[b]) → [B] over batches; float32 on CPU."""
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} examples but y has {len(y)} labels")
+    parts = [fn(x[s], y[s]).float().cpu() for s in _batches(len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attacks
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def loss_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, prediction: str,
+                timesteps: Sequence[int] = (50, 100, 200, 300), draws: int = 2, seed: int = 0,
+                batch_size: int = 512) -> torch.Tensor:
+    """Loss attack: −(1/|S|·K) Σ_{t∈S} Σ_k ‖ε̂(√ᾱ_t x0 + √(1−ᾱ_t) ε_{t,k}, t, y) − ε_{t,k}‖² per example.
+
+    Matsumoto et al. 2023 (§4, threshold on the DDPM loss, eq. 14 of Ho et al. 2020) and Carlini et al.
+    2023 (§5.1, loss threshold at fixed t). The prediction is converted to ε̂ whatever the model was
+    trained for, so scores are comparable across parameterisations. The noises ε_{t,k} are drawn once,
+    from ``seed``, with shape [1, ...] and shared by *every* example: members and non-members see
+    identical draws, and the scores do not depend on N, ``batch_size`` or the device. Error = mean of
+    squares over the non-batch dims. Returns float32 [N] on the CPU; higher = more likely member.
+    """
+    check_prediction(prediction)
+    _check_timestep(schedule, *timesteps)
+    if draws < 1 or not timesteps:
+        raise ValueError("need draws ≥ 1 and at least one timestep")
+    gen = torch.Generator().manual_seed(seed)
+    noises = [[torch.randn((1, *x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device) for _ in range(draws)]
+              for _ in timesteps]
+
+    def batch(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        err = torch.zeros(len(xb), dtype=torch.float64, device=xb.device)
+        for t, eps_t in zip(timesteps, noises):
+            tt = torch.full((len(xb),), int(t), dtype=torch.long, device=xb.device)
+            for eps in eps_t:
+                eps = eps.expand_as(xb)
+                eps_hat = predict_eps(model, schedule, schedule.q_sample(xb, tt, eps), t, yb, prediction)
+                err += _per_example((eps_hat - eps) ** 2).double()
+        return -err / (len(timesteps) * draws)
+
+    return _scores_by_batch(batch, x, y, batch_size)
+
+
+@torch.no_grad()
+def secmi_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, prediction: str,
+                 t_sec: int = 100, k: int = 10, inversion_steps: int = 10, batch_size: int = 512) -> torch.Tensor:
+    """SecMI's t-error (Duan et al., ICML 2023, "Are Diffusion Models Vulnerable to Membership Inference
+    Attacks?", eqs. 8–10), negated so that higher = more likely member.
+
+    1. x̃_{t_sec} = Φ_θ(x0, 0 → t_sec): deterministic DDIM inversion in ``inversion_steps`` equal steps,
+       x0 taken as the state at t = 0 (as in the authors' code, which starts at t_c = 0);
+    2. x̃_{t_sec+k} = φ_θ(x̃_{t_sec}, t_sec → t_sec+k), one more inversion step;
+    3. x̂_{t_sec} = ψ_θ(x̃_{t_sec+k}, t_sec+k → t_sec), one deterministic DDIM step back (η = 0);
+    score = −‖x̃_{t_sec} − x̂_{t_sec}‖² (mean of squares over non-batch dims; SecMI_stat's ℓ2 statistic).
+    Returns float32 [N] on the CPU. The defaults are the paper's (DDPM on images, T = 1000); on small
+    feature denoisers they proved unreliable (tests/test_mia.py: t_sec = 50, k = 100 works there).
+    """
+    check_prediction(prediction)
+    _check_timestep(schedule, t_sec, t_sec + k)
+    if k < 1 or inversion_steps < 1 or t_sec < 1:
+        raise ValueError("need t_sec ≥ 1, k ≥ 1 and inversion_steps ≥ 1")
+    grid = sorted({int(round(v)) for v in np.linspace(0, t_sec, inversion_steps + 1)})
+
+    def batch(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        def invert(z: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
+            return ddim_inversion_step(model_output(model, z, t, yb), t, t_next, z, schedule, prediction)
+
+        z = xb
+        for t, t_next in zip(grid, grid[1:]):
+            z = invert(z, t, t_next)
+        z_up = invert(z, t_sec, t_sec + k)
+        z_back = ddim_step(model_output(model, z_up, t_sec + k, yb), t_sec + k, t_sec, z_up, schedule, prediction)
+        return -_per_example((z - z_back) ** 2)
+
+    return _scores_by_batch(batch, x, y, batch_size)
+
+
+@torch.no_grad()
+def pia_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, prediction: str,
+               t: int = 200, p: float = 4.0, batch_size: int = 512) -> torch.Tensor:
+    """PIA (Kong et al., ICLR 2024, "An Efficient Membership Inference Attack for the Diffusion Model by
+    Proximal Initialization", eqs. 9–10), negated so that higher = more likely member.
+
+    ε0 = ε̂(x0, 0, y) (the model's own noise at t = 0, the "proximal initialisation");
+    x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε0;  score = −‖ε̂(x_t, t, y) − ε0‖_p over all non-batch dims,
+    p = 4 by default (the paper's best choice); any p ≥ 1 works. Two model calls per example.
+    Returns float32 [N] on the CPU.
+    """
+    check_prediction(prediction)
+    _check_timestep(schedule, t)
+    if p < 1:
+        raise ValueError(f"p must be ≥ 1, got {p}")
+
+    def batch(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        eps0 = predict_eps(model, schedule, xb, 0, yb, prediction)
+        tt = torch.full((len(xb),), int(t), dtype=torch.long, device=xb.device)
+        eps_t = predict_eps(model, schedule, schedule.q_sample(xb, tt, eps0), t, yb, prediction)
+        return -(eps_t - eps0).flatten(1).double().norm(p=p, dim=1)
+
+    return _scores_by_batch(batch, x, y, batch_size)
+
+
+def lira_scores(target_scores, shadow_out, shadow_in=None, eps: float = 1e-12) -> np.ndarray:
+    """LiRA (Carlini et al. 2022, "Membership Inference Attacks From First Principles", Alg. 1, §IV.C–D).
+
+    ``target_scores`` [N]: a per-example attack statistic of the *target* model (e.g. ``loss_scores``,
+    higher = member); ``shadow_out`` / ``shadow_in`` [S, N]: the same statistic from S shadow models
+    trained without / with each example (NaN where a shadow model is not in that group for an example).
+    Per example Gaussians are fitted across shadow models, with one global variance per group (the
+    paper's choice for few shadows). Online (``shadow_in`` given): log N(s; μ_in, σ_in²) − log N(s; μ_out,
+    σ_out²). Offline: the one-sided test log P_out(S ≤ s). Higher = more likely member. Training the
+    shadow models is the caller's business; this only turns their scores into the test statistic.
+    """
+    from scipy.stats import norm
+
+    def fit(a):
+        a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+        mu = np.nanmean(a, 0)
+        return mu, np.sqrt(np.nanvar(a - mu) + eps)
+
+    s = np.asarray(target_scores, dtype=np.float64).reshape(-1)
+    mu_out, sd_out = fit(shadow_out)
+    if shadow_in is None:
+        return norm.logcdf(s, mu_out, sd_out)
+    mu_in, sd_in = fit(shadow_in)
+    return norm.logpdf(s, mu_in, sd_in) - norm.logpdf(s, mu_out, sd_out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# copying check of released pseudo-features
+# ---------------------------------------------------------------------------------------------------
+
+def _as_tensor(a) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).detach().cpu()
+
+
+def _nearest(query: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Euclidean distance from every query row to its nearest reference row (float64, chunked)."""
+    return torch.cat([torch.cdist(query[s], ref).min(1).values for s in _batches(len(query), chunk)])
+
+
+def nearest_neighbour_check(pseudo, pseudo_y, members, members_y, heldout, heldout_y, seed: int = 0,
+                            copy_ratio: float = 0.5) -> dict[str, Any]:
+    """Memorisation check of released samples: per pseudo-feature, r = d_member / d_heldout, the Euclidean
+    distances to its nearest member and nearest held-out example *of the same class*.
+
+    Per class both reference sets are subsampled (seeded) to the smaller of the two sizes, so neither
+    side wins by being denser; classes lacking members, held-out examples or pseudo-features are skipped
+    and listed. r ≈ 1: no preference for training points; r < ``copy_ratio`` (0.5) counts as a copy
+    (cf. the distance-ratio test of Carlini et al. 2023, §4.1, and Somepalli et al. 2023). Inputs are
+    [N, ...] arrays/tensors, flattened per example.
+    """
+    P, M, H = (_as_tensor(a).flatten(1).double() for a in (pseudo, members, heldout))
+    py, my, hy = (_as_tensor(a).long().reshape(-1) for a in (pseudo_y, members_y, heldout_y))
+    gen = torch.Generator().manual_seed(seed)
+    ratios, d_mem, d_held, per_class, ref_sizes, skipped = [], [], [], {}, {}, []
+    for c in sorted(set(py.tolist()) | set(my.tolist()) | set(hy.tolist())):
+        q, m, h = P[py == c], M[my == c], H[hy == c]
+        if not (len(q) and len(m) and len(h)):
+            skipped.append(int(c))
+            continue
+        n = min(len(m), len(h))
+        m, h = m[torch.randperm(len(m), generator=gen)[:n]], h[torch.randperm(len(h), generator=gen)[:n]]
+        dm, dh = _nearest(q, m), _nearest(q, h)
+        r = dm / dh.clamp_min(1e-12)
+        ratios.append(r), d_mem.append(dm), d_held.append(dh)
+        per_class[int(c)], ref_sizes[int(c)] = float(r.mean()), n
+    if not ratios:
+        raise ValueError("no class has pseudo-features, members and held-out examples")
+    r, dm, dh = torch.cat(ratios), torch.cat(d_mem), torch.cat(d_held)
+    return {"mean_ratio": float(r.mean()), "median_ratio": float(r.median()),
+            "copy_fraction": float((r < copy_ratio).double().mean()), "copy_ratio": copy_ratio,
+            "mean_d_member": float(dm.mean()), "mean_d_heldout": float(dh.mean()),
+            "per_class_mean_ratio": per_class, "reference_size_per_class": ref_sizes,
+            "n_pseudo": len(r), "n_pseudo_total": len(P), "skipped_classes": skipped}
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics, plots, driver
+# ---------------------------------------------------------------------------------------------------
+
+def _roc(member_scores, nonmember_scores):
+    """(fpr, tpr, auc, labels, scores) of scores where higher = member; refuses non-finite scores."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    m, n = (np.asarray(_as_tensor(s), dtype=np.float64).reshape(-1) for s in (member_scores, nonmember_scores))
+    if not (len(m) and len(n)):
+        raise ValueError("need at least one member and one non-member score")
+    scores = np.concatenate([m, n])
+    if not np.isfinite(scores).all():
+        raise ValueError("attack scores contain NaN or inf")
+    labels = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return fpr, tpr, float(roc_auc_score(labels, scores)), len(m), len(n)
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The highest TPR among ROC thresholds with FPR ≤ target, i.e. the TPR at the lowest threshold that
+    still keeps FPR ≤ target. No interpolation between ROC points (Carlini et al. 2022 report the same
+    way); with n non-members the smallest non-zero FPR is 1/n, so for target < 1/n this is the TPR at
+    zero false positives."""
+    ok = fpr <= target
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def attack_metrics(member_scores, nonmember_scores) -> dict[str, float | int]:
+    """AUC (sklearn ``roc_auc_score``; ties count ½) and TPR at 1 % and 0.1 % FPR (``tpr_at_fpr``)."""
+    fpr, tpr, auc, nm, nn_ = _roc(member_scores, nonmember_scores)
+    return {"auc": auc, "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, 0.01),
+            "tpr_at_0.1pct_fpr": tpr_at_fpr(fpr, tpr, 0.001), "n_members": nm, "n_nonmembers": nn_}
+
+
+def plot_roc(curves: dict[str, tuple[Any, Any]], path: Path | str, title: str = "Membership inference") -> Path:
+    """ROC curves (log-log, as Carlini et al. 2022 recommend) of {name: (member_scores, nonmember_scores)}
+    with the chance diagonal and AUCs in the legend; saved atomically as PNG (``report.save_fig``)."""
+    from pfdiff.report import plt, save_fig  # lazy: pfdiff.report imports pfdiff.evaluation
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    lo = 1.0
+    for name, (m, n) in curves.items():
+        fpr, tpr, auc, _, nn_ = _roc(m, n)
+        lo = min(lo, 0.5 / nn_)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+    lo = min(lo, 1e-3)
+    ax.plot([lo, 1], [lo, 1], "k--", lw=0.8, label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false positive rate",
+           ylabel="true positive rate", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    return save_fig(fig, Path(path))
+
+
+ATTACK_FNS = {"loss": loss_scores, "secmi": secmi_scores, "pia": pia_scores}
+
+
+def run_attacks(model, schedule: NoiseSchedule, prediction: str, members: torch.Tensor, members_y: torch.Tensor,
+                nonmembers: torch.Tensor, nonmembers_y: torch.Tensor, attacks: Sequence[str] = ATTACKS,
+                seed: int = 0, batch_size: int = 512, attack_kwargs: dict[str, dict] | None = None,
+                ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Run the named attacks on members vs non-members and time each (members + non-members together).
+
+    Returns ``(metrics, scores)``: metrics[name] = ``attack_metrics`` + {"seconds"} (JSON-ready) and
+    scores[name] = (member_scores, nonmember_scores) as numpy arrays, ready for ``plot_roc(scores, …)``.
+    ``attack_kwargs[name]`` overrides that attack's settings (e.g. {"secmi": {"t_sec": 50}}); only the
+    loss attack takes ``seed``.
+    """
+    unknown = set(attacks) - set(ATTACK_FNS)
+    if unknown:
+        raise ValueError(f"unknown attacks {sorted(unknown)}; choose from {list(ATTACK_FNS)}")
+    metrics, scores = {}, {}
+    for name in attacks:
+        kw = {"batch_size": batch_size, **({"seed": seed} if name == "loss" else {}),
+              **(attack_kwargs or {}).get(name, {})}
+        t0 = time.perf_counter()
+        m = ATTACK_FNS[name](model, schedule, members, members_y, prediction, **kw).numpy()
+        n = ATTACK_FNS[name](model, schedule, nonmembers, nonmembers_y, prediction, **kw).numpy()
+        seconds = time.perf_counter() - t0
+        metrics[name] = {**attack_metrics(m, n), "seconds": seconds}
+        scores[name] = (m, n)
+    return metrics, scores
