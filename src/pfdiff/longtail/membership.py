@@ -29,9 +29,13 @@ from pfdiff.runs import RunDir
 from pfdiff.training import load_modules
 
 
-# SecMI at the paper's image settings (t_sec = 100, k = 10) is unreliable on feature denoisers (AUC 0.11–0.98
-# over training seeds of an overfit model, tests/test_mia.py); a longer step t_sec = 50 → 150 separates.
-FEATURE_ATTACK_SETTINGS = {"secmi": {"t_sec": 50, "k": 100}}
+def attack_settings(T: int) -> dict[str, dict]:
+    """The attacks' timesteps as fractions of T (stated for T = 1000). SecMI at the paper's image settings
+    (t_sec = 100, k = 10) is unreliable on feature denoisers (AUC 0.11–0.98 over training seeds of an
+    overfit model, tests/test_mia.py); a longer step t_sec = 50 → 150 separates."""
+    at = lambda t: max(1, min(T - 1, round(t * T / 1000)))  # noqa: E731
+    return {"loss": {"timesteps": tuple(at(t) for t in (50, 100, 200, 300))},
+            "secmi": {"t_sec": at(50), "k": at(100)}, "pia": {"t": at(200)}}
 
 
 @dataclass
@@ -117,7 +121,7 @@ def attack_targets(targets: list[Target], cfg: RunConfig, seed: int, attacks: tu
     for t in targets:
         t0 = time.perf_counter()
         metrics, scores = mia.run_attacks(t.model, schedule, cfg.diffusion.prediction, *t.members, *t.nonmembers,
-                                          attacks=attacks, seed=seed, attack_kwargs=FEATURE_ATTACK_SETTINGS)
+                                          attacks=attacks, seed=seed, attack_kwargs=attack_settings(schedule.T))
         entry: dict[str, Any] = dict(metrics)
         curves.update({f"{t.name} · {name} (seed {seed})": s for name, s in scores.items()})
         pseudo = t.pseudo
@@ -138,8 +142,9 @@ def attack_run(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia"
     cfg = run.config()
     out: dict[str, Any] = {"attacks": list(attacks), "seeds": {}, "roc_curves": {}}
     for seed in cfg.seeds:
-        if (run.checkpoints / f"seed{seed}").exists():
-            results, curves = attack_targets(load_targets(run_dir, seed), cfg, seed, attacks)
+        targets = load_targets(run_dir, seed) if (run.checkpoints / f"seed{seed}").exists() else []
+        if targets:
+            results, curves = attack_targets(targets, cfg, seed, attacks)
             out["seeds"][str(seed)] = results
             out["roc_curves"].update(curves)
     if not out["seeds"]:
