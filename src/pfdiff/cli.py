@@ -140,13 +140,12 @@ def audit(config: Optional[str] = typer.Argument(None, help="preset name or YAML
     """One-run privacy audit (Steinke, Nasr & Jagielski 2023) of the DP denoiser training: the claimed ε
     against an audited lower bound at 95 % confidence. Exits with 1 when the lower bound exceeds the claim."""
     from pfdiff.config import ConfigError
-    from pfdiff.privacy.audit import audit_config, run_audit
+    from pfdiff.longtail.private_audit import audit_config, run_audit
 
     try:
-        result = run_audit(audit_config(config or "dp", set_), canaries, seed, out)
+        r = run_audit(audit_config(config or "dp", set_), canaries, seed, out)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    r = result
     console.print(f"claimed ε = {r['epsilon_claimed']:.3f} (PLD, δ = {r['delta']:g}); audited lower bound ε ≥ "
                   f"{r['epsilon_lower']:.3f} at {1 - r['beta']:.0%} confidence ({r['correct']}/{r['guesses']} guesses "
                   f"right, k₊ = {r['k_plus']}, k₋ = {r['k_minus']}, {r['canaries']} canaries; at most "

@@ -1,0 +1,140 @@
+"""The audit *run* of the DP feature-denoiser training: canaries, the private set, scores, ``run_audit``.
+
+The bound itself (Steinke, Nasr & Jagielski 2023) is pure math in ``privacy/audit.py``; this module
+trains (``longtail.private.train_private_denoiser``, the real DP path) and so lives with the pipelines.
+See ``privacy/audit.py`` for the canary design, its power and its limits.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pfdiff.config import RunConfig, load_config
+from pfdiff.diffusion import DiffusionLoss
+from pfdiff.longtail.private import train_private_denoiser
+from pfdiff.privacy.accounting import PrivacyLedger
+from pfdiff.privacy.audit import AUDIT_DEFAULTS, AUDIT_FORMAT, DEFAULT_BACKGROUND, DEFAULT_CANARIES, SCORE_T_RANGE, audit_from_scores
+from pfdiff.runs import atomic_write_json
+from pfdiff.training import derive_seed, resolve_device
+
+
+# --------------------------------------------------------------------------------------------
+# Canaries, data, scores
+# --------------------------------------------------------------------------------------------
+
+def make_canaries(m: int, dim: int, num_classes: int, radius: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """m canaries: uniformly random directions in R^dim scaled to ``radius`` (the clip radius R), with
+    uniformly random labels in 0..num_classes−1 (module docstring for why)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "audit-canaries"))
+    x = torch.randn(m, dim, generator=g)
+    x = radius * x / x.norm(dim=1, keepdim=True)
+    return x, torch.randint(0, num_classes, (m,), generator=g)
+
+
+def background_features(n: int, dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n synthetic standardised features: class means N(0, ½I), within-class N(0, ½I) (unit marginal
+    variance, like ``FeatureScaler`` output), labels uniform. The non-canary part of the private set."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "audit-background"))
+    means = math.sqrt(0.5) * torch.randn(num_classes, dim, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return means[y] + math.sqrt(0.5) * torch.randn(n, dim, generator=g), y
+
+
+@torch.no_grad()
+def canary_scores(model: torch.nn.Module, schedule, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor,
+                  draws: int = 32, seed: int = 0, t_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """score_i = −(mean diffusion loss of canary i over ``draws`` (t, ε) pairs), the SAME pairs for every
+    canary (common random numbers: differences in score come from the model, not from the draws); the
+    config's prediction and weighting, labels never dropped, t uniform in ``t_range`` × T."""
+    d = cfg.diffusion
+    t_min, t_max = int(t_range[0] * d.T), max(int(t_range[0] * d.T) + 1, int(t_range[1] * d.T))
+    loss = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting, t_min=t_min, t_max=t_max)
+    device = next(model.parameters()).device
+    out = torch.empty(len(x))
+    for i in range(len(x)):  # one call per canary with the same generator state: identical (t, ε) draws
+        g = torch.Generator(device=device).manual_seed(derive_seed(seed, "audit-score-draws"))
+        out[i] = loss(model, x[i:i + 1].to(device), y[i:i + 1].to(device), noise_multiplicity=draws,
+                      generator=g).loss[0].item()
+    return -out
+
+
+# --------------------------------------------------------------------------------------------
+# The audit run
+# --------------------------------------------------------------------------------------------
+
+def audit_config(source: str | Path | None = "dp", overrides: Sequence[str] = ()) -> RunConfig:
+    """The preset (default ``dp``) with :data:`AUDIT_DEFAULTS`, then the user's ``overrides``, applied."""
+    return load_config(source or "dp", [*AUDIT_DEFAULTS, *overrides])
+
+
+def run_audit(cfg: RunConfig, m: int = DEFAULT_CANARIES, seed: int = 0, out_dir: Path | None = None, *,
+              num_classes: int = 10, background: int = DEFAULT_BACKGROUND,
+              k_grid: Sequence[int | tuple[int, int]] | None = None, beta: float = 0.05, score_draws: int = 32,
+              score_t_range: tuple[float, float] = SCORE_T_RANGE,
+              log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """One-run audit of ``train_private_denoiser`` under ``cfg`` (its ``privacy`` section, denoiser and
+    diffusion settings); returns and, with ``out_dir``, writes ``audit.json`` (atomically; the run's privacy
+    ledger goes next to it, else to a temporary folder).
+
+    Private set: ``background`` synthetic standardised features + the included ones of ``m`` canaries
+    (each in w.p. ½, seeded by ``seed``), shuffled together. The claimed ε is the ledger's PLD ε after
+    training at the config's δ; ``epsilon_lower`` the audited bound (:func:`audit_from_scores`).
+    """
+    if m < 2:
+        raise ValueError(f"need at least 2 canaries, got {m}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    p, dim = cfg.privacy, cfg.model.feature_dim
+    device = resolve_device(cfg.device)
+    x_can, y_can = make_canaries(m, dim, num_classes, p.feature_radius, seed)
+    g = torch.Generator().manual_seed(derive_seed(seed, "audit-inclusion"))
+    included = torch.rand(m, generator=g) < 0.5
+    u_bg, y_bg = background_features(background, dim, num_classes, seed)
+    u = torch.cat([u_bg, x_can[included]])
+    y = torch.cat([y_bg, y_can[included]])
+    perm = torch.randperm(len(u), generator=g)  # position in the set carries no information on S
+    u, y = u[perm].to(device), y[perm].to(device)
+
+    with tempfile.TemporaryDirectory(prefix="pfdiff-audit-") as tmp:
+        folder = Path(out_dir) if out_dir is not None else Path(tmp)
+        ledger_path = folder / f"audit-ledger-seed{seed}.json"
+        ledger_path.unlink(missing_ok=True)  # an audit is one fresh run: never resume another's spending
+        ledger = PrivacyLedger(ledger_path, p.target_epsilon, p.delta)
+        t0 = time.perf_counter()
+        model, schedule, info = train_private_denoiser(u, y, num_classes, cfg, seed, ledger, [], None, log)
+        train_seconds = time.perf_counter() - t0
+        claimed = ledger.spent()
+    scores = canary_scores(model, schedule, cfg, x_can, y_can, score_draws, seed, score_t_range)
+    audit = audit_from_scores(scores, included, k_grid, p.delta, beta)
+    result = {
+        "format": AUDIT_FORMAT,
+        "epsilon_claimed": claimed,
+        "epsilon_target": p.target_epsilon,
+        "epsilon_lower": audit["epsilon_lower"],
+        "delta": p.delta,
+        "beta": beta,
+        "canaries": m,
+        "canaries_included": int(included.sum()),
+        "background": background,
+        "dataset_size": len(u),
+        "k_plus": audit["k_plus"], "k_minus": audit["k_minus"],
+        "guesses": audit["guesses"], "correct": audit["correct"],
+        "epsilon_ceiling": audit["epsilon_ceiling"],
+        "correction": audit["correction"], "beta_per_test": audit["beta_per_test"],
+        "per_k": audit["per_k"],
+        "mechanism": p.mechanism, "accountant": "pld", "sigma": info["sigma"], "sample_rate": info["sample_rate"],
+        "steps": p.steps, "seed": seed, "score": "-diffusion loss", "score_draws": score_draws,
+        "score_t_range": list(score_t_range),
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - start,
+    }
+    if out_dir is not None:
+        atomic_write_json(Path(out_dir) / "audit.json", result)
+    return result
