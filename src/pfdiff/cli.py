@@ -1,4 +1,5 @@
-"""Command line: ``pfdiff run``, ``report``, ``fed``, ``dpdm``, ``presets``. Parses and delegates only."""
+"""Command line: ``pfdiff run``, ``report``, ``fed``, ``attack``, ``audit``, ``evidence``, ``dpdm``, ``presets``.
+Parses and delegates only."""
 
 from __future__ import annotations
 
@@ -155,6 +156,25 @@ def audit(config: Optional[str] = typer.Argument(None, help="preset name or YAML
     if r["epsilon_lower"] > r["epsilon_claimed"]:
         console.print("[bold red]VIOLATION:[/] the audited lower bound exceeds the claimed ε")
         raise typer.Exit(1)
+
+
+@app.command()
+def evidence(out: Path = typer.Option(Path("runs/evidence"), help="root folder; re-running resumes"),
+             eps: list[float] = typer.Option([1.0, 10.0, float("inf")], "--eps", help="target ε (repeatable; inf = no DP)"),
+             set_: list[str] = typer.Option([], "--set", help="override of the centralised dp preset"),
+             fed_set: list[str] = typer.Option([], "--fed-set", help="override of the federated preset"),
+             canaries: int = typer.Option(200, help="audit canaries per point (0: no audit)"),
+             federated: bool = typer.Option(True, help="include the federated points")):
+    """Privacy evidence sweep: claimed ε, audited lower bound, attack AUC / TPR@1%FPR and few-class accuracy,
+    centralised and federated; writes evidence.md and privacy_utility.png."""
+    from pfdiff.config import ConfigError
+    from pfdiff.evidence import run_sweep
+
+    try:
+        path = run_sweep(out, list(eps), list(set_), list(fed_set), canaries, federated)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    console.print(f"evidence: [bold]{path}[/]")
 
 
 @app.command()

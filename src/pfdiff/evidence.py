@@ -1,7 +1,7 @@
 """Privacy evidence sweep (``pfdiff evidence``): claimed ε, audited lower bound, attacks, utility.
 
 For every ε of the sweep (∞ = no DP) and both settings:
-- centralised: ``pfdiff run dp`` (one seed) with methods ``ldmlr`` and ``dp-ldmlr``; the ``dp-ldmlr``
+- centralised: the ``dp`` preset (one seed) with methods ``ldmlr`` and ``dp-ldmlr``; the ``dp-ldmlr``
   denoiser at each finite ε, the non-private ``ldmlr`` denoiser of the same run at ∞. Claimed ε is
   the ledger's PLD ε; the lower bound comes from a one-run audit (Steinke et al. 2023) of the same
   DP training code with canaries (``longtail.private_audit``); attacks from ``pfdiff attack``; utility
@@ -81,25 +81,22 @@ def centralised_points(root: Path, epsilons: list[float], overrides: list[str], 
                            "few": res["methods"]["dp-ldmlr"]["few"]["mean"],
                            "top1": res["methods"]["dp-ldmlr"]["top1"]["mean"]})
         if INF in epsilons and eps == finite[-1]:  # the non-private denoiser of the same run
-            points.append({"setting": "centralised", "epsilon": INF, "claimed_epsilon": INF,
-                           "audit": audit_point(root, INF, overrides, audit_canaries),
+            points.append({"setting": "centralised", "epsilon": INF, "claimed_epsilon": INF, "audit": None,
                            "attacks": _attack_summary(att["seeds"]["0"]["ldmlr"]),
                            "few": res["methods"]["ldmlr"]["few"]["mean"], "top1": res["methods"]["ldmlr"]["top1"]["mean"]})
     return points
 
 
 def audit_point(root: Path, eps: float, overrides: list[str], canaries: int) -> dict[str, Any] | None:
-    """One-run audit of the DP denoiser training at ``eps`` (∞: σ ≈ 0), cached in ``audit-eps…/``."""
-    if canaries <= 0:
+    """One-run audit of the DP denoiser training at ``eps``, cached in ``audit-eps…/`` (∞: no claim to audit)."""
+    if canaries <= 0 or math.isinf(eps):
         return None
-    from pfdiff.longtail.private_audit import run_audit
+    from pfdiff.longtail.private_audit import audit_config, run_audit
 
     out = root / f"audit-eps{_label(eps)}"
     if (out / "audit.json").exists():
         return json.loads((out / "audit.json").read_text())
-    extra = ["privacy.noise_multiplier=0.001"] if math.isinf(eps) else [f"privacy.target_epsilon={eps}"]
-    cfg = load_config("dp", [*overrides, *extra])
-    return run_audit(cfg, canaries, seed=0, out_dir=out)
+    return run_audit(audit_config("dp", [*overrides, f"privacy.target_epsilon={eps}"]), canaries, seed=0, out_dir=out)
 
 
 # ---------------------------------------------------------------- federated
@@ -146,7 +143,7 @@ def evidence_table(points: list[dict[str, Any]]) -> str:
     for p in points:
         au = p["audit"]
         rows.append([p["setting"], _fmt_eps(p["epsilon"]), _fmt_eps(p["claimed_epsilon"]),
-                     "–" if au is None else f"{au['epsilon_lower_bound']:.2f} (m = {au['canaries']})",
+                     "–" if au is None else f"{au['epsilon_lower']:.2f} (m = {au['canaries']})",
                      *[f"{p['attacks'][a]['auc']:.3f} / {p['attacks'][a]['tpr_at_1pct_fpr']:.3f}" for a in ATTACKS],
                      f"{p['attacks']['copy_fraction']:.3f}", f"{p['few']:.3f}", f"{p['top1']:.3f}"])
     return markdown_table(header, rows)
