@@ -128,5 +128,6 @@ def test_run_dpdm_tiny_end_to_end(tmp_path):
         assert (tmp_path / m["grid"]).stat().st_size > 0
         assert 0 <= m["cas"] <= 1 and math.isfinite(m["fid"])
         assert m["steps"] == 2 and m["noise_multiplicity"] == 2
+        assert {"loss", "secmi", "pia"} <= set(m["attacks"]) and 0 <= m["attacks"]["loss"]["auc"] <= 1
     assert saved["models"][0]["sigma"] == 1.0 and saved["models"][0]["epsilon"] > 0  # σ fixed by the config
     assert saved["models"][1]["epsilon"] is None and saved["models"][1]["sigma"] == 0.0

@@ -11,7 +11,8 @@ from pfdiff.cli import app
 from pfdiff.config import load_config
 from pfdiff.data import load_dataset
 from pfdiff.longtail.common import make_split
-from pfdiff.longtail.membership import balanced_pairs, load_targets
+from pfdiff.evaluation.mia import balanced_pairs
+from pfdiff.longtail.membership import load_targets
 from pfdiff.longtail.pipeline import run_experiment
 from pfdiff.longtail.private import public_private_split
 from pfdiff.runs import RunDir

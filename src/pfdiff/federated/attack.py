@@ -18,7 +18,8 @@ from pfdiff.config import load_config
 from pfdiff.federated import task
 from pfdiff.longtail.common import encode
 from pfdiff.longtail.ldmlr import FeatureScaler
-from pfdiff.longtail.membership import Target, balanced_pairs
+from pfdiff.evaluation.mia import balanced_pairs
+from pfdiff.longtail.membership import Target
 from pfdiff.runs import load_state
 
 

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from pfdiff.data import balanced_indices, load_dataset, stratified_split
 from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
 from pfdiff.evaluation.fid import frechet_distance
+from pfdiff.evaluation.mia import attack_settings, balanced_pairs, run_attacks
 from pfdiff.models import create_encoder
 from pfdiff.models.unet import UNet
 from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, epsilon as privacy_epsilon
@@ -410,6 +411,16 @@ def save_grid(path: Path, x: torch.Tensor, y: torch.Tensor, num_classes: int, pe
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def attack_images(model: nn.Module, data: ImageSplits, cfg: DPDMConfig, seed: int) -> dict[str, Any]:
+    """Membership inference on the image denoiser: training images (members) against the test split (never
+    trained on, same distribution), balanced per class; loss, SecMI and PIA (``evaluation.mia``)."""
+    mem, non = balanced_pairs(data.y_train.numpy(), data.y_test.numpy(), data.num_classes, seed)
+    metrics, _ = run_attacks(model.eval(), make_schedule(cfg.schedule, cfg.T), cfg.prediction,
+                             data.x_train[mem], data.y_train[mem], data.x_test[non], data.y_test[non],
+                             seed=seed, attack_kwargs=attack_settings(cfg.T))
+    return metrics
+
+
 def _tag(eps: float | None) -> str:
     return "nonprivate" if eps is None else f"eps{eps:g}"
 
@@ -465,9 +476,10 @@ def _run(out_dir: Path, epsilons: tuple[float | None, ...], seed: int, cfg: DPDM
         cas = cas_accuracy(x_gen, y_gen, data.x_test, data.y_test, C, seed=seed, **clf_kw)
         label = "non-private" if eps is None else f"ε = {info['epsilon']:.3g} (target {eps:g}), σ = {info['sigma']:.3g}"
         grid = save_grid(out_dir / f"dpdm_samples_{_tag(eps)}.png", x_gen, y_gen, C, title=f"DPDM {data.name}, {label}")
+        attacks = attack_images(model, data, cfg, seed)
         results["models"].append({"tag": _tag(eps), **info, "sampler": cfg.sampler, "sampler_steps": cfg.sampler_steps,
                                   "n_generated": len(x_gen), "fid": fid, "cas": cas, "grid": grid.name,
-                                  "wall_seconds": time.perf_counter() - t0})
+                                  "attacks": attacks, "wall_seconds": time.perf_counter() - t0})
         results["wall_seconds"] = time.perf_counter() - t_start
         atomic_write_json(out_dir / "dpdm_results.json", results)
     results["wall_seconds"] = time.perf_counter() - t_start

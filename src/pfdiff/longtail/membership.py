@@ -22,20 +22,12 @@ from torch import nn
 
 from pfdiff.config import RunConfig
 from pfdiff.diffusion import make_schedule
+from pfdiff.evaluation.mia import attack_settings, balanced_pairs
 from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split
 from pfdiff.longtail.ldmlr import FeatureScaler, build_denoiser, sample_features
 from pfdiff.longtail.private import PhasedLabels, clip_rows, public_private_split
 from pfdiff.runs import RunDir
 from pfdiff.training import load_modules
-
-
-def attack_settings(T: int) -> dict[str, dict]:
-    """The attacks' timesteps as fractions of T (stated for T = 1000). SecMI at the paper's image settings
-    (t_sec = 100, k = 10) is unreliable on feature denoisers (AUC 0.11–0.98 over training seeds of an
-    overfit model, tests/test_mia.py); a longer step t_sec = 50 → 150 separates."""
-    at = lambda t: max(1, min(T - 1, round(t * T / 1000)))  # noqa: E731
-    return {"loss": {"timesteps": tuple(at(t) for t in (50, 100, 200, 300))},
-            "secmi": {"t_sec": at(50), "k": at(100)}, "pia": {"t": at(200)}}
 
 
 @dataclass
@@ -47,19 +39,6 @@ class Target:
     members: tuple[torch.Tensor, torch.Tensor]
     nonmembers: tuple[torch.Tensor, torch.Tensor]
     pseudo: tuple[torch.Tensor, torch.Tensor]  # released (or freshly sampled) pseudo-features, same space
-
-
-def balanced_pairs(y_members: np.ndarray, y_nonmembers: np.ndarray, num_classes: int, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of k_c = min(members_c, non-members_c) examples of every class from each side (seeded)."""
-    rng = np.random.default_rng(seed)
-    mem, non = [], []
-    for c in range(num_classes):
-        a, b = np.flatnonzero(y_members == c), np.flatnonzero(y_nonmembers == c)
-        k = min(len(a), len(b))
-        mem.append(rng.choice(a, k, replace=False))
-        non.append(rng.choice(b, k, replace=False))
-    return np.sort(np.concatenate(mem)), np.sort(np.concatenate(non))
 
 
 def _encoder(cfg: RunConfig, split: LongTailSplit, ck: Path, seed: int) -> nn.Module:
