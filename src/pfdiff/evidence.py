@@ -164,8 +164,9 @@ def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
         x = [max(p["attacks"][a]["auc"] for a in ATTACKS) for p in pts]
         y = [p["few"] for p in pts]
         ax.plot(x, y, "o-", label=setting)
-        for xi, yi, p in zip(x, y, pts):
-            ax.annotate(f"ε={_fmt_eps(p['epsilon'])}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, (xi, yi, p) in enumerate(zip(x, y, pts)):
+            label = "∞" if math.isinf(p["epsilon"]) else f"{p['epsilon']:g}"
+            ax.annotate(f"ε={label}", (xi, yi), textcoords="offset points", xytext=(4, 4 - 12 * (i % 2)), fontsize=8)
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("best membership-attack AUC (0.5: no leak)")
     ax.set_ylabel("few-class accuracy")
