@@ -15,11 +15,11 @@ def _point(setting, eps, auc, few, audit=None):
 
 
 def test_table_and_figure_show_every_point(tmp_path):
-    points = [_point("centralised", 1.0, 0.51, 0.55, {"epsilon_lower": 0.0, "canaries": 200}),
+    points = [_point("centralised", 1.0, 0.51, 0.55, {"epsilon_lower": 0.0, "canaries": 200, "seconds": 7.2}),
               _point("centralised", math.inf, 0.68, 0.73),
               _point("federated fedavg", 10.0, 0.52, 0.40)]
     table = evidence_table(points)
-    assert "| centralised | 1.00 | 1.00 | 0.00 (m = 200) | 0.510 / 0.051" in table
+    assert "| centralised | 1.00 | 1.00 | 0.00 (m = 200, 7 s) | 0.510 / 0.051" in table
     assert "| centralised | ∞ | ∞ | – |" in table and "federated fedavg" in table
     md = write_evidence(tmp_path, points).read_text()
     assert "privacy_utility.png" in md and (tmp_path / "privacy_utility.png").stat().st_size > 1000

@@ -143,7 +143,7 @@ def evidence_table(points: list[dict[str, Any]]) -> str:
     for p in points:
         au = p["audit"]
         rows.append([p["setting"], _fmt_eps(p["epsilon"]), _fmt_eps(p["claimed_epsilon"]),
-                     "–" if au is None else f"{au['epsilon_lower']:.2f} (m = {au['canaries']})",
+                     "–" if au is None else f"{au['epsilon_lower']:.2f} (m = {au['canaries']}, {au.get('seconds', float('nan')):.0f} s)",
                      *[f"{p['attacks'][a]['auc']:.3f} / {p['attacks'][a]['tpr_at_1pct_fpr']:.3f}" for a in ATTACKS],
                      f"{p['attacks']['copy_fraction']:.3f}", f"{p['few']:.3f}", f"{p['top1']:.3f}"])
     return markdown_table(header, rows)
