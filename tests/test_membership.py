@@ -82,3 +82,13 @@ def test_cli_attack_refuses_a_run_without_denoisers(tmp_path):
     run_experiment(cfg, run)
     out = CliRunner().invoke(app, ["attack", str(run.path)])
     assert out.exit_code == 2 and "no trained denoiser" in out.output
+
+
+def test_lira_with_shadow_models_on_the_non_private_denoiser(dp_run):
+    run, _ = dp_run
+    out = CliRunner().invoke(app, ["attack", str(run.path), "--attack", "loss", "--lira", "2"])
+    assert out.exit_code == 0, out.output
+    res = json.loads((run.path / "attack.json").read_text())["seeds"]["0"]
+    assert res["ldmlr"]["lira"]["shadows"] == 2 and 0.0 <= res["ldmlr"]["lira"]["auc"] <= 1.0
+    assert "lira" not in res["dp-ldmlr"]  # shadows mimic the non-private training only
+    assert "| 0 | ldmlr | lira |" in (run.path / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""Command line: ``pfdiff run``, ``report``, ``fed``, ``attack``, ``audit``, ``evidence``, ``dpdm``, ``presets``.
+"""Command line: ``pfdiff run``, ``report``, ``fed``, ``attack``, ``audit``, ``evidence``, ``dpdm``, ``regimes``, ``presets``.
 Parses and delegates only."""
 
 from __future__ import annotations
@@ -121,12 +121,14 @@ def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
 
 @app.command()
 def attack(run_dir: Path = typer.Argument(..., help="a run directory written by `pfdiff run`"),
-           attacks: list[str] = typer.Option(["loss", "secmi", "pia"], "--attack", help="loss | secmi | pia (repeatable)")):
+           attacks: list[str] = typer.Option(["loss", "secmi", "pia"], "--attack", help="loss | secmi | pia (repeatable)"),
+           lira: int = typer.Option(0, help="LiRA with this many shadow denoisers (non-private LDMLR only; each costs one "
+                                          "stage-2 training, ≈ 30 s for the quickstart)")):
     """Membership-inference attacks on every feature denoiser of a finished run; adds them to its report."""
     from pfdiff.longtail.membership import attack_and_report
 
     try:
-        report = attack_and_report(run_dir, tuple(attacks))
+        report = attack_and_report(run_dir, tuple(attacks), lira)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     console.print(f"report: [bold]{report}[/] (attack.json, plots/roc.png)")
@@ -175,6 +177,34 @@ def evidence(out: Path = typer.Option(Path("runs/evidence"), help="root folder; 
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         _fail(str(e))
     console.print(f"evidence: [bold]{path}[/]")
+
+
+@app.command()
+def regimes(out: Path = typer.Option(Path("runs/regimes"), help="output folder (regimes.json, plots, regimes.md)"),
+            data: str = typer.Option("digits", help="data source (digits, mnist, fmnist, cifar10, cifar100, npz)"),
+            path: Optional[str] = typer.Option(None, help="path of a user-supplied data source"),
+            run_dir: Optional[Path] = typer.Option(None, help="reuse the stage-1 encoder and LDMLR denoiser of a run"),
+            what: list[str] = typer.Option(["features", "images"], "--what", help="features | images (repeatable)"),
+            set_: list[str] = typer.Option([], "--set", help="override of the feature pipeline's preset (quickstart)"),
+            seed: int = typer.Option(0), threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+            feature_steps: int = typer.Option(3000, help="feature denoiser steps (without --run-dir)"),
+            image_steps: int = typer.Option(400, help="U-Net steps"),
+            max_train: Optional[int] = typer.Option(None, help="subsample large image sets to this many examples"),
+            sweep_n: list[int] = typer.Option([4, 8, 16, 32], "--sweep-n", help="members per class of the "
+                                              "collapse-vs-n sweep (repeatable; 0 = no sweep)")):
+    """Dynamical regimes of diffusion (Biroli et al. 2024): speciation t_S and collapse t_C, theory vs cloning
+    and collapse measurements, dp-promise's S, few-step DDIM around t_S, collapse vs membership AUC."""
+    from pfdiff.analysis.regimes_run import run_regimes
+    from pfdiff.config import ConfigError
+    from pfdiff.data import DataError
+
+    try:
+        run_regimes(out, tuple(what), data, path, run_dir, threads=threads, seed=seed, overrides=tuple(set_),
+                    feature_steps=feature_steps, image_steps=image_steps, max_train=max_train,
+                    sweep_n=tuple(n for n in sweep_n if n > 0))
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"regimes: [bold]{out / 'regimes.md'}[/] (regimes.json, regimes_*.png)")
 
 
 @app.command()

@@ -228,7 +228,7 @@ def membership_section(run: RunDir) -> list[str]:
     rows, copy_rows = [], []
     for seed, targets in att["seeds"].items():
         for target, res in targets.items():
-            for name in att["attacks"]:
+            for name in [*att["attacks"], *(["lira"] if "lira" in res else [])]:
                 m = res[name]
                 rows.append([seed, target, name, f"{m['auc']:.3f}", f"{m['tpr_at_1pct_fpr']:.3f}",
                              f"{m['tpr_at_0.1pct_fpr']:.3f}", res["n_members"]])

@@ -112,8 +112,8 @@ class Speciation:
     d: int
     Lambda_between: float | None = None  # top eigenvalue of Σ_c π_c (μ_c − μ)(μ_c − μ)ᵀ: the class split alone
     t_S_between: float | None = None
-    Lambda_within: dict[int, float] = field(default_factory=dict)  # per class: top eigenvalue of its covariance
-    t_S_within: dict[int, float] = field(default_factory=dict)  # ½ log Λ_c: sub-class speciation, given the class
+    Lambda_within: dict[str, float] = field(default_factory=dict)  # per class: top eigenvalue of its covariance
+    t_S_within: dict[str, float] = field(default_factory=dict)  # ½ log Λ_c: sub-class speciation, given the class
     top_eigenvalues: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def speciation_time(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray |
     for c in classes:
         if (yy == c).sum() >= 2:
             lam = float(covariance_spectrum(a[yy == c])[0])
-            out.Lambda_within[int(c)], out.t_S_within[int(c)] = lam, ou_time_of_variance(lam)
+            out.Lambda_within[str(c)], out.t_S_within[str(c)] = lam, ou_time_of_variance(lam)
     return out
 
 
@@ -178,20 +178,23 @@ def excess_entropy(x: torch.Tensor | np.ndarray, ou_t: Sequence[float] | np.ndar
     """f^e(t) = s^sep(t) − s(t) of a training set ``x`` [n, ...] at each OU time (Monte Carlo; entropy per dim).
 
     s^sep(t) = ½ log(2πeΔ_t) + (log n)/d exactly; s(t) = −(1/d) E log P_t(x) is estimated over noised
-    training points x = e^{−t} a_{μ0} + √Δ_t ξ (``queries`` of them, one noise draw each) with the
-    *leave-one-out* empirical density P_{−μ0}(x) = 1/(n−1) Σ_{μ≠μ0} N(x; e^{−t} a_μ, Δ_t I), an unbiased
-    stand-in for the population density at a point it was not built from. The result simplifies to
-        f^e(t) = ½ + (1/d)·log(n/(n−1)) + (1/d)·E log Σ_{μ≠μ0} exp(−‖x − e^{−t}a_μ‖²/(2Δ_t)),
-    i.e. (1/d)·E log(Z_rest / Z_self) up to O(1/d) noise: positive while other points share the empirical
-    posterior, negative once the point of origin dominates (collapse). Zero crossing: t_C.
+    training points x = e^{−t} a_{μ0} + √Δ_t ξ with the *leave-one-out* empirical density
+    P_{−μ0}(x) = 1/(n−1) Σ_{μ≠μ0} N(x; e^{−t} a_μ, Δ_t I), a stand-in for the population density at a point
+    it was not built from. With E‖ξ‖²/2 = d/2 written inside the expectation (paired, lower variance):
+        f^e(t) = (1/d)·E[log Σ_{μ≠μ0} exp(−‖x − e^{−t}a_μ‖²/(2Δ_t)) − log exp(−‖ξ‖²/2)] + (1/d)·log(n/(n−1)),
+    the log-ratio of the other points' weight to the point of origin's in the empirical posterior:
+    positive while other points share it, negative once the point of origin dominates (collapse); zero
+    crossing t_C. ``queries`` (point, noise) draws in all, spread evenly over the n points.
     """
     a = torch.as_tensor(_flat(x))
     n, d = a.shape
     if n < 2:
         raise ValueError("the excess entropy needs at least 2 training points")
     g = torch.Generator().manual_seed(derive_seed(seed, "excess-entropy"))
-    idx = torch.randperm(n, generator=g)[:min(n, queries)]
+    reps = max(1, -(-queries // n))
+    idx = torch.randperm(n, generator=g).repeat(reps)[:queries]
     noise = torch.randn((len(idx), d), generator=g, dtype=torch.float64)
+    self_term = 0.5 * (noise * noise).sum(1)  # −log Z_self = ‖ξ‖²/2
     out = []
     for t in np.asarray(ou_t, dtype=np.float64):
         s, var = math.exp(-t), -math.expm1(-2 * t)
@@ -201,8 +204,8 @@ def excess_entropy(x: torch.Tensor | np.ndarray, ou_t: Sequence[float] | np.ndar
             i = idx[lo:lo + chunk]
             q = ref[i] + math.sqrt(var) * noise[lo:lo + chunk]
             d2 = (q * q).sum(1, keepdim=True) + (ref * ref).sum(1)[None, :] - 2 * q @ ref.T
-            total += float(_logsumexp_rest(-d2.clamp_min(0) / (2 * var), i).sum())
-        out.append(0.5 + math.log(n / (n - 1)) / d + total / (len(idx) * d))
+            total += float((_logsumexp_rest(-d2.clamp_min(0) / (2 * var), i) + self_term[lo:lo + chunk]).sum())
+        out.append(math.log(n / (n - 1)) / d + total / (len(idx) * d))
     return np.array(out)
 
 
@@ -468,7 +471,7 @@ def cloning_window_offset(level: float = 0.1) -> float:
 
 
 def promise_S_table(privacy, n_private: int, schedule: NoiseSchedule, candidates: Sequence[int], t_S_upper: float,
-                    fixed_events: Sequence = (), eps_share: float = 0.1) -> dict[str, Any]:
+                    fixed_events: Sequence = (), eps_share: float = 0.1, calibrate: bool = True) -> dict[str, Any]:
     """dp-promise's Phase I trains without labels on steps [S, T); for each candidate S: the OU time of
     its smallest Phase-I step (S − 1, as ``plan_denoiser``), its distance to the speciation window, the ε
     of Phase I alone and the Phase-II σ that ``plan_denoiser`` calibrates for the whole budget.
@@ -478,7 +481,8 @@ def promise_S_table(privacy, n_private: int, schedule: NoiseSchedule, candidates
     widest label-free, clip-free Phase I) with (a) t(S) ≥ t_S_upper, so withholding labels on [S, T)
     loses no class information (sampling uses the null label there, ``PhasedLabels``), and (b) Phase-I
     ε ≤ ``eps_share``·target, so Phase II keeps most of the budget. ε of Phase I decreases with S
-    (μ_S = 2R√ᾱ_S/√(1−ᾱ_S) shrinks as ᾱ_S does).
+    (μ_S = 2R√ᾱ_S/√(1−ᾱ_S) shrinks as ᾱ_S does). ``calibrate=False`` skips the Phase-II calibration (fast;
+    the recommendation then ignores feasibility of the whole plan).
     """
     from pfdiff.longtail.private import plan_denoiser
     from pfdiff.privacy.accounting import BudgetError, GaussianEvent, epsilon, phase1_noise_multiplier
@@ -495,26 +499,27 @@ def promise_S_table(privacy, n_private: int, schedule: NoiseSchedule, candidates
         t = float(schedule.ou_time(torch.tensor(S - 1)))
         row = {"S": S, "ou_t": t, "t_minus_t_S_upper": t - t_S_upper, "alpha_bar": ab,
                "phase1_noise_multiplier": mult, "phase1_epsilon": eps1, "phase2_sigma": None, "total_epsilon": None}
-        try:
-            plan = plan_denoiser(p.model_copy(update={"promise_S": S}), n_private, schedule, list(fixed_events))
-            row["phase2_sigma"] = plan.sigma
-            row["total_epsilon"] = epsilon(plan.events, p.delta, p.accountant)
-        except (BudgetError, ValueError) as e:
-            row["infeasible"] = str(e)
+        if calibrate:
+            try:
+                plan = plan_denoiser(p.model_copy(update={"promise_S": S}), n_private, schedule, list(fixed_events))
+                row["phase2_sigma"] = plan.sigma
+                row["total_epsilon"] = epsilon(plan.events, p.delta, p.accountant)
+            except (BudgetError, ValueError) as e:
+                row["infeasible"] = str(e)
         row["label_free_ok"] = t >= t_S_upper
         row["privacy_ok"] = eps1 <= eps_share * p.target_epsilon
         rows.append(row)
-    ok = [r for r in rows if r["label_free_ok"] and r["privacy_ok"] and r["phase2_sigma"] is not None]
+    ok = [r for r in rows if r["label_free_ok"] and r["privacy_ok"] and "infeasible" not in r]
     rec = min(ok, key=lambda r: r["S"]) if ok else None
     binding = None
-    if rec is not None:
-        below = [r for r in rows if r["S"] < rec["S"]]
-        if below:
-            nxt = max(below, key=lambda r: r["S"])
-            binding = ("speciation" if not nxt["label_free_ok"] else "") + \
-                      (" and " if not nxt["label_free_ok"] and not nxt["privacy_ok"] else "") + \
-                      ("privacy" if not nxt["privacy_ok"] else "")
-    return {"rule": f"smallest S with t(S−1) ≥ upper edge of the speciation window ({t_S_upper:.3f}) and "
+    below = [r for r in rows if rec is not None and r["S"] < rec["S"]]
+    if below:  # which constraint the next smaller candidate fails
+        nxt = max(below, key=lambda r: r["S"])
+        binding = " and ".join(name for name, ok in (("speciation", nxt["label_free_ok"]),
+                                                      ("privacy", nxt["privacy_ok"])) if not ok) or "feasibility"
+    free = [r["S"] for r in rows if r["label_free_ok"]]
+    return {"smallest_label_free_S": min(free) if free else None,
+            "rule": f"smallest S with t(S−1) ≥ upper edge of the speciation window ({t_S_upper:.3f}) and "
                     f"Phase-I ε ≤ {eps_share:g}·target ε ({p.target_epsilon:g})",
             "rows": rows, "recommended_S": rec["S"] if rec else None, "binding_constraint": binding or None,
             "target_epsilon": p.target_epsilon, "delta": p.delta, "n_private": n_private,

@@ -22,6 +22,7 @@ Scores follow one convention: HIGHER = more likely a member (training example).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,11 @@ def lira_scores(target_scores, shadow_out, shadow_in=None, eps: float = 1e-12) -
 
     def fit(a):
         a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-        mu = np.nanmean(a, 0)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: handled below
+            mu = np.nanmean(a, 0)
+        # an example no shadow model saw in (or out of) this group: the group's mean over all examples
+        mu = np.where(np.isnan(mu), np.nanmean(a), mu)
         return mu, np.sqrt(np.nanvar(a - mu) + eps)
 
     s = np.asarray(target_scores, dtype=np.float64).reshape(-1)

@@ -90,7 +90,32 @@ def load_targets(run_dir: Path, seed: int) -> list[Target]:
     return targets
 
 
-def attack_targets(targets: list[Target], cfg: RunConfig, seed: int, attacks: tuple[str, ...]
+def lira_attack(t: Target, cfg: RunConfig, schedule, seed: int, shadows: int
+                ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """Online LiRA (Carlini et al. 2022) on a non-private LDMLR denoiser: ``shadows`` shadow denoisers, each
+    trained exactly as the target's stage 2 (same config, its own seed) on a random half of members ∪
+    non-members; the per-example statistic is the loss attack's score. Cost: ``shadows`` stage-2 trainings
+    (``diffusion.steps`` each, ≈ 30 s per shadow for the quickstart on 2 cores)."""
+    from pfdiff.evaluation import mia
+    from pfdiff.longtail.ldmlr import train_feature_diffusion
+    from pfdiff.training import generator
+
+    u, y = torch.cat([t.members[0], t.nonmembers[0]]), torch.cat([t.members[1], t.nonmembers[1]])
+    kw = mia.attack_settings(schedule.T)["loss"]
+    score = lambda m: mia.loss_scores(m, schedule, u, y, cfg.diffusion.prediction, seed=seed, **kw)  # noqa: E731
+    C = int(y.max()) + 1
+    s_in, s_out = np.full((shadows, len(y)), np.nan), np.full((shadows, len(y)), np.nan)
+    for k in range(shadows):
+        inside = torch.rand(len(y), generator=generator("cpu", seed, "lira-split", k)) < 0.5
+        shadow, _ = train_feature_diffusion(u[inside], y[inside], C, cfg, seed * 1000 + k + 1, None, None)
+        s = np.asarray(score(shadow))
+        s_in[k, inside.numpy()], s_out[k, ~inside.numpy()] = s[inside.numpy()], s[~inside.numpy()]
+    stat = mia.lira_scores(score(t.model), s_out, s_in)
+    n = len(t.members[1])
+    return {**mia.attack_metrics(stat[:n], stat[n:]), "shadows": shadows}, (stat[:n], stat[n:])
+
+
+def attack_targets(targets: list[Target], cfg: RunConfig, seed: int, attacks: tuple[str, ...], lira: int = 0
                    ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Run the attacks and the copying check on each target: ({target: results}, {curve name: scores})."""
     from pfdiff.evaluation import mia
@@ -103,6 +128,8 @@ def attack_targets(targets: list[Target], cfg: RunConfig, seed: int, attacks: tu
                                           attacks=attacks, seed=seed, attack_kwargs=attack_settings(schedule.T))
         entry: dict[str, Any] = dict(metrics)
         curves.update({f"{t.name} · {name} (seed {seed})": s for name, s in scores.items()})
+        if lira and t.name == "ldmlr":  # shadows are trained as the (non-private) target was
+            entry["lira"], curves[f"{t.name} · lira (seed {seed})"] = lira_attack(t, cfg, schedule, seed, lira)
         pseudo = t.pseudo
         if pseudo is None:  # the released model can generate them: 50 per class
             C = int(max(t.members[1].max(), t.nonmembers[1].max())) + 1
@@ -115,7 +142,7 @@ def attack_targets(targets: list[Target], cfg: RunConfig, seed: int, attacks: tu
     return results, curves
 
 
-def attack_run(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia")) -> dict[str, Any]:
+def attack_run(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia"), lira: int = 0) -> dict[str, Any]:
     """Attack every denoiser of every seed: {"seeds": {seed: {target: …}}, "roc_curves": …}."""
     run = RunDir.open(run_dir)
     cfg = run.config()
@@ -123,7 +150,7 @@ def attack_run(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia"
     for seed in cfg.seeds:
         targets = load_targets(run_dir, seed) if (run.checkpoints / f"seed{seed}").exists() else []
         if targets:
-            results, curves = attack_targets(targets, cfg, seed, attacks)
+            results, curves = attack_targets(targets, cfg, seed, attacks, lira)
             out["seeds"][str(seed)] = results
             out["roc_curves"].update(curves)
     if not out["seeds"]:
@@ -131,13 +158,13 @@ def attack_run(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia"
     return out
 
 
-def attack_and_report(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia")) -> Path:
+def attack_and_report(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia"), lira: int = 0) -> Path:
     """``pfdiff attack``: attack, write ``attack.json`` and ``plots/roc.png``, re-render the report."""
     from pfdiff.evaluation.mia import plot_roc
     from pfdiff.report import render_report
 
     run = RunDir.open(run_dir)
-    out = attack_run(run_dir, attacks)
+    out = attack_run(run_dir, attacks, lira)
     curves = out.pop("roc_curves")
     run.write_json("attack.json", out)
     plot_roc(curves, run.plots / "roc.png", title=f"membership inference: {run.path.name}")
