@@ -232,6 +232,10 @@ def test_simulation_survives_a_failing_client_and_resumes_without_repeating_roun
     assert (tmp_path / "encoder.safetensors").stat().st_mtime_ns == encoder_mtime
     assert res2["methods"]["fedavg"]["rounds"] == 3
 
+    from pfdiff.federated.attack import attack_fed_run  # the finished global denoisers can be attacked
+    att = json.loads(attack_fed_run(tmp_path, ("loss",)).read_text())["seeds"]["0"]
+    assert set(att) == {"fed-fedavg", "fed-fedddpm+"} and 0 <= att["fed-fedavg"]["loss"]["auc"] <= 1
+
 
 @pytest.mark.slow
 def test_dp_clients_end_to_end_report_every_clients_epsilon_within_target(tmp_path):

@@ -173,12 +173,14 @@ def test_promise_table():
 
     p = load_config("dp", ["privacy.mechanism=dp-promise"]).privacy
     s = make_schedule("linear", 1000)
-    cands = (300, 600, 800, 900, 950, 990)
+    cands = (200, 600, 800, 900, 950, 990)
     out = R.promise_S_table(p, 192, s, cands, t_S_upper=2.5, eps_share=0.1, calibrate=False)
-    eps1 = [r["phase1_epsilon"] for r in out["rows"]]
+    rows = out["rows"]
+    assert [r["S"] for r in rows] == sorted(cands)
+    assert rows[0]["phase1_epsilon"] == math.inf  # σ < 0.1: not accounted, far over any budget
+    eps1 = [r["phase1_epsilon"] for r in rows]
     assert all(a > b for a, b in zip(eps1, eps1[1:]))
-    assert [r["S"] for r in out["rows"]] == sorted(cands)
-    assert all(r["label_free_ok"] == (r["ou_t"] >= 2.5) for r in out["rows"])
-    ok = [r["S"] for r in out["rows"] if r["label_free_ok"] and r["phase1_epsilon"] <= 0.1 * p.target_epsilon]
-    assert out["recommended_S"] == min(ok)
-    assert out["smallest_label_free_S"] <= out["recommended_S"]
+    assert all(r["label_free_ok"] == (r["ou_t"] >= 2.5) for r in rows)
+    ok = [r["S"] for r in rows if r["label_free_ok"] and r["phase1_epsilon"] <= 0.1 * p.target_epsilon]
+    assert out["recommended_S"] == min(ok) and out["binding_constraint"] == "privacy"
+    assert out["smallest_label_free_S"] == 800 < out["recommended_S"]

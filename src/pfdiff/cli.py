@@ -124,14 +124,19 @@ def attack(run_dir: Path = typer.Argument(..., help="a run directory written by 
            attacks: list[str] = typer.Option(["loss", "secmi", "pia"], "--attack", help="loss | secmi | pia (repeatable)"),
            lira: int = typer.Option(0, help="LiRA with this many shadow denoisers (non-private LDMLR only; each costs one "
                                           "stage-2 training, ≈ 30 s for the quickstart)")):
-    """Membership-inference attacks on every feature denoiser of a finished run; adds them to its report."""
+    """Membership-inference attacks on every feature denoiser of a finished run (`pfdiff run`: added to its
+    report; a federated run directory of `pfdiff fed`: attack.json and roc.png beside its results)."""
+    from pfdiff.federated.attack import attack_fed_run
     from pfdiff.longtail.membership import attack_and_report
 
     try:
-        report = attack_and_report(run_dir, tuple(attacks), lira)
+        if (run_dir / "scaler.safetensors").exists():  # a federated run (one α of `pfdiff fed`)
+            report = attack_fed_run(run_dir, tuple(attacks))
+        else:
+            report = attack_and_report(run_dir, tuple(attacks), lira)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    console.print(f"report: [bold]{report}[/] (attack.json, plots/roc.png)")
+    console.print(f"written: [bold]{report}[/] (with attack.json and roc.png)")
 
 
 @app.command()

@@ -474,56 +474,66 @@ def promise_S_table(privacy, n_private: int, schedule: NoiseSchedule, candidates
                     fixed_events: Sequence = (), eps_share: float = 0.1, calibrate: bool = True) -> dict[str, Any]:
     """dp-promise's Phase I trains without labels on steps [S, T); for each candidate S: the OU time of
     its smallest Phase-I step (S − 1, as ``plan_denoiser``), its distance to the speciation window, the ε
-    of Phase I alone and the Phase-II σ that ``plan_denoiser`` calibrates for the whole budget.
+    of Phase I alone, and the total ε of fixed events + Phase I + the Phase II that the configured S's
+    plan calibrates (``plan_denoiser``; same σ₂ for every row, so the rows show what moving S costs).
 
     ``privacy`` is a ``PrivacyConfig``; ``t_S_upper`` the upper edge of the speciation window (above it the
     class is not yet decided; :func:`speciation_from_cloning`). Rule: recommend the *smallest* S (the
-    widest label-free, clip-free Phase I) with (a) t(S) ≥ t_S_upper, so withholding labels on [S, T)
+    widest label-free, clip-free Phase I) with (a) t(S−1) ≥ t_S_upper, so withholding labels on [S, T)
     loses no class information (sampling uses the null label there, ``PhasedLabels``), and (b) Phase-I
-    ε ≤ ``eps_share``·target, so Phase II keeps most of the budget. ε of Phase I decreases with S
-    (μ_S = 2R√ᾱ_S/√(1−ᾱ_S) shrinks as ᾱ_S does). ``calibrate=False`` skips the Phase-II calibration (fast;
-    the recommendation then ignores feasibility of the whole plan).
+    ε ≤ ``eps_share``·target, so Phase II keeps most of the budget; its own σ₂ is calibrated too. ε of
+    Phase I decreases with S (μ_S = 2R√ᾱ_S/√(1−ᾱ_S) shrinks with ᾱ_S). Phase-I noise multipliers below
+    the accountant's SIGMA_MIN (0.1) are not accounted (PLD is very slow there): ε = ∞, far over any
+    budget. ``calibrate=False`` skips every calibration (fast).
     """
     from pfdiff.longtail.private import plan_denoiser
-    from pfdiff.privacy.accounting import BudgetError, GaussianEvent, epsilon, phase1_noise_multiplier
+    from pfdiff.privacy.accounting import SIGMA_MIN, BudgetError, GaussianEvent, epsilon, phase1_noise_multiplier
 
     p = privacy.model_copy(update={"mechanism": "dp-promise"})
     q1 = min(1.0, p.promise_phase1_batch / n_private)
+    fixed = list(fixed_events)
+
+    def plan(S: int) -> dict[str, Any]:
+        try:
+            pl = plan_denoiser(p.model_copy(update={"promise_S": S}), n_private, schedule, fixed)
+            return {"S": S, "phase2_sigma": pl.sigma, "phase2_sample_rate": pl.sample_rate,
+                    "total_epsilon": epsilon(pl.events, p.delta, p.accountant)}
+        except (BudgetError, ValueError) as e:
+            return {"S": S, "infeasible": str(e)}
+
+    base = plan(p.promise_S) if calibrate else None
     rows = []
     for S in sorted(int(s) for s in candidates):
         if not 0 < S < schedule.T:
             raise ValueError(f"candidate S={S} outside (0, T={schedule.T})")
         ab = float(schedule.alpha_bar[S - 1])
         mult = phase1_noise_multiplier(p.feature_radius, ab)
-        eps1 = epsilon([GaussianEvent(mult, q1, p.promise_phase1_steps)], p.delta, p.accountant)
+        phase1 = GaussianEvent(mult, q1, p.promise_phase1_steps, "phase 1")
+        eps1 = epsilon([phase1], p.delta, p.accountant) if mult >= SIGMA_MIN else math.inf
         t = float(schedule.ou_time(torch.tensor(S - 1)))
         row = {"S": S, "ou_t": t, "t_minus_t_S_upper": t - t_S_upper, "alpha_bar": ab,
-               "phase1_noise_multiplier": mult, "phase1_epsilon": eps1, "phase2_sigma": None, "total_epsilon": None}
-        if calibrate:
-            try:
-                plan = plan_denoiser(p.model_copy(update={"promise_S": S}), n_private, schedule, list(fixed_events))
-                row["phase2_sigma"] = plan.sigma
-                row["total_epsilon"] = epsilon(plan.events, p.delta, p.accountant)
-            except (BudgetError, ValueError) as e:
-                row["infeasible"] = str(e)
-        row["label_free_ok"] = t >= t_S_upper
-        row["privacy_ok"] = eps1 <= eps_share * p.target_epsilon
+               "phase1_noise_multiplier": mult, "phase1_epsilon": eps1, "total_epsilon_at_base_sigma2": None,
+               "label_free_ok": t >= t_S_upper, "privacy_ok": eps1 <= eps_share * p.target_epsilon}
+        if base is not None and "phase2_sigma" in base and eps1 < p.target_epsilon:
+            phase2 = GaussianEvent(base["phase2_sigma"], base["phase2_sample_rate"], p.steps, "phase 2")
+            row["total_epsilon_at_base_sigma2"] = epsilon([*fixed, phase1, phase2], p.delta, p.accountant)
         rows.append(row)
-    ok = [r for r in rows if r["label_free_ok"] and r["privacy_ok"] and "infeasible" not in r]
+    ok = [r for r in rows if r["label_free_ok"] and r["privacy_ok"]]
     rec = min(ok, key=lambda r: r["S"]) if ok else None
-    binding = None
     below = [r for r in rows if rec is not None and r["S"] < rec["S"]]
+    binding = None
     if below:  # which constraint the next smaller candidate fails
         nxt = max(below, key=lambda r: r["S"])
-        binding = " and ".join(name for name, ok in (("speciation", nxt["label_free_ok"]),
-                                                      ("privacy", nxt["privacy_ok"])) if not ok) or "feasibility"
+        binding = " and ".join(name for name, good in (("speciation", nxt["label_free_ok"]),
+                                                        ("privacy", nxt["privacy_ok"])) if not good)
     free = [r["S"] for r in rows if r["label_free_ok"]]
-    return {"smallest_label_free_S": min(free) if free else None,
-            "rule": f"smallest S with t(S−1) ≥ upper edge of the speciation window ({t_S_upper:.3f}) and "
+    return {"rule": f"smallest S with t(S−1) ≥ upper edge of the speciation window ({t_S_upper:.3f}) and "
                     f"Phase-I ε ≤ {eps_share:g}·target ε ({p.target_epsilon:g})",
-            "rows": rows, "recommended_S": rec["S"] if rec else None, "binding_constraint": binding or None,
-            "target_epsilon": p.target_epsilon, "delta": p.delta, "n_private": n_private,
-            "phase1_sample_rate": q1, "phase1_steps": p.promise_phase1_steps, "feature_radius": p.feature_radius}
+            "rows": rows, "recommended_S": rec["S"] if rec else None, "binding_constraint": binding,
+            "smallest_label_free_S": min(free) if free else None,
+            "configured_S_plan": base, "recommended_S_plan": plan(rec["S"]) if calibrate and rec else None,
+            "target_epsilon": p.target_epsilon, "delta": p.delta, "n_private": n_private, "phase1_sample_rate": q1,
+            "phase1_steps": p.promise_phase1_steps, "feature_radius": p.feature_radius, "t_S_upper": t_S_upper}
 
 
 def speciation_timesteps(schedule: NoiseSchedule, steps: int, t_S: float, width: float = 0.5,
@@ -546,11 +556,13 @@ def speciation_timesteps(schedule: NoiseSchedule, steps: int, t_S: float, width:
     return sorted(ts, reverse=True)
 
 
-def ou_uniform_timesteps(schedule: NoiseSchedule, steps: int, t_min: float = 0.02) -> list[int]:
-    """``steps`` descending steps equally spaced in OU time from the last step down to ``t_min``."""
+def ou_uniform_timesteps(schedule: NoiseSchedule, steps: int, t_min: float = 0.02, t_cap: float = 4.0) -> list[int]:
+    """``steps`` descending steps equally spaced in OU time over [t_min, min(t_last, t_cap)], the first one
+    moved to T − 1 (sampling starts from pure noise). The cap keeps the cosine schedule's long tail
+    (t_last ≈ 9.9, ᾱ ≈ 0) from taking the grid: at t = 4, ᾱ = e^{−8} ≈ 3·10⁻⁴ is already noise."""
     grid = ou_times(schedule)
-    ks = step_at_ou_time(schedule, np.linspace(float(grid[-1]), max(t_min, float(grid[0])), steps))
-    return sorted({int(k) for k in ks}, reverse=True)
+    ks = step_at_ou_time(schedule, np.linspace(min(float(grid[-1]), t_cap), max(t_min, float(grid[0])), steps))
+    return sorted({schedule.T - 1, *(int(k) for k in ks[1:])}, reverse=True)
 
 
 def placement_timesteps(schedule: NoiseSchedule, steps: int, t_S: float, width: float = 0.5) -> dict[str, list[int]]:

@@ -74,6 +74,9 @@ def plot_dataset(name: str, res: dict[str, Any], path: Path) -> Path:
     grid = ou_times(make_schedule(sched["name"], sched["T"]))
     top = ax.secondary_xaxis("top", functions=(lambda t: np.interp(t, grid, np.arange(len(grid))),
                                                lambda k: np.interp(k, np.arange(len(grid)), grid)))
+    t_top = float(min(grid[-1], max(cl["t"])))  # steps at 5 evenly spaced OU times, rounded to tens
+    top.set_xticks(sorted({int(round(float(np.interp(v, grid, np.arange(len(grid)))), -1))
+                           for v in np.linspace(0.5, t_top, 5)}))
     top.set_xlabel(f"step of the {sched['name']} schedule (T = {sched['T']})", fontsize=8)
     th = res["collapse_theory"]
     t = np.array(th["ou_t"])
@@ -103,9 +106,10 @@ def plot_collapse_vs_n(sweep: dict[str, Any], path: Path) -> Path:
         ax.plot(n, [r["auc"][name] for r in rows], marker="o", label=f"AUC {name}")
     ax.plot(n, [r["generated_copy_share"] for r in rows], marker="s", color="tab:red", label="copy share of samples")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set(xscale="log", xlabel="training examples per class n", ylabel="AUC / share", ylim=(0, 1.02),
-           title="memorisation vs n")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="training examples per class n", ylabel="AUC / share", ylim=(0, 1.02), title="memorisation vs n")
     ax.set_xticks(n, [str(v) for v in n])
+    ax.minorticks_off()
     ax2 = ax.twinx()
     ax2.plot(n, [r["t_C_median"] for r in rows], color="k", ls="--", marker="^", label="t_C (f^e = 0), median class")
     ax2.plot(n, [r["t_C_formula_median"] for r in rows], color="k", ls=":", marker="v", label="t_C formula")
@@ -134,7 +138,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
     spec, meas, cs = res["speciation_theory"], res["speciation_measured"], collapse_summary(res)
-    sched = res["schedule"]
+    sched, ref = res["schedule"], res["placement"]["reference"]
+    tmin = res["collapse_theory"]["ou_t"][0]
+
+    def tc(v: float) -> str:  # nan: f^e ≥ 0 on the whole grid, the zero lies below its first time
+        return f"< {tmin:g}" if isinstance(v, float) and math.isnan(v) else _fmt(v)
+
     L = [f"## {name}", "", f"Space: {res['space']}; model: {res['source']}; schedule {sched['name']} T = {sched['T']} "
          f"({sched['prediction']}-prediction); classifier test accuracy {res['classifier_test_accuracy']:.3f}; "
          f"wall time {res['wall_seconds']:.0f} s.", "", f"![{name}]({plot})", "", "### Theory", "",
@@ -148,7 +157,7 @@ def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
          f"{cs['classes_collapsed_everywhere']} class(es) with f^e < 0 on the whole grid); large-d formula median "
          f"{_fmt(cs['t_C_formula_median'])}; whole training set {_fmt(cs['t_C_all'])} (formula {_fmt(cs['t_C_formula_all'])}).",
          "", *_table(["class", "n", "σ² (tr C/d)", "t_C (f^e = 0)", "t_C formula", "Λ_c", "½ log Λ_c"],
-                     [[k, v["n"], v["sigma2"], v["t_C"], v["t_C_formula"], spec["Lambda_within"].get(k),
+                     [[k, v["n"], v["sigma2"], tc(v["t_C"]), v["t_C_formula"], spec["Lambda_within"].get(k),
                        spec["t_S_within"].get(k)] for k, v in _class_tc(res).items()]),
          "", "### Measured", "",
          f"- Cloning ({res['config_starts']} points × {res['config_clones']} clones per t, null label): plateaus "
@@ -161,25 +170,33 @@ def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
                                                                     res["collapse"]["copy_share"],
                                                                     res["collapse"]["median_ratio"])]),
          "", "### Few-step DDIM: steps around t_S vs uniform", "",
-         f"Deterministic DDIM, {res['placement_samples']} class-conditional samples, same noise; t_S used = "
-         f"{res['placement']['t_S']:.3f}; reference: {res['placement']['reference']['steps']} trailing steps "
-         f"(FD {res['placement']['reference']['fd_test']:.3f}, accuracy {res['placement']['reference']['accuracy']:.3f}). "
-         "FD: Fréchet distance to the real test set (lower is better); accuracy: classifier agrees with the label.", "",
-         *_table(["steps", "placement", "FD", "accuracy", "timesteps"],
-                 [[r["steps"], r["placement"], r["fd_test"], r["accuracy"], " ".join(map(str, r["timesteps"]))]
-                  for r in res["placement"]["rows"]])]
+         f"Deterministic DDIM from the same noise, {res['placement_samples']} samples; t_S used = "
+         f"{res['placement']['t_S']:.3f}; reference: {ref['steps']} trailing steps (conditional FD {ref['fd_test']:.3f}, "
+         f"accuracy {ref['accuracy']:.3f}; unconditional class histogram TV to the prior {ref['uncond_tv_to_prior']:.3f}). "
+         "Conditional (balanced labels): FD to the real test set, classifier agreement with the label, RMSE to the "
+         "reference sample of the same noise (discretisation error). Unconditional (null label, the class is decided "
+         "at speciation): TV distance of the class histogram to the reference sampler's and to the training prior.", "",
+         *_table(["steps", "placement", "FD", "accuracy", "RMSE to ref", "uncond. RMSE to ref", "uncond. TV to ref",
+                  "uncond. TV to prior", "timesteps"],
+                 [[r["steps"], r["placement"], r["fd_test"], r["accuracy"], r["rmse_to_reference"],
+                   r["uncond_rmse_to_reference"], r["uncond_tv_to_reference"], r["uncond_tv_to_prior"],
+                   " ".join(map(str, r["timesteps"]))] for r in res["placement"]["rows"]])]
     if "promise" in res:
         p = res["promise"]
+        base, rec = p["configured_S_plan"] or {}, p["recommended_S_plan"] or {}
         L += ["", "### dp-promise: where to put S", "",
               f"dp preset with dp-promise on this split: n_private = {p['n_private']}, Phase I: "
               f"{p['phase1_steps']} steps at rate {p['phase1_sample_rate']:.3f}, R = {p['feature_radius']}, target "
-              f"ε = {p['target_epsilon']} at δ = {p['delta']:g}, {p['schedule']['name']} T = {p['schedule']['T']}. "
-              f"Rule: {p['rule']}. **Recommended S = {p['recommended_S']}** (binding: {p['binding_constraint']}); "
-              f"default S = {p['default_S']}.", "",
-              *_table(["S", "t(S−1)", "t − t_S,upper", "Phase-I ε", "Phase-II σ", "total ε", "label-free ok",
-                       "privacy ok"],
-                      [[r["S"], r["ou_t"], r["t_minus_t_S_upper"], r["phase1_epsilon"], r["phase2_sigma"],
-                        r["total_epsilon"], r["label_free_ok"], r["privacy_ok"]] for r in p["rows"]])]
+              f"ε = {p['target_epsilon']} at δ = {p['delta']:g}, {p['schedule']['name']} T = {p['schedule']['T']}; "
+              f"upper edge of the speciation window t = {p['t_S_upper']:.3f} (measured). Rule: {p['rule']}. "
+              f"**Recommended S = {p['recommended_S']}** (the next smaller candidate fails: {p['binding_constraint']}); "
+              f"smallest label-free S = {p['smallest_label_free_S']}; configured S = {p['default_S']} "
+              f"(Phase-II σ₂ = {_fmt(base.get('phase2_sigma'))}); at the recommended S, σ₂ = "
+              f"{_fmt(rec.get('phase2_sigma'))}. Total ε below: fixed events + Phase I at that S + Phase II with the "
+              "configured S's σ₂.", "",
+              *_table(["S", "t(S−1)", "t − t_S,upper", "Phase-I ε", "total ε (σ₂ fixed)", "label-free ok", "privacy ok"],
+                      [[r["S"], r["ou_t"], r["t_minus_t_S_upper"], r["phase1_epsilon"], r["total_epsilon_at_base_sigma2"],
+                        r["label_free_ok"], r["privacy_ok"]] for r in p["rows"]])]
     if "collapse_vs_n" in res:
         sw = res["collapse_vs_n"]
         L += ["", "### Collapse vs n and membership inference", "",

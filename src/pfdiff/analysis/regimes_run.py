@@ -80,21 +80,50 @@ def _grid(schedule: NoiseSchedule, rc: RegimesConfig, points: int | None = None)
     return R.ou_grid_steps(schedule, points or rc.grid_points, rc.t_min, rc.t_max)
 
 
+def _tv(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
+    """Total-variation distance between the class histograms of two label vectors."""
+    pa, pb = (torch.bincount(v, minlength=num_classes).double() / len(v) for v in (a, b))
+    return float(0.5 * (pa - pb).abs().sum())
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean().sqrt())
+
+
 @torch.no_grad()
 def compare_placements(model, schedule: NoiseSchedule, prediction: str, shape: tuple[int, ...], num_classes: int,
-                       t_S: float, quality: Quality, rc: RegimesConfig) -> dict[str, Any]:
-    """Few-step deterministic DDIM (η = 0) on each grid of ``regimes.placement_timesteps``, same noise and
-    labels for all; ``quality(x, y)`` scores the samples; a ``reference_steps`` trailing run is the target."""
+                       t_S: float, quality: Quality, classify: Callable, prior: torch.Tensor,
+                       rc: RegimesConfig) -> dict[str, Any]:
+    """Few-step deterministic DDIM (η = 0) on each grid of ``regimes.placement_timesteps``, same noise for all.
+
+    Class-conditional (labels balanced): ``quality(x, y)`` (FD to real data, classifier agreement) and the
+    RMSE to the ``reference_steps``-step trailing sample from the same noise (the discretisation error).
+    Unconditional (null label): where speciation decides the class, so the grid around t_S could matter —
+    TV distance of the classifier's class histogram to that of the reference sampler and to the prior.
+    """
     y = torch.arange(num_classes).repeat_interleave(rc.samples_per_class)
+    null = torch.full_like(y, num_classes)
     noise = torch.randn((len(y), *shape), generator=torch.Generator().manual_seed(derive_seed(rc.seed, "placement")))
-    ref = quality(sample_ddim(model, noise, schedule, y, steps=rc.reference_steps, spacing="trailing",
-                              prediction=prediction), y)
+    prior_labels = torch.multinomial(prior.float(), 100_000, replacement=True,
+                                     generator=torch.Generator().manual_seed(derive_seed(rc.seed, "prior")))
+
+    def run(steps, labels):
+        return sample_ddim(model, noise, schedule, labels, steps=steps, spacing="trailing", prediction=prediction)
+
+    ref_c, ref_u = run(rc.reference_steps, y), run(rc.reference_steps, null)
+    lab_ref = classify(ref_u)
+    reference = {"steps": rc.reference_steps, "placement": "trailing", **quality(ref_c, y),
+                 "uncond_tv_to_prior": _tv(lab_ref, prior_labels, num_classes)}
     rows = []
     for k in rc.few_steps:
         for name, ts in R.placement_timesteps(schedule, k, t_S).items():
-            x = sample_ddim(model, noise, schedule, y, steps=ts, prediction=prediction)
-            rows.append({"steps": k, "placement": name, "timesteps": ts, **quality(x, y)})
-    return {"t_S": t_S, "reference": {"steps": rc.reference_steps, "placement": "trailing", **ref}, "rows": rows}
+            xc, xu = run(ts, y), run(ts, null)
+            lab = classify(xu)
+            rows.append({"steps": k, "placement": name, "timesteps": ts, **quality(xc, y),
+                         "rmse_to_reference": _rmse(xc, ref_c), "uncond_rmse_to_reference": _rmse(xu, ref_u),
+                         "uncond_tv_to_reference": _tv(lab, lab_ref, num_classes),
+                         "uncond_tv_to_prior": _tv(lab, prior_labels, num_classes)})
+    return {"t_S": t_S, "reference": reference, "rows": rows}
 
 
 def measure(model, schedule: NoiseSchedule, prediction: str, x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor,
@@ -119,7 +148,8 @@ def measure(model, schedule: NoiseSchedule, prediction: str, x: torch.Tensor, y:
                                 prediction=prediction, sampler_steps=rc.sampler_steps, seed=rc.seed)
     t3 = time.perf_counter()
     t_place = measured["t_S"] if math.isfinite(measured["t_S"]) else spec.t_S
-    placement = compare_placements(model, schedule, prediction, tuple(x.shape[1:]), num_classes, t_place, quality, rc)
+    placement = compare_placements(model, schedule, prediction, tuple(x.shape[1:]), num_classes, t_place, quality,
+                                   classify, prior, rc)
     t4 = time.perf_counter()
     return {"schedule": {"name": schedule.name, "T": schedule.T, "prediction": prediction,
                          "t_last": float(schedule.ou_time()[-1])},

@@ -45,3 +45,17 @@ def load_fed_targets(run_dir: Path, seed: int = 0) -> list[Target]:
     if not targets:
         raise FileNotFoundError(f"{run_dir} has no finished federated method to attack")
     return targets
+
+
+def attack_fed_run(run_dir: Path, attacks: tuple[str, ...] = ("loss", "secmi", "pia")) -> Path:
+    """``pfdiff attack`` on a federated run directory: ``attack.json`` and ``roc.png`` next to its results."""
+    from pfdiff.evaluation.mia import plot_roc
+    from pfdiff.longtail.membership import attack_targets
+    from pfdiff.runs import atomic_write_json
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    results, curves = attack_targets(load_fed_targets(run_dir), cfg, 0, attacks)
+    atomic_write_json(run_dir / "attack.json", {"attacks": list(attacks), "seeds": {"0": results}})
+    plot_roc(curves, run_dir / "roc.png", title=f"membership inference: federated {run_dir.name}")
+    return run_dir / "attack.json"
