@@ -12,7 +12,9 @@ from pfdiff.analysis import regimes as R
 from pfdiff.diffusion import make_schedule
 from pfdiff.diffusion.targets import split_prediction
 
-T_S_TOLERANCE = 0.15  # |measured t_S − ½ log Λ| in OU time, two-Gaussian mixture with its exact score
+# Two-Gaussian mixture with its exact score: |measured t_S − ½ log Λ| in OU time. The exact midpoint sits
+# +0.06 above ½ log Λ there, the 10 % → 90 % speciation window spans ≈ 1.7, seed-to-seed spread ≈ 0.03.
+T_S_TOLERANCE = 0.2
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,10 +65,10 @@ def test_mixture_denoiser_is_the_gaussian_posterior(prediction):
 def test_cloning_recovers_speciation_time_of_two_gaussians(schedule_name, prediction):
     """Exact score, ±m with ‖m‖² = 24, σ² = 1 in d = 32: Λ = 25, t_S = ½ log 25 = 1.609. The measured cloning
     curve follows the exact φ(t) and crosses the midpoint ¾ of its plateaus (½, 1) within T_S_TOLERANCE of
-    ½ log Λ (theory: +0.06)."""
+    ½ log Λ, and within 0.12 of the exact curve's own midpoint (½ log Λ + 0.06)."""
     s = make_schedule(schedule_name, 1000)
     model = _mixture(s, prediction)
-    x0, y = model.sample(600, torch.Generator().manual_seed(0))
+    x0, y = model.sample(1000, torch.Generator().manual_seed(0))
     spec = R.speciation_time(x0, y)
     t_S = 0.5 * math.log(25.0)
     assert abs(spec.t_S - t_S) < 0.05  # the covariance spectrum of the sample gives Λ
@@ -77,8 +79,9 @@ def test_cloning_recovers_speciation_time_of_two_gaussians(schedule_name, predic
     theory = R.two_gaussian_cloning_theory(np.array(cur["t"]), 24.0, 1.0)
     assert (np.abs(np.array(cur["phi"]) - theory) <= 4 * np.array(cur["se"]) + 0.02).all()
     measured = R.speciation_from_cloning(cur["t"], cur["phi"], low=0.5, high=1.0)["t_S"]
+    exact = R.speciation_from_cloning(cur["t"], theory, low=0.5, high=1.0)["t_S"]
     assert abs(measured - t_S) < T_S_TOLERANCE
-    assert abs(R.speciation_from_cloning(cur["t"], theory, low=0.5, high=1.0)["t_S"] - t_S) < 0.1
+    assert abs(exact - t_S) < 0.1 and abs(measured - exact) < 0.12
 
 
 def test_cloning_window_offsets():
@@ -184,3 +187,12 @@ def test_promise_table():
     ok = [r["S"] for r in rows if r["label_free_ok"] and r["phase1_epsilon"] <= 0.1 * p.target_epsilon]
     assert out["recommended_S"] == min(ok) and out["binding_constraint"] == "privacy"
     assert out["smallest_label_free_S"] == 800 < out["recommended_S"]
+
+
+def test_cli_rejects_unknown_analysis(tmp_path):
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    res = CliRunner().invoke(app, ["regimes", "--what", "bogus", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown analyses" in res.output

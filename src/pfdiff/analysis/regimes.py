@@ -211,7 +211,8 @@ def excess_entropy(x: torch.Tensor | np.ndarray, ou_t: Sequence[float] | np.ndar
 
 def zero_crossing(t: Sequence[float] | np.ndarray, f: Sequence[float] | np.ndarray) -> float:
     """The largest t where f changes sign from ≥ 0 (above) to < 0 (below), linearly interpolated; ``nan``
-    when f never goes negative on the grid, −∞ when it is negative everywhere (+∞ means collapsed at all t)."""
+    when f ≥ 0 on the whole grid (the crossing lies below it), +∞ when f < 0 everywhere (for f^e: collapsed
+    at every t of the grid)."""
     t, f = np.asarray(t, dtype=np.float64), np.asarray(f, dtype=np.float64)
     order = np.argsort(t)
     t, f = t[order], f[order]
@@ -311,20 +312,20 @@ def speciation_from_cloning(t: Sequence[float], phi: Sequence[float], low: float
     """Measured t_S: the largest t at which φ(t) reaches the midpoint between its plateaus, low (t → ∞:
     Σ_c π_c²; default φ at the largest t measured) and high (t → 0: 1; default φ at the smallest t),
     linearly interpolated. For the symmetric two-Gaussian mixture this midpoint time is ½ log Λ + O(0.1)
-    (:func:`two_gaussian_cloning_theory`). Also the upper edge of the speciation window, where φ has
-    risen by 10 % of the span: above it the class is not yet decided."""
+    (:func:`two_gaussian_cloning_theory`). Also the edges of the speciation window: upper, where φ has
+    risen by 10 % of the span (above it the class is not yet decided), and lower, 90 % (below it the
+    class is decided)."""
     t, phi = np.asarray(t, dtype=np.float64), np.asarray(phi, dtype=np.float64)
     order = np.argsort(t)
     t, phi = t[order], phi[order]
     low = float(phi[-1]) if low is None else float(low)
     high = float(phi[0]) if high is None else float(high)
 
-    def crossing(level: float) -> float:
-        # last sign change of φ − level going up in t: from ≥ level (below) to < level (above)
-        return zero_crossing(t, -(phi - level)) if high > low else math.nan
+    def crossing(share: float) -> float:
+        # last sign change of level − φ going up in t: φ above the level below, under it above
+        return zero_crossing(t, low + share * (high - low) - phi) if high > low else math.nan
 
-    return {"t_S": crossing(low + 0.5 * (high - low)), "t_S_upper": crossing(low + 0.1 * (high - low)),
-            "low": low, "high": high}
+    return {"t_S": crossing(0.5), "t_S_upper": crossing(0.1), "t_S_lower": crossing(0.9), "low": low, "high": high}
 
 
 @torch.no_grad()

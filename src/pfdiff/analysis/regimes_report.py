@@ -40,6 +40,13 @@ def collapse_summary(res: dict[str, Any]) -> dict[str, float]:
             "t_C_all": whole.get("t_C", math.nan), "t_C_formula_all": whole.get("t_C_formula", math.nan)}
 
 
+def _step(sched: dict[str, Any], t: float) -> str:
+    from pfdiff.analysis.regimes import step_at_ou_time
+    from pfdiff.diffusion import make_schedule
+
+    return str(step_at_ou_time(make_schedule(sched["name"], sched["T"]), t)) if math.isfinite(t) else "–"
+
+
 def plot_dataset(name: str, res: dict[str, Any], path: Path) -> Path:
     """Top: cloning probability φ(t) and collapse share vs OU time with t_S and t_C; bottom: f^e(t) per class."""
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(7.2, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
@@ -155,15 +162,16 @@ def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
          f"- Collapse (per class: a class-conditional model collapses within its class): t_C where f^e = 0, median "
          f"over classes **{_fmt(cs['t_C_median'])}** (range {_fmt(cs['t_C_min'])}–{_fmt(cs['t_C_max'])}; "
          f"{cs['classes_collapsed_everywhere']} class(es) with f^e < 0 on the whole grid); large-d formula median "
-         f"{_fmt(cs['t_C_formula_median'])}; whole training set {_fmt(cs['t_C_all'])} (formula {_fmt(cs['t_C_formula_all'])}).",
+         f"{_fmt(cs['t_C_formula_median'])}; whole training set {_fmt(cs['t_C_all'])} (formula {_fmt(cs['t_C_formula_all'])}). "
+         f"The median t_C is step {_step(sched, cs['t_C_median'])} of this schedule.",
          "", *_table(["class", "n", "σ² (tr C/d)", "t_C (f^e = 0)", "t_C formula", "Λ_c", "½ log Λ_c"],
                      [[k, v["n"], v["sigma2"], tc(v["t_C"]), v["t_C_formula"], spec["Lambda_within"].get(k),
                        spec["t_S_within"].get(k)] for k, v in _class_tc(res).items()]),
          "", "### Measured", "",
          f"- Cloning ({res['config_starts']} points × {res['config_clones']} clones per t, null label): plateaus "
          f"{meas['low']:.3f} (large t; Σπ² = {res['prior_same_class']:.3f}) and {meas['high']:.3f} (small t); "
-         f"**measured t_S (midpoint) = {_fmt(meas['t_S'])}** vs ½ log Λ = {spec['t_S']:.3f}; the class starts to be "
-         f"decided (10 % of the rise) at t = {_fmt(meas['t_S_upper'])}.", "",
+         f"**measured t_S (midpoint) = {_fmt(meas['t_S'])}** vs ½ log Λ = {spec['t_S']:.3f}; speciation window "
+         f"(10 % → 90 % of the rise) from t = {_fmt(meas['t_S_upper'])} down to {_fmt(meas.get('t_S_lower'))}.", "",
          *_table(["t", "step", "φ (cloning)", "± se", "collapse share", "median r"],
                  [[t, k, p, se, c, r] for t, k, p, se, c, r in zip(res["cloning"]["t"], res["cloning"]["step"],
                                                                     res["cloning"]["phi"], res["cloning"]["se"],
@@ -188,15 +196,20 @@ def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
               f"dp preset with dp-promise on this split: n_private = {p['n_private']}, Phase I: "
               f"{p['phase1_steps']} steps at rate {p['phase1_sample_rate']:.3f}, R = {p['feature_radius']}, target "
               f"ε = {p['target_epsilon']} at δ = {p['delta']:g}, {p['schedule']['name']} T = {p['schedule']['T']}; "
-              f"upper edge of the speciation window t = {p['t_S_upper']:.3f} (measured). Rule: {p['rule']}. "
+              f"upper edge of the speciation window t = {p['t_S_upper']:.3f} (measured; lower edge "
+              f"{_fmt(res['speciation_measured'].get('t_S_lower'))}). Rule: {p['rule']}. "
               f"**Recommended S = {p['recommended_S']}** (the next smaller candidate fails: {p['binding_constraint']}); "
               f"smallest label-free S = {p['smallest_label_free_S']}; configured S = {p['default_S']} "
               f"(Phase-II σ₂ = {_fmt(base.get('phase2_sigma'))}); at the recommended S, σ₂ = "
               f"{_fmt(rec.get('phase2_sigma'))}. Total ε below: fixed events + Phase I at that S + Phase II with the "
-              "configured S's σ₂.", "",
-              *_table(["S", "t(S−1)", "t − t_S,upper", "Phase-I ε", "total ε (σ₂ fixed)", "label-free ok", "privacy ok"],
+              "configured S's σ₂. Label accuracy: share of class-conditional samples of the non-private denoiser, "
+              "labels withheld on t ≥ S as dp-promise samples, that the classifier puts in the requested class "
+              f"({p.get('label_accuracy_sampler', '–')}).", "",
+              *_table(["S", "t(S−1)", "t − t_S,upper", "Phase-I ε", "total ε (σ₂ fixed)", "label-free ok", "privacy ok",
+                       "label accuracy"],
                       [[r["S"], r["ou_t"], r["t_minus_t_S_upper"], r["phase1_epsilon"], r["total_epsilon_at_base_sigma2"],
-                        r["label_free_ok"], r["privacy_ok"]] for r in p["rows"]])]
+                        r["label_free_ok"], r["privacy_ok"], r.get("label_accuracy_withheld_above_S")]
+                       for r in p["rows"]])]
     if "collapse_vs_n" in res:
         sw = res["collapse_vs_n"]
         L += ["", "### Collapse vs n and membership inference", "",
