@@ -302,7 +302,9 @@ def _example_privacy(p: dict[str, Any]) -> list[str]:
 def _public_lists(p: dict[str, Any]) -> list[str]:
     """What the guarantee covers and what is declared public, as bullets (when present)."""
     return [f"- {title}: " + "; ".join(p[key]) + "." for key, title in
-            (("covered", "Covered"), ("declared_public", "Declared public (no ε)")) if p.get(key)]
+            (("covered", "Covered"), ("declared_public", "Declared public (no ε)"),
+             ("evaluation_only_no_guarantee", "Computed by the simulation runner for this report only, not sent "
+              "by the protocol (no guarantee)")) if p.get(key)]
 
 
 def _client_privacy(p: dict[str, Any]) -> list[str]:

@@ -409,8 +409,19 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
 # ---------------------------------------------------------------- privacy
 
 
+# What the runner computes from the true data for the researcher's report: not messages of the protocol.
+EVALUATION_ONLY = ["test-set metrics (FD, accuracies)", "per-client class histograms",
+                   "FD of the clients' real features to the test set"]
+
+
 def privacy_report(srv: Server, stats: dict, results: dict[str, Any]) -> dict[str, Any]:
     """Each client's example-level ε per method (dp = example), or the client-level ε (dp = client)."""
+    out = _privacy_claim(srv, stats, results)
+    out["evaluation_only_no_guarantee"] = EVALUATION_ONLY
+    return out
+
+
+def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[str, Any]:
     cfg, f = srv.cfg, srv.cfg.fed
     p = cfg.privacy
     if f.dp == "none":
