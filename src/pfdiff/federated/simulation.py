@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -24,6 +25,22 @@ from pfdiff.config import dump_config  # noqa: E402
 
 def alpha_dir(root: Path, alpha: float) -> Path:
     return root / ("iid" if alpha == 0 else f"alpha-{alpha:g}")
+
+
+# Ray puts Unix sockets under <temp>/session_<date>_<time>_<pid>/sockets/plasma_store (≈ 65 characters) and
+# AF_UNIX paths are limited to 107 bytes, so the run directory can host Ray's state only when it is short.
+_RAY_SUFFIX = 70
+_AF_UNIX_MAX = 107
+
+
+def ray_temp_dir(run_dir: Path) -> dict[str, str]:
+    """Ray's session state under ``<run_dir>/ray`` when the socket paths fit, else Ray's default (logged)."""
+    temp = (Path(run_dir).resolve() / "ray")
+    if len(str(temp)) + _RAY_SUFFIX > _AF_UNIX_MAX:
+        logging.getLogger("pfdiff.federated").warning(
+            "run directory path too long for Ray's sockets: Ray's session state goes to its default temp dir")
+        return {}
+    return {"_temp_dir": str(temp)}
 
 
 def simulate(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -48,10 +65,9 @@ def simulate(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             raise
 
     f = cfg.fed
+    init_args = {"num_cpus": f.num_cpus, "num_gpus": 0, "include_dashboard": False, **ray_temp_dir(run_dir)}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=f.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": f.num_cpus, "num_gpus": 0,
-                                                 "include_dashboard": False}})
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args})
     if "error" in sink:
         raise RuntimeError(f"the federated run failed: {sink['error']!r}") from sink["error"]
     if "results" not in sink:
