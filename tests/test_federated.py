@@ -250,3 +250,33 @@ def test_dp_clients_end_to_end_report_every_clients_epsilon_within_target(tmp_pa
         assert len(eps) == 3 and all(0 < e <= 5.0 + 1e-6 for e in eps)
     # the warm-up is part of FedDDPM's release, not of FedAvg's
     assert priv["methods"]["fedddpm"]["0"]["steps"] > priv["methods"]["fedavg"]["0"]["steps"]
+
+
+def test_dp_promise_client_plan_composes_phase_one_and_meets_the_target():
+    cfg = tiny("fed.dp=example", "fed.encoder=public", "privacy.mechanism=dp-promise", "privacy.target_epsilon=4",
+               "fed.warmup_steps=30", "privacy.steps=30", "privacy.promise_phase1_steps=15")
+    plan = task.client_dp_plan(cfg, 150)
+    f = cfg.fed
+    p1 = plan.phase1_steps_for(f.warmup_steps) + f.rounds * plan.phase1_steps_for(f.local_steps)
+    assert plan.phase1_ratio == 0.5 and p1 == 15 + 2 * 2 and plan.phase1_multiplier > 0
+    eps = epsilon(plan.events(plan.total_steps, p1), cfg.privacy.delta)
+    assert 3.6 < eps <= 4.0 + 1e-6
+    dpsgd_only = task.client_dp_plan(load_config("federated", [*TINY, "fed.dp=example", "fed.encoder=public",
+                                                               "privacy.target_epsilon=4", "fed.warmup_steps=30"]), 150)
+    assert plan.sigma > dpsgd_only.sigma  # Phase I spends part of the budget: DP-SGD gets more noise
+
+
+def test_dp_promise_client_trains_clipped_phase_one_then_dp_sgd():
+    from pfdiff.federated.client_app import app
+
+    cfg = tiny("fed.dp=example", "fed.encoder=public", "privacy.mechanism=dp-promise", "privacy.steps=20",
+               "privacy.promise_phase1_steps=10")
+    c = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                run_config={})
+    _send(app, cfg, "stats", ArrayRecord(task.build_encoder_classifier(cfg).state_dict()), c)
+    den = ArrayRecord(task.build_global_denoiser(cfg).state_dict())
+    out = _send(app, cfg, "diffusion", den, c, **{"scaler-mean": [0.0] * 64, "scaler-std": [1.0] * 64})
+    assert "train_loss" not in out.content["metrics"]  # nothing private but the weights
+    assert any(not np.array_equal(out.content["arrays"][k].numpy(), den[k].numpy()) for k in den)
+    view = task.sampling_view(task.build_global_denoiser(cfg), cfg)
+    assert type(view).__name__ == "PhasedLabels" and view.S == cfg.privacy.promise_S

@@ -57,7 +57,11 @@ def _local_denoiser(cfg: RunConfig, arrays: ArrayRecord, u, y, cfg_rec, pid: int
     seed, rnd = cfg.seeds[0], int(cfg_rec.get("server-round", 0))
     if cfg.fed.dp == "example":
         plan = task.client_dp_plan(cfg, len(y))
-        loss = task.train_denoiser_local_dp(model, u, y, loss_fn, plan, cfg, first_step, steps, seed, pid)
+        f = cfg.fed  # Phase-I steps before this call (dp-promise): the warm-up's, then each earlier round's
+        first_p1 = 0 if first_step == 0 else (plan.phase1_steps_for(f.warmup_steps)
+                                              + (first_step - f.warmup_steps) // f.local_steps
+                                              * plan.phase1_steps_for(f.local_steps))
+        loss = task.train_denoiser_local_dp(model, u, y, loss_fn, plan, cfg, first_step, steps, seed, pid, first_p1)
     else:
         f = cfg.fed
         loss = task.train_denoiser_local(model, u, y, loss_fn, steps, f.local_lr, f.local_batch_size, seed,
@@ -123,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
             return _reply(msg, ArrayRecord(model.state_dict()), pid, **{"num-examples": n, "counts": counts.tolist()})
         n_samples = int(round(f.aux_size * counts.sum() / max(1, int(cfg_rec["n-total"]))))
         per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
-        u_hat, y_hat = sample_features(model.eval(), task.make_loss(cfg, len(counts)).schedule, per_class,
+        u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg), task.make_loss(cfg, len(counts)).schedule, per_class,
                                        cfg.diffusion, seed, torch.device("cpu"), tag=f"fed-warmup-{pid}")
         return _reply(msg, ArrayRecord({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), pid, **{"num-examples": n})
 

@@ -216,7 +216,7 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
             per_class = np.round(counts / n_total * f.aux_size).astype(int)
             model = task.load_arrays(task.build_global_denoiser(srv.cfg), arrays.to_torch_state_dict()).eval()
             pid = int(r.content["metrics"]["partition-id"])
-            u, y = sample_features(model, srv.loss_fn.schedule, per_class, srv.cfg.diffusion, srv.seed,
+            u, y = sample_features(task.sampling_view(model, srv.cfg), srv.loss_fn.schedule, per_class, srv.cfg.diffusion, srv.seed,
                                    torch.device("cpu"), tag=f"fed-warmup-server-{pid}")
         else:
             u, y = _tensor(arrays["u"]), _tensor(arrays["y"]).long()
@@ -339,7 +339,8 @@ def server_round(srv: Server, method: str, model, pool, u_val, y_val, scorer, qu
         gain = 0.0 if best is None else relative_gain(best, score)
         row["gain"] = gain
         if best is None or accepted(gain, srv.cfg):
-            info, c = regenerate(model, srv.loss_fn.schedule, pool, scorer, srv.cfg, srv.C, r, srv.seed)
+            info, c = regenerate(task.sampling_view(model, srv.cfg), srv.loss_fn.schedule, pool, scorer, srv.cfg,
+                                 srv.C, r, srv.seed)
             compute.add(c)
             row["regenerated"] = info
             st["best_score"] = score if best is None else min(best, score)
@@ -375,7 +376,7 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
                     ) -> dict[str, Any]:
     """FD of generated to real test features, and the long-tail repair: G re-trained on class-balanced
     pseudo-features (AID-filtered when a pool scorer exists) sampled by the server."""
-    model, cfg = out["model"].eval(), srv.cfg
+    model, cfg = task.sampling_view(out["model"].eval(), srv.cfg), srv.cfg
     per_test = np.bincount(y_test.numpy(), minlength=srv.C)
     u, _ = sample_features(model, srv.loss_fn.schedule, per_test, cfg.diffusion, srv.seed, torch.device("cpu"),
                            tag="fed-eval-fd")
@@ -442,14 +443,21 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
         eps = {}
         for pid, n in sorted(stats["n_per_client"].items()):
             plan = task.client_dp_plan(cfg, n)
-            steps = (f.warmup_steps if uses_warmup else 0) + res["rounds_started"] * f.local_steps
-            eps[str(pid)] = {"epsilon": epsilon(plan.events(steps), p.delta, p.accountant), "sigma": plan.sigma,
-                        "sample_rate": plan.sample_rate, "steps": steps}
+            started = res["rounds_started"]
+            steps = (f.warmup_steps if uses_warmup else 0) + started * f.local_steps
+            phase1 = (plan.phase1_steps_for(f.warmup_steps) if uses_warmup else 0) + \
+                started * plan.phase1_steps_for(f.local_steps)
+            eps[str(pid)] = {"epsilon": epsilon(plan.events(steps, phase1), p.delta, p.accountant),
+                             "sigma": plan.sigma, "sample_rate": plan.sample_rate, "steps": steps,
+                             "phase1_steps": phase1}
         per_method[m] = eps
     return {"mode": "example", "target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
             "methods": per_method,
+            "mechanism": p.mechanism,
             "covered": ["local DP-SGD steps (warm-up and rounds)", "noisy class counts",
-                        "pseudo-features and models derived from them (post-processing)"],
+                        "pseudo-features and models derived from them (post-processing)"]
+            + (["dp-promise Phase-I steps (the forward noise is the Gaussian mechanism; features clipped to R)"]
+               if p.mechanism == "dp-promise" else []),
             "declared_public": ["each client's number of examples", "encoder, G and scaler (public part)"]}
 
 

@@ -26,8 +26,8 @@ from pfdiff.config import RunConfig, dump_config, load_config
 from pfdiff.diffusion import DiffusionLoss, make_schedule
 from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser
-from pfdiff.longtail.private import public_private_split
-from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, gaussian_sigma_for
+from pfdiff.longtail.private import PhasedLabels, clip_rows, phase1_stepper, public_private_split
+from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, gaussian_sigma_for, phase1_noise_multiplier
 from pfdiff.privacy.dpsgd import DPSGD
 from pfdiff.training import derive_seed, generator
 
@@ -214,15 +214,25 @@ def train_denoiser_local(model: nn.Module, u: torch.Tensor, y: torch.Tensor, los
 @dataclass(frozen=True)
 class ClientDPPlan:
     """One client's example-level DP plan for one method's run: σ calibrated so that its noisy counts,
-    its warm-up steps and every planned round compose to at most the target ε."""
+    its warm-up steps and every planned round compose to at most the target ε. Under dp-promise every
+    local call of k DP-SGD steps (t < S) is preceded by ``phase1_steps_for(k)`` Phase-I steps on
+    t ∈ [S, T) (Wang et al. 2024: the forward noise is the Gaussian mechanism there)."""
 
     sigma: float
     sample_rate: float
     count_sigma: float | None
     total_steps: int
+    phase1_ratio: float = 0.0  # Phase-I steps per DP-SGD step (privacy.promise_phase1_steps / privacy.steps)
+    phase1_multiplier: float | None = None
+    phase1_rate: float = 0.0
 
-    def events(self, steps_done: int) -> list[GaussianEvent]:
+    def phase1_steps_for(self, steps: int) -> int:
+        return int(round(self.phase1_ratio * steps))
+
+    def events(self, steps_done: int, phase1_done: int = 0) -> list[GaussianEvent]:
         out = [GaussianEvent(self.count_sigma, 1.0, 1, "noisy counts")] if self.count_sigma else []
+        if phase1_done:
+            out.append(GaussianEvent(self.phase1_multiplier, self.phase1_rate, phase1_done, "dp-promise phase I"))
         if steps_done:
             out.append(GaussianEvent(self.sigma, self.sample_rate, steps_done, "DP-SGD (local)"))
         return out
@@ -230,35 +240,76 @@ class ClientDPPlan:
 
 def client_dp_plan(cfg: RunConfig, n_examples: int) -> ClientDPPlan:
     """Calibrate the local DP-SGD σ of a client holding ``n_examples`` (assumed public, as usual in FL)."""
-    p, f = cfg.privacy, cfg.fed
+    p, f, d = cfg.privacy, cfg.fed, cfg.diffusion
     q = min(1.0, p.expected_batch_size / n_examples)
     total = f.warmup_steps + f.rounds * f.local_steps
     count_sigma = gaussian_sigma_for(p.count_epsilon, p.delta) if p.count_epsilon > 0 else None
     fixed = [GaussianEvent(count_sigma, 1.0, 1, "noisy counts")] if count_sigma else []
+    promise: dict = {}
+    if p.mechanism == "dp-promise":
+        schedule = make_schedule(d.schedule, d.T)
+        if not 0 < p.promise_S < schedule.T:
+            raise ValueError(f"privacy.promise_S must lie in (0, T={schedule.T}), got {p.promise_S}")
+        promise = {"phase1_ratio": p.promise_phase1_steps / p.steps,
+                   "phase1_multiplier": phase1_noise_multiplier(p.feature_radius,
+                                                                float(schedule.alpha_bar[p.promise_S - 1])),
+                   "phase1_rate": min(1.0, p.promise_phase1_batch / n_examples)}
+        draft = ClientDPPlan(0.0, q, None, total, **promise)
+        calls = [f.warmup_steps] + [f.local_steps] * f.rounds
+        fixed.append(GaussianEvent(draft.phase1_multiplier, draft.phase1_rate,
+                                   sum(draft.phase1_steps_for(k) for k in calls), "dp-promise phase I"))
     sigma = p.noise_multiplier or calibrate_noise(p.target_epsilon, p.delta, q, total, p.accountant,
                                                   fixed_events=fixed)
-    return ClientDPPlan(sigma, q, count_sigma, total)
+    return ClientDPPlan(sigma, q, count_sigma, total, **promise)
 
 
 def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss,
                             plan: ClientDPPlan, cfg: RunConfig, first_step: int, steps: int, seed: int,
-                            partition_id: int) -> float:
+                            partition_id: int, first_phase1_step: int = 0) -> float:
     """DP-SGD steps ``first_step … first_step+steps-1`` of this client's plan (Poisson batches and noise
-    seeded per global step index, so a resumed or repeated round never reuses a draw of another step)."""
+    seeded per global step index, so a resumed or repeated round never reuses a draw of another step).
+    Under dp-promise the features are clipped to R, ``plan.phase1_steps_for(steps)`` Phase-I steps come
+    first (global indices from ``first_phase1_step``) and DP-SGD sees only t < S."""
     p = cfg.privacy
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.fed.local_lr, weight_decay=0.0)
+    dp_loss = loss_fn
+    if p.mechanism == "dp-promise":
+        u = clip_rows(u, p.feature_radius)
+        phase1 = phase1_stepper(model, opt, _NoEMA(), u, y, int(loss_fn.null_label), loss_fn.schedule, cfg,
+                                 derive_seed(seed, "fed-p1", partition_id), plan)
+        for s in range(first_phase1_step, first_phase1_step + plan.phase1_steps_for(steps)):
+            phase1(s)
+        dp_loss = DiffusionLoss(loss_fn.schedule, prediction=loss_fn.prediction, weighting=loss_fn.weighting,
+                                cond_drop_prob=cfg.diffusion.cond_drop_prob, null_label=loss_fn.null_label,
+                                t_max=p.promise_S)
     engine = DPSGD(model, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(u),
                    sample_rate=plan.sample_rate, max_physical_batch_size=p.max_physical_batch_size,
                    seed=derive_seed(seed, "fed-dp", partition_id), track_norms=False)
 
     def per_example_loss(m, z, labels):  # K draws averaged per example before clipping (DPDM)
-        return loss_fn(m, z, labels, noise_multiplicity=p.noise_multiplicity).loss
+        return dp_loss(m, z, labels, noise_multiplicity=p.noise_multiplicity).loss
 
     model.train()
     for s in range(first_step, first_step + steps):
         torch.manual_seed(derive_seed(seed, "fed-dp-draws", partition_id, s))
         engine.step(per_example_loss, (u, y), s)
     return float("nan")  # the private loss is not released
+
+
+class _NoEMA:
+    """The federated clients keep no EMA (the server aggregates raw weights)."""
+
+    def update(self) -> None:
+        pass
+
+
+def sampling_view(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The model as it must be sampled: under dp-promise (labels withheld in Phase I) the label is nulled on
+    t ≥ S, as in the centralised DP-LDMLR."""
+    p = cfg.privacy
+    if cfg.fed.dp == "example" and p.mechanism == "dp-promise" and not p.promise_conditional_phase1:
+        return PhasedLabels(model, p.promise_S, split_of(cfg).num_classes)
+    return model
 
 
 def noisy_label_counts(y: torch.Tensor, num_classes: int, count_sigma: float | None, seed: int,

@@ -141,7 +141,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     def per_example_loss(model, z, labels):  # K draws averaged per example *before* clipping (DPDM)
         return phase2_loss(model, z, labels, noise_multiplicity=p.noise_multiplicity).loss
 
-    phase1_step = (_phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg, seed, plan)
+    phase1_step = (phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg, seed, plan)
                    if plan.phase1_steps else None)
 
     def update(step: int) -> dict[str, float]:
@@ -169,7 +169,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     return model, schedule, info
 
 
-def _phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg: RunConfig, seed: int, plan: PrivatePlan):
+def phase1_stepper(denoiser, opt, ema, u, y, num_classes, schedule, cfg: RunConfig, seed: int, plan: PrivatePlan):
     """dp-promise Phase I: plain (non-clipped, non-noised) steps on t ∈ [S, T) with Poisson batches, one
     noise draw per example per step (each use is one Gaussian mechanism), null labels unless opted in."""
     p, d = cfg.privacy, cfg.diffusion
