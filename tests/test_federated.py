@@ -280,3 +280,12 @@ def test_dp_promise_client_trains_clipped_phase_one_then_dp_sgd():
     assert any(not np.array_equal(out.content["arrays"][k].numpy(), den[k].numpy()) for k in den)
     view = task.sampling_view(task.build_global_denoiser(cfg), cfg)
     assert type(view).__name__ == "PhasedLabels" and view.S == cfg.privacy.promise_S
+
+
+def test_failure_reasons_keep_the_clients_own_message():
+    from pfdiff.federated.wire import short_reason
+
+    ray_style = ("ray::ClientAppActor.run() (pid=1)\n  File \"x.py\", line 1\nflwr.clientapp.ClientAppException: \n"
+                 "Exception ClientAppException occurred. Message: the fixed releases alone cost epsilon 0.5 >= target 0.3'>")
+    assert short_reason(ray_style) == "the fixed releases alone cost epsilon 0.5 >= target 0.3"
+    assert short_reason("Traceback\n  ...\nValueError: bad input") == "ValueError: bad input"

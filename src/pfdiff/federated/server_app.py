@@ -156,7 +156,9 @@ def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
     public encoder, from the public part."""
     replies = srv.broadcast("stats", ArrayRecord(model.state_dict()), srv.config("stats"))
     if len(replies) < len(srv.nodes):
-        raise RuntimeError("the statistics phase needs every client (see the failures logged above)")
+        reasons = sorted({f["reason"] for f in srv.wire.failures if f["phase"] == "stats"})
+        raise RuntimeError(f"the statistics phase needs every client; {len(srv.nodes) - len(replies)} failed: "
+                           + " | ".join(reasons))
     m = [r.content["metrics"] for r in replies]
     counts = np.sum([np.asarray(x["counts"]) for x in m], axis=0)
     n_per_client = {int(x["partition-id"]): int(x["num-examples"]) for x in m}

@@ -24,6 +24,14 @@ def record_bytes(content: RecordDict | ArrayRecord) -> int:
     return recorddict_to_proto(content).ByteSize()
 
 
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The client's own error message out of a runtime's wrapped traceback (Ray appends it after
+    "Message: "), else the last line; at most ``limit`` characters."""
+    text = reason.rsplit("Message: ", 1)[-1] if "Message: " in reason else reason
+    lines = [line.strip(" '>") for line in text.strip().splitlines() if line.strip(" '>")]
+    return (lines[0] if "Message: " in reason and lines else (lines[-1] if lines else reason))[:limit]
+
+
 class Wire:
     """``grid.send_and_receive`` that counts bytes per phase and per client and keeps the failures."""
 
@@ -63,6 +71,7 @@ class Wire:
         return ok
 
     def _fail(self, phase: str, round_: int, node: int, reason: str) -> None:
+        reason = short_reason(reason)
         pid = self.node_to_partition.get(node)
         self.failures.append({"phase": phase, "round": round_, "node": node, "partition": pid, "reason": reason})
         log.warning("%s round %s: client %s (node %s) failed: %s", phase, round_, pid, node, reason)
