@@ -25,7 +25,7 @@ from torch import nn
 from pfdiff.config import RunConfig, dump_config, load_config
 from pfdiff.diffusion import DiffusionLoss, make_schedule
 from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split, seeded_init
-from pfdiff.longtail.ldmlr import build_denoiser
+from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.longtail.private import PhasedLabels, clip_rows, phase1_stepper, public_private_split
 from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, gaussian_sigma_for, phase1_noise_multiplier
 from pfdiff.privacy.dpsgd import DPSGD
@@ -144,9 +144,7 @@ def build_global_denoiser(cfg: RunConfig) -> nn.Module:
 
 
 def make_loss(cfg: RunConfig, num_classes: int) -> DiffusionLoss:
-    d = cfg.diffusion
-    return DiffusionLoss(make_schedule(d.schedule, d.T), prediction=d.prediction, weighting=d.weighting,
-                         cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
+    return feature_loss(cfg.diffusion, make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), num_classes)
 
 
 def load_arrays(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -279,9 +277,7 @@ def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, 
                                  derive_seed(seed, "fed-p1", partition_id), plan)
         for s in range(first_phase1_step, first_phase1_step + plan.phase1_steps_for(steps)):
             phase1(s)
-        dp_loss = DiffusionLoss(loss_fn.schedule, prediction=loss_fn.prediction, weighting=loss_fn.weighting,
-                                cond_drop_prob=cfg.diffusion.cond_drop_prob, null_label=loss_fn.null_label,
-                                t_max=p.promise_S)
+        dp_loss = feature_loss(cfg.diffusion, loss_fn.schedule, loss_fn.null_label, t_max=p.promise_S)
     engine = DPSGD(model, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(u),
                    sample_rate=plan.sample_rate, max_physical_batch_size=p.max_physical_batch_size,
                    seed=derive_seed(seed, "fed-dp", partition_id), track_norms=False)

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from pfdiff.config import E2EConfig, RunConfig
-from pfdiff.diffusion import DiffusionLoss, make_schedule, sample_ddim
+from pfdiff.diffusion import make_schedule, sample_ddim
 from pfdiff.evaluation import frechet_distance
 from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, seeded_init
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
-from pfdiff.longtail.ldmlr import build_denoiser
+from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.longtail.semantic import PrototypeBank, covariance_loss, prototype_loss, radius_loss
 from pfdiff.training import generator, shuffled_batch, train
 
@@ -135,8 +135,7 @@ class EndToEnd:
         self.mass = LabelMass(C).to(device)
         d = cfg.diffusion
         self.schedule = make_schedule(d.schedule, d.T).to(device)
-        self.loss_fn = DiffusionLoss(self.schedule, prediction=d.prediction, weighting=d.weighting,
-                                     cond_drop_prob=d.cond_drop_prob, null_label=C)
+        self.loss_fn = feature_loss(d, self.schedule, C)
         self.x = torch.as_tensor(split.train.x, device=device)
         self.y = torch.as_tensor(split.train.y, device=device)
         self.counts = torch.as_tensor(split.counts, device=device)

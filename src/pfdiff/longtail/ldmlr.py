@@ -46,6 +46,13 @@ def build_denoiser(cfg: RunConfig, feature_dim: int, num_classes: int) -> Featur
     return FeatureDenoiser(feature_dim, num_classes, m.denoiser_hidden, m.denoiser_depth, m.time_dim)
 
 
+def feature_loss(d: DiffusionConfig, schedule: NoiseSchedule, num_classes: int, **kwargs) -> DiffusionLoss:
+    """The configured diffusion loss of the class-conditional feature denoiser (label ``num_classes`` = null,
+    for CFG's label drop); ``kwargs`` (e.g. ``t_max``) go to ``DiffusionLoss``."""
+    return DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting, cond_drop_prob=d.cond_drop_prob,
+                         null_label=num_classes, **kwargs)
+
+
 def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, seed: int,
                             checkpoint: Path | None, log: Callable[[dict], None] | None,
                             ) -> tuple[nn.Module, NoiseSchedule]:
@@ -53,8 +60,7 @@ def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, 
     d = cfg.diffusion
     schedule = make_schedule(d.schedule, d.T).to(u.device)
     denoiser = seeded_init(seed, "denoiser", lambda: build_denoiser(cfg, u.shape[1], num_classes), u.device)
-    loss_fn = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting,
-                            cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
+    loss_fn = feature_loss(d, schedule, num_classes)
     opt = torch.optim.Adam(denoiser.parameters(), lr=d.lr)
     ema = EMA(denoiser, d.ema_decay)
 

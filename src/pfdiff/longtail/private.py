@@ -26,7 +26,7 @@ from torch import nn
 from pfdiff.config import PrivacyConfig, RunConfig
 from pfdiff.diffusion import DiffusionLoss, NoiseSchedule, make_schedule
 from pfdiff.longtail.common import init_encoder_classifier, seeded_init
-from pfdiff.longtail.ldmlr import build_denoiser
+from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.privacy.accounting import (GaussianEvent, PrivacyLedger, calibrate_noise, gaussian_sigma_for,
                                        phase1_noise_multiplier)
 from pfdiff.privacy.dpsgd import DPSGD, poisson_batch
@@ -135,8 +135,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     engine = DPSGD(denoiser, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm,
                    dataset_size=len(u), sample_rate=plan.sample_rate,
                    max_physical_batch_size=p.max_physical_batch_size, seed=seed, ema=ema)
-    phase2_loss = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting,
-                                cond_drop_prob=d.cond_drop_prob, null_label=num_classes, t_max=S)
+    phase2_loss = feature_loss(d, schedule, num_classes, t_max=S)
 
     def per_example_loss(model, z, labels):  # K draws averaged per example *before* clipping (DPDM)
         return phase2_loss(model, z, labels, noise_multiplicity=p.noise_multiplicity).loss
