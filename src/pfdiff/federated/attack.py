@@ -42,6 +42,7 @@ def load_fed_targets(run_dir: Path, seed: int = 0) -> list[Target]:
         path = run_dir / m.replace("+", "plus") / "checkpoint.safetensors"
         if path.exists():
             model = task.load_arrays(task.build_global_denoiser(cfg), load_state(path)["model"]).eval()
+            model = task.sampling_view(model, cfg)  # as the server samples it (labels withheld on t ≥ S)
             targets.append(Target(f"fed-{m}", model, (u, y[mem]), (u_out, y_out[non]), None))
     if not targets:
         raise FileNotFoundError(f"{run_dir} has no finished federated method to attack")

@@ -26,7 +26,8 @@ from pfdiff.config import RunConfig, dump_config, load_config
 from pfdiff.diffusion import DiffusionLoss, make_schedule
 from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
-from pfdiff.longtail.private import PhasedLabels, clip_rows, phase1_stepper, public_private_split
+from pfdiff.longtail.private import clip_rows, phase1_stepper, public_private_split
+from pfdiff.longtail.private import sampling_view as private_sampling_view
 from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, gaussian_sigma_for, phase1_noise_multiplier
 from pfdiff.privacy.dpsgd import DPSGD
 from pfdiff.training import derive_seed, generator
@@ -300,11 +301,10 @@ class _NoEMA:
 
 
 def sampling_view(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """The model as it must be sampled: under dp-promise (labels withheld in Phase I) the label is nulled on
-    t ≥ S, as in the centralised DP-LDMLR."""
-    p = cfg.privacy
-    if cfg.fed.dp == "example" and p.mechanism == "dp-promise" and not p.promise_conditional_phase1:
-        return PhasedLabels(model, p.promise_S, split_of(cfg).num_classes)
+    """The global denoiser as it must be sampled: as the centralised DP-LDMLR's (``private.sampling_view``)
+    when the clients ran example-level DP, else as it is."""
+    if cfg.fed.dp == "example":
+        return private_sampling_view(model, cfg.privacy, split_of(cfg).num_classes)
     return model
 
 

@@ -25,7 +25,7 @@ from pfdiff.diffusion import make_schedule
 from pfdiff.evaluation.mia import attack_settings, balanced_pairs
 from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split
 from pfdiff.longtail.ldmlr import FeatureScaler, build_denoiser, sample_features
-from pfdiff.longtail.private import PhasedLabels, clip_rows, public_private_split
+from pfdiff.longtail.private import clip_rows, public_private_split, sampling_view
 from pfdiff.runs import RunDir
 from pfdiff.training import load_modules
 
@@ -82,9 +82,7 @@ def load_targets(run_dir: Path, seed: int) -> list[Target]:
         scaler = FeatureScaler.fit(z[pub])
         mem, non = balanced_pairs(split.train.y[priv], split.heldout.y, C, seed)
         space = lambda v: clip_rows(scaler.transform(v), p.feature_radius)  # noqa: E731 — as in training
-        model = _denoiser(cfg, ck / "dp-stage2.safetensors", z.shape[1], C)
-        if p.mechanism == "dp-promise" and not p.promise_conditional_phase1:
-            model = PhasedLabels(model, p.promise_S, C)
+        model = sampling_view(_denoiser(cfg, ck / "dp-stage2.safetensors", z.shape[1], C), p, C)
         targets.append(Target("dp-ldmlr", model, (space(z[priv][mem]), y[priv][mem]),
                               (space(z_out[non]), y_out[non]), None))
     return targets

@@ -111,6 +111,14 @@ class PhasedLabels(nn.Module):
         return self.model(z_t, t, torch.where(t >= self.S, torch.full_like(y, self.null_label), y))
 
 
+def sampling_view(model: nn.Module, p: PrivacyConfig, num_classes: int) -> nn.Module:
+    """A DP denoiser as it must be sampled (and attacked): under dp-promise with label-free Phase I the
+    label is withheld on t ≥ S, where it was never trained with one."""
+    if p.mechanism == "dp-promise" and not p.promise_conditional_phase1:
+        return PhasedLabels(model, p.promise_S, num_classes)
+    return model
+
+
 def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, seed: int,
                            ledger: PrivacyLedger, fixed: list[GaussianEvent], checkpoint: Path | None,
                            log: Callable[[dict], None] | None, init: Callable[[], nn.Module] | None = None,
@@ -158,9 +166,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
               description=f"seed {seed} · DP stage 2: ε_θ ({p.mechanism}, σ={plan.sigma:.3f})", ema=ema,
               checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, log=log, log_every=100,
               log_metrics=False)  # losses, norms, clip fractions, batch sizes: private, no guarantee
-    model = ema.module.eval()
-    if p.mechanism == "dp-promise" and not p.promise_conditional_phase1:
-        model = PhasedLabels(model, S, num_classes)
+    model = sampling_view(ema.module.eval(), p, num_classes)
     info = {"sigma": plan.sigma, "sample_rate": plan.sample_rate, "planned_epsilon": planned_eps,
             "phase1_steps": plan.phase1_steps, "phase1_noise_multiplier": plan.phase1_multiplier,
             "labels_unprotected_in_phase1": p.mechanism == "dp-promise" and p.promise_conditional_phase1,
