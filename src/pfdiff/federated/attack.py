@@ -16,7 +16,7 @@ import torch
 
 from pfdiff.config import load_config
 from pfdiff.federated import task
-from pfdiff.federated.server_app import METHODS
+from pfdiff.federated.server_app import METHODS, method_checkpoint
 from pfdiff.longtail.common import encode
 from pfdiff.longtail.ldmlr import FeatureScaler
 from pfdiff.evaluation.mia import balanced_pairs
@@ -39,7 +39,7 @@ def load_fed_targets(run_dir: Path, seed: int = 0) -> list[Target]:
     u, u_out = scaler.transform(encode(enc_clf["encoder"], x[mem])), scaler.transform(encode(enc_clf["encoder"], x_out[non]))
     targets = []
     for m in METHODS:  # every method finished in this directory (a resumed run may list fewer in its config)
-        path = run_dir / m.replace("+", "plus") / "checkpoint.safetensors"
+        path = method_checkpoint(run_dir, m)
         if path.exists():
             model = task.load_arrays(task.build_global_denoiser(cfg), load_state(path)["model"]).eval()
             model = task.sampling_view(model, cfg)  # as the server samples it (labels withheld on t ≥ S)

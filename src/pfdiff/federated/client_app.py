@@ -27,6 +27,8 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from pfdiff.config import RunConfig  # noqa: E402
 from pfdiff.federated import task  # noqa: E402
+from pfdiff.diffusion import make_schedule  # noqa: E402
+from pfdiff.longtail.common import encode  # noqa: E402
 from pfdiff.longtail.ldmlr import sample_features  # noqa: E402
 
 app = ClientApp()
@@ -36,36 +38,35 @@ class InjectedFault(RuntimeError):
     """Raised by a client listed in ``fed.fail_partitions`` (fault-tolerance tests)."""
 
 
-def _tensor(array) -> torch.Tensor:
-    return torch.from_numpy(array.numpy().copy())
-
-
-def _scaled_features(cfg_rec, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_features(context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features this client encoded in the 'stats' phase (kept in its Flower ``context.state``)."""
     if "features" not in context.state:
         raise RuntimeError("this client has no cached features: the server must run the 'stats' phase first")
     rec = context.state["features"]
-    z, y = _tensor(rec["z"]), _tensor(rec["y"])
+    return task.array_tensor(rec["z"]), task.array_tensor(rec["y"])
+
+
+def _scaled_features(cfg_rec, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    z, y = _cached_features(context)
     mean, std = torch.tensor(list(cfg_rec["scaler-mean"])), torch.tensor(list(cfg_rec["scaler-std"]))
     return (z - mean) / std, y
 
 
-def _local_denoiser(cfg: RunConfig, arrays: ArrayRecord, u, y, cfg_rec, pid: int, first_step: int, steps: int):
-    """Train the received denoiser for ``steps`` local steps (DP-SGD steps of the client's plan under DP)."""
-    num_classes = task.split_of(cfg).num_classes
+def _local_denoiser(cfg: RunConfig, arrays: ArrayRecord, u, y, phase: str, rnd: int, pid: int):
+    """Train the received denoiser for the warm-up (``rnd`` 0) or one round's local steps; under DP these
+    are the steps of the client's plan at their global indices (``ClientDPPlan.spent``)."""
+    f = cfg.fed
+    steps = f.warmup_steps if rnd == 0 else f.local_steps
     model = task.load_arrays(task.build_global_denoiser(cfg), arrays.to_torch_state_dict())
-    loss_fn = task.make_loss(cfg, num_classes)
-    seed, rnd = cfg.seeds[0], int(cfg_rec.get("server-round", 0))
-    if cfg.fed.dp == "example":
+    loss_fn = task.make_loss(cfg, task.split_of(cfg).num_classes)
+    seed = cfg.seeds[0]
+    if f.dp == "example":
         plan = task.client_dp_plan(cfg, len(y))
-        f = cfg.fed  # Phase-I steps before this call (dp-promise): the warm-up's, then each earlier round's
-        first_p1 = 0 if first_step == 0 else (plan.phase1_steps_for(f.warmup_steps)
-                                              + (first_step - f.warmup_steps) // f.local_steps
-                                              * plan.phase1_steps_for(f.local_steps))
-        loss = task.train_denoiser_local_dp(model, u, y, loss_fn, plan, cfg, first_step, steps, seed, pid, first_p1)
+        first, first_p1 = (0, 0) if rnd == 0 else plan.spent(rnd - 1)
+        loss = task.train_denoiser_local_dp(model, u, y, loss_fn, plan, cfg, first, steps, seed, pid, first_p1)
     else:
-        f = cfg.fed
         loss = task.train_denoiser_local(model, u, y, loss_fn, steps, f.local_lr, f.local_batch_size, seed,
-                                         (cfg_rec["phase"], rnd, pid))
+                                         (phase, rnd, pid))
     return model, loss
 
 
@@ -102,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
 
     if phase == "stats":
         model = task.load_arrays(task.build_encoder_classifier(cfg), arrays.to_torch_state_dict())
-        z = task.features_of(model["encoder"], data.x)
+        z = encode(model["encoder"], data.x)
         context.state["features"] = ArrayRecord({"z": z.contiguous(), "y": data.y.contiguous()})
         metrics = {"num-examples": n, "counts": _counts(cfg, data.y, pid).tolist()}
         if f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim
@@ -110,8 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(msg, None, pid, **metrics)
 
     if phase == "reweight":
-        rec = context.state["features"]
-        z, y = _tensor(rec["z"]), _tensor(rec["y"])
+        z, y = _cached_features(context)
         clf = task.build_encoder_classifier(cfg)["classifier"]
         clf = task.load_arrays(clf, arrays.to_torch_state_dict())
         weights = torch.tensor(list(cfg_rec["class-weights"]), dtype=torch.float32)
@@ -121,19 +121,18 @@ def train(msg: Message, context: Context) -> Message:
 
     u, y = _scaled_features(cfg_rec, context)
     if phase == "warmup":
-        model, _ = _local_denoiser(cfg, arrays, u, y, cfg_rec, pid, 0, f.warmup_steps)
+        model, _ = _local_denoiser(cfg, arrays, u, y, phase, 0, pid)
         counts = _counts(cfg, y, pid)
         if f.warmup_upload == "model":
             return _reply(msg, ArrayRecord(model.state_dict()), pid, **{"num-examples": n, "counts": counts.tolist()})
         n_samples = int(round(f.aux_size * counts.sum() / max(1, int(cfg_rec["n-total"]))))
         per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
-        u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg), task.make_loss(cfg, len(counts)).schedule, per_class,
+        u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg), make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), per_class,
                                        cfg.diffusion, seed, torch.device("cpu"), tag=f"fed-warmup-{pid}")
         return _reply(msg, ArrayRecord({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), pid, **{"num-examples": n})
 
     if phase == "diffusion":
-        first = f.warmup_steps + (rnd - 1) * f.local_steps  # global DP step index: never reused across rounds
-        model, loss = _local_denoiser(cfg, arrays, u, y, cfg_rec, pid, first, f.local_steps)
+        model, loss = _local_denoiser(cfg, arrays, u, y, phase, rnd, pid)
         # client-level DP: equal weights, so one client moves the average by at most clip/m (the wrapper's σ·clip/m)
         weight = 1 if f.dp == "client" else n
         metrics = {"num-examples": weight, "train_loss": loss} if f.dp == "none" else {"num-examples": weight}

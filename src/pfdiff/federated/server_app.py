@@ -41,7 +41,7 @@ from pfdiff.federated.correction import (QuickTest, ServerCompute, accepted, cor
 from pfdiff.federated.strategy import make_strategy  # noqa: E402
 from pfdiff.federated.wire import Wire, record_bytes  # noqa: E402
 from pfdiff.longtail.baselines import logit_adjusted  # noqa: E402
-from pfdiff.longtail.common import train_classifier_on_features  # noqa: E402
+from pfdiff.longtail.common import encode, train_classifier_on_features  # noqa: E402
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter  # noqa: E402
 from pfdiff.longtail.ldmlr import FeatureScaler, sample_features  # noqa: E402
 from pfdiff.privacy.accounting import GaussianEvent, epsilon  # noqa: E402
@@ -164,7 +164,7 @@ def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
     n_per_client = {int(x["partition-id"]): int(x["num-examples"]) for x in m}
     if srv.cfg.fed.encoder == "public":
         pub, _ = task.public_private_indices(srv.cfg)
-        scaler = FeatureScaler.fit(task.features_of(model["encoder"], torch.as_tensor(srv.split.train.x[pub])))
+        scaler = FeatureScaler.fit(encode(model["encoder"], torch.as_tensor(srv.split.train.x[pub])))
     else:
         n = sum(n_per_client.values())
         s1 = torch.tensor(np.sum([x["sum"] for x in m], axis=0))
@@ -221,7 +221,7 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
             u, y = sample_features(task.sampling_view(model, srv.cfg), srv.loss_fn.schedule, per_class, srv.cfg.diffusion, srv.seed,
                                    torch.device("cpu"), tag=f"fed-warmup-server-{pid}")
         else:
-            u, y = _tensor(arrays["u"]), _tensor(arrays["y"]).long()
+            u, y = task.array_tensor(arrays["u"]), task.array_tensor(arrays["y"]).long()
         us.append(u)
         ys.append(y)
     u, y = torch.cat(us), torch.cat(ys)
@@ -232,10 +232,6 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
              "model_bytes": record_bytes(init), "feature_bytes": _per_feature_bytes(u.shape[1])}
     save_state(path, state)
     return state
-
-
-def _tensor(array) -> torch.Tensor:
-    return torch.from_numpy(array.numpy().copy())
 
 
 def _per_feature_bytes(dim: int) -> dict[str, float]:
@@ -264,15 +260,15 @@ def initial_pool(srv: Server, warm: dict[str, Any], method: str) -> tuple[AuxPoo
     return pool, u_val, y_val, scorer
 
 
-def _state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return arrays.to_torch_state_dict()
+def method_checkpoint(run_dir: Path, method: str) -> Path:
+    """Where a method's global denoiser and round state live (``fedddpm+`` → ``fedddpmplus/``)."""
+    return Path(run_dir) / method.replace("+", "plus") / "checkpoint.safetensors"
 
 
 def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, Any] | None) -> dict[str, Any]:
     """The diffusion rounds of one method, checkpointed after every round (``<run-dir>/<method>/``)."""
     f, cfg = srv.cfg.fed, srv.cfg
-    mdir = srv.dir / method.replace("+", "plus")
-    ckpt_path = mdir / "checkpoint.safetensors"
+    ckpt_path = method_checkpoint(srv.dir, method)
     model = task.build_global_denoiser(cfg)
     pool = u_val = y_val = scorer = None
     if warm is not None and method in AUX_METHODS:
@@ -287,9 +283,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
             pool = AuxPool.from_state(saved["pool"])
         log.info("%s: resuming after round %s", method, st["round"])
     compute = ServerCompute(**st["compute"])
-    quick = QuickTest(f.quick_test_threshold, f.quick_test_patience)
-    if st["quick"]:
-        quick.previous, quick.slow_rounds, quick.gains = st["quick"]["previous"], st["quick"]["slow_rounds"], list(st["quick"]["gains"])
+    quick = QuickTest(f.quick_test_threshold, f.quick_test_patience, **(st["quick"] or {}))
     strategy = make_strategy(cfg, len(srv.nodes), client_dp=f.dp == "client")
     arrays = ArrayRecord(model.state_dict())
     extra = scaler_config(stats["scaler"])
@@ -309,7 +303,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
             log.warning("%s round %s: %s replies (< minimum); the global model is kept", method, r, len(replies))
             row["skipped"] = True
         else:
-            model.load_state_dict(_state_dict(new))
+            model.load_state_dict(new.to_torch_state_dict())
             row.update(server_round(srv, method, model, pool, u_val, y_val, scorer, quick, compute, st, r))
         arrays = ArrayRecord(model.state_dict())
         row.update(bytes=srv.wire.totals()["total"] - b0, seconds=time.perf_counter() - t0)
@@ -359,7 +353,7 @@ def _save(path: Path, model, pool: AuxPool | None, st: dict) -> None:
 
 def test_features(srv: Server, enc_clf: torch.nn.ModuleDict) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = torch.as_tensor(srv.split.test.x), torch.as_tensor(srv.split.test.y)
-    return task.features_of(enc_clf["encoder"], x), y
+    return encode(enc_clf["encoder"], x), y
 
 
 def accuracy(srv: Server, classifier: torch.nn.Module, z: torch.Tensor, y: torch.Tensor,
@@ -398,7 +392,7 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
                                      seed=srv.seed, description=f"long-tail repair G ({out['name']})")
     st, comp = out["state"], out["compute"]
     f = cfg.fed
-    rounds_run = st["round"] if not st["stopped_at"] else st["stopped_at"]
+    rounds_run = st["round"]  # a FedDDPM+ stop ends the loop in the round it stopped
     return {"fd": fd, "repair": accuracy(srv, g, z_test, y_test), "repair_pseudo_kept": kept,
             "rounds": rounds_run, "rounds_saved": f.rounds - rounds_run,
             "client_steps": rounds_run * f.local_steps * len(srv.nodes),
@@ -445,10 +439,7 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
         eps = {}
         for pid, n in sorted(stats["n_per_client"].items()):
             plan = task.client_dp_plan(cfg, n)
-            started = res["rounds_started"]
-            steps = (f.warmup_steps if uses_warmup else 0) + started * f.local_steps
-            phase1 = (plan.phase1_steps_for(f.warmup_steps) if uses_warmup else 0) + \
-                started * plan.phase1_steps_for(f.local_steps)
+            steps, phase1 = plan.spent(res["rounds_started"], warmup=uses_warmup)
             eps[str(pid)] = {"epsilon": epsilon(plan.events(steps, phase1), p.delta, p.accountant),
                              "sigma": plan.sigma, "sample_rate": plan.sample_rate, "steps": steps,
                              "phase1_steps": phase1}
@@ -504,7 +495,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 def fd_references(srv: Server, enc_clf, scaler: FeatureScaler, warm: dict | None, z_test) -> dict[str, float]:
     """Reference points for the FD column (evaluation only): the clients' real features and the warm-up pool."""
     _, priv = task.public_private_indices(srv.cfg)
-    z_train = task.features_of(enc_clf["encoder"], torch.as_tensor(srv.split.train.x[priv]))
+    z_train = encode(enc_clf["encoder"], torch.as_tensor(srv.split.train.x[priv]))
     out = {"real_train": frechet_distance(z_train.numpy(), z_test.numpy())}
     if warm is not None:
         out["warmup_pool"] = frechet_distance(scaler.inverse(warm["u"]).numpy(), z_test.numpy())

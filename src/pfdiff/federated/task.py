@@ -14,17 +14,18 @@ server and only the rest is partitioned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from pfdiff.config import RunConfig, dump_config, load_config
+from pfdiff.config import DataConfig, RunConfig, dump_config
 from pfdiff.diffusion import DiffusionLoss, make_schedule
-from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split, seeded_init
+from pfdiff.longtail.common import LongTailSplit, init_encoder_classifier, make_split, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.longtail.private import clip_rows, phase1_stepper, public_private_split
 from pfdiff.longtail.private import sampling_view as private_sampling_view
@@ -42,25 +43,20 @@ def config_to_text(cfg: RunConfig) -> str:
 @lru_cache(maxsize=4)
 def config_from_text(text: str) -> RunConfig:
     """The run's ``RunConfig`` as the server sent it (YAML in the message's ConfigRecord)."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "run.yaml"
-        path.write_text(text)
-        return load_config(path)
+    return RunConfig.model_validate(yaml.safe_load(text))
 
 
 # ---------------------------------------------------------------- data
 
 
 @lru_cache(maxsize=2)
-def _split(cfg_text: str) -> LongTailSplit:
-    return make_split(config_from_text(cfg_text))
+def _split(data_json: str) -> LongTailSplit:
+    return make_split(RunConfig(data=DataConfig.model_validate_json(data_json)))
 
 
 def split_of(cfg: RunConfig) -> LongTailSplit:
-    return _split(config_to_text(cfg))
+    """``make_split(cfg)``, cached on the ``data`` section (the only one it reads)."""
+    return _split(cfg.data.model_dump_json())
 
 
 def public_private_indices(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -220,13 +216,25 @@ class ClientDPPlan:
     sigma: float
     sample_rate: float
     count_sigma: float | None
-    total_steps: int
+    warmup_steps: int
+    local_steps: int
+    rounds: int
     phase1_ratio: float = 0.0  # Phase-I steps per DP-SGD step (privacy.promise_phase1_steps / privacy.steps)
     phase1_multiplier: float | None = None
     phase1_rate: float = 0.0
 
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.rounds * self.local_steps
+
     def phase1_steps_for(self, steps: int) -> int:
         return int(round(self.phase1_ratio * steps))
+
+    def spent(self, rounds: int, warmup: bool = True) -> tuple[int, int]:
+        """(DP-SGD steps, Phase-I steps) after the warm-up (if it ran) and ``rounds`` local rounds; also the
+        global indices at which round ``rounds + 1`` starts (so a repeated round reuses its own draws)."""
+        calls = ([self.warmup_steps] if warmup else []) + [self.local_steps] * rounds
+        return sum(calls), sum(self.phase1_steps_for(k) for k in calls)
 
     def events(self, steps_done: int, phase1_done: int = 0) -> list[GaussianEvent]:
         out = [GaussianEvent(self.count_sigma, 1.0, 1, "noisy counts")] if self.count_sigma else []
@@ -240,10 +248,6 @@ class ClientDPPlan:
 def client_dp_plan(cfg: RunConfig, n_examples: int) -> ClientDPPlan:
     """Calibrate the local DP-SGD σ of a client holding ``n_examples`` (assumed public, as usual in FL)."""
     p, f, d = cfg.privacy, cfg.fed, cfg.diffusion
-    q = min(1.0, p.expected_batch_size / n_examples)
-    total = f.warmup_steps + f.rounds * f.local_steps
-    count_sigma = gaussian_sigma_for(p.count_epsilon, p.delta) if p.count_epsilon > 0 else None
-    fixed = [GaussianEvent(count_sigma, 1.0, 1, "noisy counts")] if count_sigma else []
     promise: dict = {}
     if p.mechanism == "dp-promise":
         schedule = make_schedule(d.schedule, d.T)
@@ -253,13 +257,13 @@ def client_dp_plan(cfg: RunConfig, n_examples: int) -> ClientDPPlan:
                    "phase1_multiplier": phase1_noise_multiplier(p.feature_radius,
                                                                 float(schedule.alpha_bar[p.promise_S - 1])),
                    "phase1_rate": min(1.0, p.promise_phase1_batch / n_examples)}
-        draft = ClientDPPlan(0.0, q, None, total, **promise)
-        calls = [f.warmup_steps] + [f.local_steps] * f.rounds
-        fixed.append(GaussianEvent(draft.phase1_multiplier, draft.phase1_rate,
-                                   sum(draft.phase1_steps_for(k) for k in calls), "dp-promise phase I"))
-    sigma = p.noise_multiplier or calibrate_noise(p.target_epsilon, p.delta, q, total, p.accountant,
-                                                  fixed_events=fixed)
-    return ClientDPPlan(sigma, q, count_sigma, total, **promise)
+    count_sigma = gaussian_sigma_for(p.count_epsilon, p.delta) if p.count_epsilon > 0 else None
+    draft = ClientDPPlan(0.0, min(1.0, p.expected_batch_size / n_examples), count_sigma, f.warmup_steps,
+                         f.local_steps, f.rounds, **promise)
+    fixed = draft.events(0, draft.spent(f.rounds)[1])  # the noisy counts and every Phase-I step
+    sigma = p.noise_multiplier or calibrate_noise(p.target_epsilon, p.delta, draft.sample_rate, draft.total_steps,
+                                                  p.accountant, fixed_events=fixed)
+    return replace(draft, sigma=sigma)
 
 
 def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss,
@@ -318,6 +322,6 @@ def noisy_label_counts(y: torch.Tensor, num_classes: int, count_sigma: float | N
     return np.maximum(0, np.round(counts)).astype(np.int64)
 
 
-@torch.no_grad()
-def features_of(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return encode(encoder, x)
+def array_tensor(array) -> torch.Tensor:
+    """A Flower ``Array`` as a tensor that owns its memory."""
+    return torch.from_numpy(array.numpy().copy())
