@@ -289,3 +289,24 @@ def test_failure_reasons_keep_the_clients_own_message():
                  "Exception ClientAppException occurred. Message: the fixed releases alone cost epsilon 0.5 >= target 0.3'>")
     assert short_reason(ray_style) == "the fixed releases alone cost epsilon 0.5 >= target 0.3"
     assert short_reason("Traceback\n  ...\nValueError: bad input") == "ValueError: bad input"
+
+
+def test_wire_returns_replies_in_partition_order_whatever_the_arrival_order():
+    from flwr.app import MetricRecord
+
+    from pfdiff.federated.wire import Wire
+
+    def instruction(node):
+        meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
+                        group_id="1", created_at=0.0, ttl=3600.0, message_type=MessageType.TRAIN)
+        return Message(RecordDict({"config": ConfigRecord({"phase": "x"})}), metadata=meta)
+
+    class Grid:  # answers the last node first: partition 2, 1, 0
+        def send_and_receive(self, messages, timeout):
+            return [Message(RecordDict({"metrics": MetricRecord({"partition-id": 3 - m.metadata.dst_node_id})}),
+                            reply_to=m) for m in messages]
+
+    wire = Wire(Grid(), timeout=1.0)
+    replies = wire.exchange([instruction(n) for n in (1, 2, 3)], "x")
+    assert [int(r.content["metrics"]["partition-id"]) for r in replies] == [0, 1, 2]
+    assert set(wire.per_client) == {0, 1, 2} and not wire.failures

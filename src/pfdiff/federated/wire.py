@@ -44,7 +44,8 @@ class Wire:
         self.failures: list[dict] = []
 
     def exchange(self, messages: Iterable[Message], phase: str, round_: int = 0) -> list[Message]:
-        """Send, wait (up to the timeout), return the replies without error; log and keep the others."""
+        """Send, wait (up to the timeout), return the replies without error in partition order; log and keep
+    the others."""
         messages = list(messages)
         pending_bytes = {}
         for m in messages:
@@ -68,7 +69,9 @@ class Wire:
         answered = {r.metadata.src_node_id for r in replies}
         for node in pending_bytes.keys() - answered:
             self._fail(phase, round_, node, f"no reply within {self.timeout:.0f} s")
-        return ok
+        # replies arrive in whatever order the clients finish; everything downstream (FedAvg's float sums,
+        # the warm-up pool's concatenation) must not depend on it, or the same seed gives different runs
+        return sorted(ok, key=lambda r: int(r.content["metrics"]["partition-id"]))
 
     def _fail(self, phase: str, round_: int, node: int, reason: str) -> None:
         reason = short_reason(reason)
