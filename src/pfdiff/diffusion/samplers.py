@@ -56,8 +56,9 @@ def _split(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSched
     return split_prediction(output, z_t, ab.sqrt().to(z_t.dtype), (1 - ab).sqrt().to(z_t.dtype), prediction)
 
 
-def _call(model, z_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
-    return model(z_t, torch.full((len(z_t),), t, device=z_t.device, dtype=torch.long), y)
+def model_output(model, z_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
+    """``model(z_t, t, y)`` at the scalar timestep ``t`` for a batch z_t [B, ...]."""
+    return model(z_t, torch.full((len(z_t),), int(t), device=z_t.device, dtype=torch.long), y)
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -90,7 +91,7 @@ def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor
     """Ancestral DDPM sampling over all T steps from x = z_{T−1} ~ N(0, I) (Ho et al. 2020, Alg. 2)."""
     check_prediction(prediction)
     for i, t in enumerate(range(schedule.T - 1, -1, -1)):
-        out = _call(model, x, t, y)
+        out = model_output(model, x, t, y)
         if callback is not None:
             callback(i, t, x, _split(out, t, x, schedule, prediction)[1])
         x = ddpm_step(out, t, x, schedule, prediction, _randn(x, generator) if t > 0 else None, clip_x0)
@@ -121,7 +122,7 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor
     ts = _timesteps(schedule, steps, spacing)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        out = _call(model, x, t, y)
+        out = model_output(model, x, t, y)
         if callback is not None:
             callback(i, t, x, _split(out, t, x, schedule, prediction)[1])
         x = ddim_step(out, t, t_prev, x, schedule, prediction, eta, _randn(x, generator) if eta > 0 else None)
@@ -144,7 +145,7 @@ def sample_heun(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor
 
     def denoise(x_tilde: torch.Tensor, i: int):
         z = x_tilde / (1 + sigmas[i] ** 2) ** 0.5  # z = √ᾱ·x̃ and 1 + σ² = 1/ᾱ
-        return _split(_call(model, z, ts[i], y), ts[i], z, schedule, prediction)
+        return _split(model_output(model, z, ts[i], y), ts[i], z, schedule, prediction)
 
     xt = x * (1 + sigmas[0] ** 2) ** 0.5  # x̃ at the first timestep
     for i, t in enumerate(ts):

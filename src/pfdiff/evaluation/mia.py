@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pfdiff.diffusion.samplers import ddim_step
+from pfdiff.diffusion.samplers import ddim_step, model_output
 from pfdiff.diffusion.schedules import NoiseSchedule
 from pfdiff.diffusion.targets import check_prediction, split_prediction
 
@@ -58,11 +58,6 @@ def _check_timestep(schedule: NoiseSchedule, *ts: int) -> None:
     for t in ts:
         if not 0 <= int(t) < schedule.T:
             raise ValueError(f"timestep {t} outside [0, T={schedule.T})")
-
-
-def model_output(model, z_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
-    """``model(z_t, t, y)`` at the scalar timestep ``t`` for a batch z_t [B, ...]."""
-    return model(z_t, torch.full((len(z_t),), int(t), dtype=torch.long, device=z_t.device), y)
 
 
 def predict_eps(model, schedule: NoiseSchedule, z_t: torch.Tensor, t: int, y: torch.Tensor,
