@@ -108,6 +108,7 @@ class Server:
         self.cfg_text = task.config_to_text(cfg)
         self.loss_fn = task.make_loss(cfg, self.C)
         self.seed = cfg.seeds[0]
+        self.pool_scorer: MahalanobisScorer | None = None  # AID scorer of the warm-up pool (``initial_pool``)
 
     def config(self, phase: str, **extra) -> ConfigRecord:
         return ConfigRecord({"run-config": self.cfg_text, "phase": phase, **extra})
@@ -252,7 +253,9 @@ def initial_pool(srv: Server, warm: dict[str, Any], method: str) -> tuple[AuxPoo
     n_val = int(warm["n_val"])
     u_val, y_val = warm["u"][:n_val], warm["y"][:n_val]
     u, y = warm["u"][n_val:], warm["y"][n_val:]
-    scorer = MahalanobisScorer(u, y, srv.C)
+    if srv.pool_scorer is None:  # one cross-fitted fit on the warm-up pool serves every method
+        srv.pool_scorer = MahalanobisScorer(u, y, srv.C)
+    scorer = srv.pool_scorer
     if method == "progressive":
         keep = int(round(srv.cfg.fed.pool_initial_share * len(y)))
         u, y = u[:keep], y[:keep]
