@@ -69,7 +69,7 @@ def _summary(ms: list[float]) -> dict[str, float]:
 def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, data: tuple[torch.Tensor, ...],
                 K: int, device: torch.device, rounds: int, max_physical_batch_size: int, tune_allocator: bool,
                 method: str = "bk", track_norms: bool = True, lr: float = 1e-3, noise_multiplier: float = 1.0,
-                max_grad_norm: float = 1.0) -> dict:
+                max_grad_norm: float = 1.0, secure_mode: bool = False) -> dict:
     """Non-private vs DP step for one model; ``data`` = (z0, y), all rows in every step."""
     batch = len(data[0])
     torch.manual_seed(0)
@@ -79,8 +79,8 @@ def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, dat
     private = make_model().to(device)
     engine = DPSGD(private, torch.optim.AdamW(private.parameters(), lr=lr), noise_multiplier=noise_multiplier,
                    max_grad_norm=max_grad_norm, dataset_size=batch, sample_rate=1.0,  # q·N = batch, fixed
-                   max_physical_batch_size=max_physical_batch_size, seed=0, tune_allocator=tune_allocator,
-                   method=method, track_norms=track_norms)
+                   max_physical_batch_size=max_physical_batch_size, tune_allocator=tune_allocator,
+                   method=method, track_norms=track_norms, secure_mode=secure_mode)
 
     def nonprivate(step: int) -> None:
         g = generator(device, 0, "bench-ldm", step)
@@ -98,6 +98,7 @@ def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, dat
     np_ms, dp_ms = statistics.mean(times["nonprivate"]), statistics.mean(times["dp"])
     return {"batch": batch, "K": K, "max_physical_batch_size": max_physical_batch_size, "rounds": rounds,
             "method": method, "tune_allocator": tune_allocator, "track_norms": track_norms,
+            "secure_mode": secure_mode, "noise": engine.noise.label,
             "params": sum(p.numel() for p in private.parameters()),
             "nonprivate_ms": np_ms, "dp_ms": dp_ms, "ratio": dp_ms / np_ms,
             "ratio_median_of_rounds": statistics.median(paired),
@@ -106,7 +107,7 @@ def bench_model(make_model: Callable[[], nn.Module], loss_fn: DiffusionLoss, dat
 
 
 def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bool, method: str = "bk",
-                           track_norms: bool = True,
+                           track_norms: bool = True, secure_mode: bool = False,
                            max_physical_batch_size: int = 256, batch: int = 256, K: int = 4, dim: int = 64,
                            classes: int = 10) -> dict:
     """LDMLR's feature denoiser with the default config (hidden 256, depth 3), feature dim 64, 10 classes."""
@@ -119,13 +120,13 @@ def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bo
     data = (torch.randn(batch, dim, generator=g).to(device),
             torch.randint(0, classes, (batch,), generator=g).to(device))
     out = bench_model(lambda: build_denoiser(cfg, dim, classes), loss_fn, data, K, device, rounds,
-                      max_physical_batch_size, tune_allocator, method, track_norms)
+                      max_physical_batch_size, tune_allocator, method, track_norms, secure_mode=secure_mode)
     return {"model": f"FeatureDenoiser(dim={dim}, classes={classes}, hidden={cfg.model.denoiser_hidden}, "
                      f"depth={cfg.model.denoiser_depth})", **out}
 
 
 def bench_unet(device: torch.device, rounds: int, tune_allocator: bool, method: str = "vmap",
-               track_norms: bool = True, batch: int = 256, K: int = 4) -> dict:
+               track_norms: bool = True, batch: int = 256, K: int = 4, secure_mode: bool = False) -> dict:
     """The DPDM reference's U-Net on 8×8 digits-sized images (pfdiff.imagespace.dpdm defaults)."""
     from pfdiff.imagespace.dpdm import DPDMConfig
     from pfdiff.models.unet import UNet
@@ -139,7 +140,8 @@ def bench_unet(device: torch.device, rounds: int, tune_allocator: bool, method: 
     data = (torch.randn(batch, 1, 8, 8, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
     make = lambda: UNet(1, 10, base_channels=c.base_channels, channel_mults=c.channel_mults,  # noqa: E731
                         num_res_blocks=c.num_res_blocks)
-    out = bench_model(make, loss_fn, data, K, device, rounds, batch, tune_allocator, method, track_norms)
+    out = bench_model(make, loss_fn, data, K, device, rounds, batch, tune_allocator, method, track_norms,
+                      secure_mode=secure_mode)
     return {"model": f"UNet(1, 10, base_channels={c.base_channels}, channel_mults={tuple(c.channel_mults)})", **out}
 
 
@@ -157,12 +159,15 @@ def main() -> None:
     device = resolve_device(args.device)
     threads = torch.get_num_threads()
     results: dict[str, dict] = {name: {} for name in args.models}
-    variants = [(m, False, m) for m in args.methods]
+    # the production setting first (pfdiff's DP stages run without norm statistics), then the options
+    variants = [("bk", False, "bk", False, False), ("bk_secure_mode", False, "bk", False, True)]
+    variants += [(m, False, m, True, False) for m in args.methods if m != "bk"]
     if not args.no_tuned:
-        variants += [(f"{m}_tuned_allocator", True, m) for m in args.methods]
-    for variant, tune, method in variants:
+        variants += [(f"{m}_tuned_allocator", True, m, True, False) for m in args.methods]
+    for variant, tune, method, norms, secure in variants:
         for name in args.models:
-            results[name][variant] = MODELS[name](device, args.rounds, tune_allocator=tune, method=method)
+            results[name][variant] = MODELS[name](device, args.rounds, tune_allocator=tune, method=method,
+                                                  track_norms=norms, secure_mode=secure)
     head = results.get("feature_denoiser", {}).get("bk", {})
     report = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -172,8 +177,9 @@ def main() -> None:
         "nonprivate_ms": head.get("nonprivate_ms"), "dp_ms": head.get("dp_ms"), "ratio": head.get("ratio"),
         "target_ratio": TARGET_RATIO, "meets_target": bool(head) and head["ratio"] <= TARGET_RATIO,
         "ratio_median_of_rounds": head.get("ratio_median_of_rounds"), "ratio_of_min": head.get("ratio_of_min"),
-        "headline": "models.feature_denoiser.bk (DPSGD defaults: method='bk', one physical batch of "
-                    "256, glibc's default allocator, norm statistics tracked)",
+        "headline": "models.feature_denoiser.bk (pfdiff's DP stages: method='bk', one physical batch of "
+                    "256, glibc's default allocator, no norm statistics, noise from a torch generator seeded "
+                    "with OS entropy every step; bk_secure_mode adds Opacus' 4-normal noise)",
         "models": results,
     }
     atomic_write_json(OUT, report)

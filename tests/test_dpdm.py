@@ -15,6 +15,7 @@ from pfdiff.evaluation.fid import frechet_distance
 from pfdiff.imagespace.dpdm import (DPDMConfig, HighNoiseDiffusionLoss, ImageClassifier, cas_accuracy, feature_fid,
                                     make_engine, make_loss, run_dpdm, sample_balanced, train_denoiser)
 from pfdiff.models.unet import UNet
+from pfdiff.privacy.noise import NoiseSource
 
 SCHEDULE = make_schedule("cosine", 1000)
 
@@ -55,7 +56,8 @@ def test_unet_under_dpsgd_two_steps_finite_loss():
     model = UNet(1, 3, base_channels=8, channel_mults=(1, 2))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    engine = make_engine(model, opt, sigma=1.0, dataset_size=len(x), sample_rate=0.5, cfg=TINY, seed=0)
+    engine = make_engine(model, opt, sigma=1.0, dataset_size=len(x), sample_rate=0.5, cfg=TINY,
+                         noise=NoiseSource(reproducible=True, seed=0))
 
     def per_example_loss(m, xb, yb):
         return loss_fn(m, xb, yb, noise_multiplicity=2).loss
@@ -131,3 +133,17 @@ def test_run_dpdm_tiny_end_to_end(tmp_path):
         assert {"loss", "secmi", "pia"} <= set(m["attacks"]) and 0 <= m["attacks"]["loss"]["auc"] <= 1
     assert saved["models"][0]["sigma"] == 1.0 and saved["models"][0]["epsilon"] > 0  # σ fixed by the config
     assert saved["models"][1]["epsilon"] is None and saved["models"][1]["sigma"] == 0.0
+    # utility on held-out images only; the releases of one data set compose
+    assert saved["data"]["n_evaluator_fit"] + saved["data"]["n_reference"] == saved["data"]["n_test"]
+    assert "train_counts" not in saved["data"] and "cas_real_heldout" in saved["evaluator"]
+    assert saved["composed_epsilon"]["pld"] == pytest.approx(saved["models"][0]["epsilon"], rel=1e-3)
+    assert "OS entropy" in saved["noise"]
+
+
+def test_dpdm_releases_at_two_epsilons_compose():
+    from pfdiff.imagespace.dpdm import composed_epsilon
+    from pfdiff.privacy.accounting import GaussianEvent, epsilon
+    models = [{"private": True, "sigma": s, "sample_rate": 0.2, "steps": 50, "tag": f"m{i}"} for i, s in enumerate((3.0, 1.0))]
+    both = composed_epsilon([*models, {"private": False}], 1e-5)["pld"]
+    alone = [epsilon([GaussianEvent(m["sigma"], 0.2, 50)], 1e-5) for m in models]
+    assert both > max(alone) and both == pytest.approx(epsilon([GaussianEvent(3.0, 0.2, 50), GaussianEvent(1.0, 0.2, 50)], 1e-5))

@@ -250,6 +250,10 @@ def test_dp_clients_end_to_end_report_every_clients_epsilon_within_target(tmp_pa
         assert len(eps) == 3 and all(0 < e <= 5.0 + 1e-6 for e in eps)
     # the warm-up is part of FedDDPM's release, not of FedAvg's
     assert priv["methods"]["fedddpm"]["0"]["steps"] > priv["methods"]["fedavg"]["0"]["steps"]
+    # both methods train on the same client data with independent noise: releasing both composes
+    for pid, composed in priv["composed_over_methods"].items():
+        assert composed > max(priv["methods"][m][pid]["epsilon"] for m in ("fedavg", "fedddpm"))
+    assert priv["private"] is True and "OS entropy" in priv["noise"]
 
 
 def test_dp_promise_client_plan_composes_phase_one_and_meets_the_target():
@@ -258,12 +262,17 @@ def test_dp_promise_client_plan_composes_phase_one_and_meets_the_target():
     plan = task.client_dp_plan(cfg, 150)
     f = cfg.fed
     p1 = plan.phase1_steps_for(f.warmup_steps) + f.rounds * plan.phase1_steps_for(f.local_steps)
-    assert plan.phase1_ratio == 0.5 and p1 == 15 + 2 * 2 and plan.phase1_multiplier > 0
+    assert plan.phase1_ratio == 0.5 and p1 == 15 + 2 * 2
+    phase1 = [e for e in plan.events(plan.total_steps, p1) if "phase I" in e.name]
+    assert phase1[0].noise_multiplier == plan.sigma  # Phase I is DP-SGD with the jointly calibrated σ
     eps = epsilon(plan.events(plan.total_steps, p1), cfg.privacy.delta)
     assert 3.6 < eps <= 4.0 + 1e-6
     dpsgd_only = task.client_dp_plan(load_config("federated", [*TINY, "fed.dp=example", "fed.encoder=public",
                                                                "privacy.target_epsilon=4", "fed.warmup_steps=30"]), 150)
     assert plan.sigma > dpsgd_only.sigma  # Phase I spends part of the budget: DP-SGD gets more noise
+    loose = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"delta": 0.05})})
+    with pytest.raises(ValueError, match="not below 1/N = 1/20"):
+        task.client_dp_plan(loose, 20)  # a client with 20 examples: δ must be below 0.05
 
 
 def test_dp_promise_client_trains_clipped_phase_one_then_dp_sgd():

@@ -114,6 +114,12 @@ def test_private_run_keeps_its_budget_and_reports_every_release(tmp_path):
     report = render_report(run).read_text()
     assert "Gaussian mechanism, in the ledger" in report and "public (ε = 0)" in report
     assert "not private" in report  # methods outside dp-… are labelled
+    assert "add/remove one example" in report and "OS entropy" in report and "NOT PRIVATE" not in report
+    # no private class count anywhere in what the run writes (only the public part's, and N_private)
+    split = json.loads((run.path / "split.json").read_text())
+    assert "train_counts" not in split and "train_counts" not in results["split"]
+    assert split["n_public"] + split["n_private"] == split["train_size"]
+    assert ledger["private"] is True and ledger["neighbouring_relation"].startswith("add/remove")
 
 
 def test_dp_encoder_is_composed_into_the_budget(tmp_path):
@@ -129,3 +135,36 @@ def test_dp_encoder_is_composed_into_the_budget(tmp_path):
     eps = results["per_seed"][0]["diagnostics"]["privacy"]["epsilon"]["pld"]
     assert 3.9 < eps <= 4.0  # encoder + counts + denoiser together meet the target
     assert "DP-SGD (`privacy.encoder: dp`)" in render_report(run).read_text()
+    # the logit-adjustment prior of the DP stage 1 is the released (noisy, accounted) count vector
+    released = json.loads((run.checkpoints / "seed0" / "noisy-counts.json").read_text())["counts"]
+    assert names.count("class counts (Gaussian)") == 1
+    from pfdiff.longtail.common import make_split
+    from pfdiff.longtail.pipeline import SeedRun
+    seed_run = SeedRun(make_split(cfg), cfg, 0, __import__("torch").device("cpu"), run)
+    assert seed_run.counts().tolist() == released  # read back, not drawn (and charged) again
+    assert [e["name"] for e in json.loads((run.path / "privacy" / "seed0.json").read_text())["entries"]] == names
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("privacy.target_epsilon=1e-6", "fixed releases alone cost"),
+    ("privacy.target_epsilon=1e-6 privacy.count_epsilon=0", "unreachable"),
+    ("privacy.delta=0.5", "not below 1/N"),
+    ("privacy.noise_multiplier=0.3", "plan costs epsilon"),
+])
+def test_refused_private_plans_write_nothing(tmp_path, override, needle):
+    res = CliRunner().invoke(app, ["run", "dp", "--out", str(tmp_path),
+                                   *sum((["--set", s] for s in [*TINY, *override.split()]), [])])
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert list(tmp_path.iterdir()) == []  # refused before the run directory exists
+
+
+def test_debug_noise_marks_the_run_not_private_everywhere(tmp_path):
+    res = CliRunner().invoke(app, ["run", "dp", "--out", str(tmp_path), *sum((["--set", s] for s in TINY), []),
+                                   "--set", "methods=[dp-ldmlr]", "--set", "privacy.steps=3",
+                                   "--set", "privacy.reproducible_noise=true"])
+    assert res.exit_code == 0, res.output
+    assert "NOT PRIVATE" in res.output
+    run_dir = next(tmp_path.iterdir())
+    ledger = json.loads((run_dir / "privacy" / "seed0.json").read_text())
+    assert ledger["private"] is False and "NOT PRIVATE" in ledger["noise"]
+    assert "NOT PRIVATE — debugging run" in (run_dir / "report.md").read_text()

@@ -108,9 +108,13 @@ class PrivacyConfig(Section):
     private part goes through the accountant (``privacy/accounting.py``).
     """
 
-    mechanism: Literal["dpsgd", "dp-promise"] = "dpsgd"
+    mechanism: Literal["dpsgd", "dp-promise"] = "dpsgd"  # dp-promise: two DP-SGD phases (t ≥ S, then t < S)
     target_epsilon: float = Field(10.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, gt=0, lt=1)  # must also lie below 1/N_private (checked before any work)
+    # debugging only: DP noise derived from the run seed (replayable) — the run is then NOT PRIVATE, and
+    # ledger, report and CLI say so. Default: every private draw from OS entropy (privacy/noise.py).
+    reproducible_noise: bool = False
+    secure_mode: bool = False  # Opacus' floating-point-safe Gaussian (Σ of 4 normals / 2): 4× the noise draws
     accountant: Literal["pld", "rdp", "prv"] = "pld"  # calibrates σ and enforces the budget; all three are reported
     public_fraction: float = Field(0.5, gt=0, lt=1)  # per class, of the long-tailed training set
     count_epsilon: float = Field(0.5, ge=0)  # ε spent on the noisy class counts (0: counts declared public)
@@ -122,10 +126,10 @@ class PrivacyConfig(Section):
     steps: int = Field(1500, ge=1)  # logical DP-SGD steps (Phase II for dp-promise)
     lr: float = Field(1e-4, gt=0)  # small: noise-dominated Adam steps move every weight by ≈ lr (a public warm start survives)
     feature_radius: float = Field(8.0, gt=0)  # R: standardised private features are L2-clipped to R (√64 = 8)
-    promise_S: int = Field(900, ge=1)  # dp-promise: Phase I trains on t ∈ [S, T) without clipping or noise
+    promise_S: int = Field(900, ge=1)  # dp-promise: Phase I = DP-SGD on t ∈ [S, T) (same σ, calibrated jointly)
     promise_phase1_steps: int = Field(500, ge=0)
-    promise_phase1_batch: int = Field(16, ge=1)
-    promise_conditional_phase1: bool = False  # labels are NOT protected in Phase I when true
+    promise_phase1_batch: int = Field(16, ge=1)  # Phase I's expected batch (its own Poisson rate)
+    promise_conditional_phase1: bool = False  # Phase I sees labels (covered: Phase I is DP-SGD on (x, y))
     encoder: Literal["public", "dp"] = "public"  # E + stage-1 G: trained on the public part, or DP-SGD on the private part
     encoder_epsilon_share: float = Field(0.5, gt=0, lt=1)  # encoder: dp — share of target ε given to E + G
     encoder_steps: int = Field(300, ge=1)  # encoder: dp — logical DP-SGD steps of E + G

@@ -33,14 +33,15 @@ def save_fig(fig, path: Path) -> Path:
 
 def plot_per_class(results: dict, path: Path) -> Path:
     """Per-class test accuracy of each method, classes ordered by training count (head → tail)."""
-    counts = np.array(results["split"]["train_counts"])
+    split = results["split"]
+    counts = np.array(split.get("train_counts") or split["public_counts"])  # private runs: public part only
     order = np.argsort(-counts, kind="stable")
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(order) + 2), 3.8))
     for method, row in results["methods"].items():
         acc = np.array(row["per_class"], dtype=float)[order]
         ax.plot(range(len(order)), acc, marker="o", label=method)
     ax.set_xticks(range(len(order)), [f"{c}\n(n={counts[c]})" for c in order], fontsize=7)
-    ax.set_xlabel("class (training examples)")
+    ax.set_xlabel("class (training examples)" if "train_counts" in split else "class (public training examples)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -186,9 +187,10 @@ def privacy_section(results: dict) -> list[str]:
            "What `dp-ldmlr` releases and how each release is covered:", "",
            "| release | derived from | guarantee |", "|---|---|---|",
            encoder_row,
-           "| class counts of the private part | private part | " +
+           "| class counts of the private part (also the logit-adjustment prior under `privacy.encoder: dp`) "
+           "| private part | " +
            ("Gaussian mechanism, in the ledger |" if first["count_event"] else "declared public (count_epsilon = 0) |"),
-           f"| denoiser ε_θ | private part | {'dp-promise (Phase I + DP-SGD Phase II)' if first['phase1_steps'] else 'DP-SGD'}"
+           f"| denoiser ε_θ | private part | {'DP-SGD in two phases (t ≥ S, then t < S; dp-promise curriculum)' if first['phase1_steps'] else 'DP-SGD'}"
            " with noise multiplicity, in the ledger |",
            *(["| denoiser warm start (`privacy.public_pretrain`) | public part | public (ε = 0) |"]
              if first.get("public_pretrain") else []),
@@ -204,13 +206,20 @@ def privacy_section(results: dict) -> list[str]:
         md.append(f"| {seed} | {eps['pld']:.3f} | {eps['rdp']:.3f} | {eps['prv']:.3f} | {events} |")
     md += ["", "Not written to the run directory: per-step losses, gradient norms, clip fractions and batch sizes "
                "of the DP training (they describe the private part without a guarantee; they appear on the "
-               "console only). Class counts: on this benchmark the long-tailed counts are fixed by the public "
-               "config (the imbalance profile), so `split.json` and the header above print them; with real "
-               "private data treat them as private — `dp-ldmlr` itself uses only the noisy counts."]
-    if first.get("labels_unprotected_in_phase1"):
-        md += ["", "**Warning: labels are not protected.** dp-promise's Phase I was trained conditionally "
-                   "(`privacy.promise_conditional_phase1`): its forward noise covers the features, not the labels, "
-                   "so the ε above does not cover the class labels of the private examples."]
+               "console only, and only as step counters on the progress bar). The private part's exact class counts "
+               "appear nowhere: `split.json` holds the public part's counts and N_private only."]
+    md += ["", f"Neighbouring relation of every ε above: {first.get('neighbouring_relation', 'add/remove one example')}. "
+               f"Noise: {first.get('noise', 'unknown')}."]
+    if first.get("private") is False:
+        md[3:3] = ["**NOT PRIVATE — debugging run.** `privacy.reproducible_noise` derived every DP noise draw from "
+                      "the run seed printed in config.yaml: anyone can re-draw and subtract it, so the ε figures "
+                      "below are arithmetic, not a guarantee.", ""]
+    if "paper_claimed_epsilon" in first:
+        c = first["paper_claimed_epsilon"]
+        md += ["", f"For reference, dp-promise's own accounting of its Phase I would give ε = {c['epsilon']:.3f} for "
+                   f"this schedule — {c['label']}. pfdiff does not run that Phase I; both phases here are DP-SGD."]
+    if first.get("declared_public"):
+        md += ["", "Declared public (no privacy cost): " + "; ".join(first["declared_public"]) + "."]
     if "all_seeds_epsilon" in results:
         e = results["all_seeds_epsilon"]
         md += ["", f"Each seed is a separate training run on the same private data: releasing the models of all "
@@ -264,7 +273,10 @@ def render_report(run: RunDir) -> Path:
           f"Dataset **{split['dataset']}**: {split['train_size']} long-tailed training examples, "
           f"{split['test_size']} balanced test examples, {split['num_classes']} classes; "
           f"seeds {results['seeds']}; device {results['device']}.", "",
-          f"Training counts per class: {split['train_counts']}", "",
+          (f"Training counts per class: {split['train_counts']}" if "train_counts" in split else
+           f"Private run: {split['n_public']} public and {split['n_private']} private training examples (both sizes "
+           f"declared public); public counts per class: {split['public_counts']} (the private part's counts are "
+           "released only through the accountant, see Privacy)"), "",
           f"Class groups ({g['rule']}): many {g['many']}, medium {g['medium']}, few {g['few']}.", "",
           "## Test accuracy (mean ± std over seeds)", "", results_table(results), ""]
     md += verdict(results) + [""]

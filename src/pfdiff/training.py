@@ -142,14 +142,15 @@ def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
               log_metrics: bool = True) -> None:
     """The loop under ``train``: ``update(step)`` does one whole step (e.g. a DP-SGD step) and returns
     its metrics; progress bar, logging, resumable checkpoints as in ``train``. ``log_metrics=False``
-    logs step counters only (metrics of private data without a DP guarantee stay on the console)."""
+    logs and shows step counters only (metrics of private data — losses, norms, clip fractions, realised
+    batch sizes — carry no DP guarantee, so they appear neither in the log nor on the progress bar)."""
     start = _resume(checkpoint, modules, optimizer, ema)
     for m in modules.values():
         m.train()
     with progress_bar(description, steps, start) as advance:
         for step in range(start, steps):
             metrics = update(step)
-            advance(metrics)
+            advance(metrics if log_metrics else {})
             if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
                 log({"stage": description, "step": step + 1, **(metrics if log_metrics else {})})
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
@@ -185,6 +186,13 @@ def _resume(path: Path | None, modules: dict[str, nn.Module], optimizer: torch.o
     if ema is not None and "ema" in state:
         ema.load_state_dict(state["ema"])
     return int(state["step"])
+
+
+def checkpoint_step(path: Path | None) -> int:
+    """The step a resumable checkpoint holds (0 when there is none): what a resumed stage skips."""
+    if path is None or not path.exists():
+        return 0
+    return int(load_state(path, "cpu")["step"])
 
 
 def load_modules(path: Path, modules: dict[str, nn.Module], use_ema_for: str | None = None) -> None:

@@ -205,7 +205,11 @@ def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
               "configured S's σ₂. Label accuracy: share of class-conditional samples of the non-private denoiser, "
               "labels withheld on t ≥ S as dp-promise samples, that the classifier puts in the requested class "
               f"({p.get('label_accuracy_sampler', '–')}).", "",
-              *_table(["S", "t(S−1)", "t − t_S,upper", "Phase-I ε", "total ε (σ₂ fixed)", "label-free ok", "privacy ok",
+              "**The Phase-I ε and 'privacy ok' columns are the paper's accounting — claimed by the paper, NOT a "
+              "guarantee**: its Phase I (no clipping, no noise) separates x from −x in one use "
+              "(docs/privacy_audit_cases.md). pfdiff runs Phase I as DP-SGD with one σ for both phases, so S "
+              "only decides where labels are withheld (the speciation column), not what privacy costs.", "",
+              *_table(["S", "t(S−1)", "t − t_S,upper", "Phase-I ε (claimed by the paper)", "total ε (σ₂ fixed)", "label-free ok", "privacy ok",
                        "label accuracy"],
                       [[r["S"], r["ou_t"], r["t_minus_t_S_upper"], r["phase1_epsilon"], r["total_epsilon_at_base_sigma2"],
                         r["label_free_ok"], r["privacy_ok"], r.get("label_accuracy_withheld_above_S")]

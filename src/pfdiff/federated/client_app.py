@@ -72,7 +72,7 @@ def _local_denoiser(cfg: RunConfig, arrays: ArrayRecord, u, y, phase: str, rnd: 
 
 def _counts(cfg: RunConfig, y: torch.Tensor, pid: int) -> np.ndarray:
     sigma = task.client_dp_plan(cfg, len(y)).count_sigma if cfg.fed.dp == "example" else None
-    return task.noisy_label_counts(y, task.split_of(cfg).num_classes, sigma, cfg.seeds[0], pid)
+    return task.noisy_label_counts(y, task.split_of(cfg).num_classes, sigma, task.client_noise(cfg, pid))
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, pid: int, **metrics) -> Message:

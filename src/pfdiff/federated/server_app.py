@@ -448,13 +448,28 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
                              "phase1_steps": phase1}
         per_method[m] = eps
     return {"mode": "example", "target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
-            "methods": per_method,
+            "neighbouring_relation": "add/remove one example of a client (Poisson subsampling)",
+            "noise": task.client_noise(cfg, 0).label, "private": not p.reproducible_noise,
+            "methods": per_method, "composed_over_methods": _composed_over_methods(cfg, stats, results),
             "mechanism": p.mechanism,
             "covered": ["local DP-SGD steps (warm-up and rounds)", "noisy class counts",
                         "pseudo-features and models derived from them (post-processing)"]
-            + (["dp-promise Phase-I steps (the forward noise is the Gaussian mechanism; features clipped to R)"]
-               if p.mechanism == "dp-promise" else []),
+            + (["dp-promise Phase-I steps (DP-SGD on t ≥ S, same σ)"] if p.mechanism == "dp-promise" else []),
             "declared_public": ["each client's number of examples", "encoder, G and scaler (public part)"]}
+
+
+def _composed_over_methods(cfg: RunConfig, stats: dict, results: dict[str, Any]) -> dict[str, float]:
+    """Each client's ε for releasing every method's models together: all methods train on the same client
+    data with independent noise, so their steps compose (counts and the shared warm-up once)."""
+    f, out = cfg.fed, {}
+    warm = any(m in AUX_METHODS for m in results)
+    rounds = sum(res["rounds_started"] for res in results.values())
+    for pid, n in sorted(stats["n_per_client"].items()):
+        plan = task.client_dp_plan(cfg, n)
+        steps = (plan.warmup_steps if warm else 0) + rounds * plan.local_steps
+        p1 = (plan.phase1_steps_for(plan.warmup_steps) if warm else 0) + rounds * plan.phase1_steps_for(plan.local_steps)
+        out[str(pid)] = epsilon(plan.events(steps, p1), cfg.privacy.delta, cfg.privacy.accountant)
+    return out
 
 
 # ---------------------------------------------------------------- the whole run

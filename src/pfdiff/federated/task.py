@@ -27,10 +27,11 @@ from pfdiff.config import DataConfig, RunConfig, dump_config
 from pfdiff.diffusion import DiffusionLoss, make_schedule
 from pfdiff.longtail.common import LongTailSplit, init_encoder_classifier, make_split, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
-from pfdiff.longtail.private import clip_rows, phase1_stepper, public_private_split
+from pfdiff.longtail.private import clip_rows, public_private_split
 from pfdiff.longtail.private import sampling_view as private_sampling_view
-from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, gaussian_sigma_for, phase1_noise_multiplier
+from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, check_delta_for_size, gaussian_sigma_for
 from pfdiff.privacy.dpsgd import DPSGD
+from pfdiff.privacy.noise import NoiseSource
 from pfdiff.training import derive_seed, generator
 
 # ---------------------------------------------------------------- config over the wire
@@ -210,8 +211,8 @@ def train_denoiser_local(model: nn.Module, u: torch.Tensor, y: torch.Tensor, los
 class ClientDPPlan:
     """One client's example-level DP plan for one method's run: σ calibrated so that its noisy counts,
     its warm-up steps and every planned round compose to at most the target ε. Under dp-promise every
-    local call of k DP-SGD steps (t < S) is preceded by ``phase1_steps_for(k)`` Phase-I steps on
-    t ∈ [S, T) (Wang et al. 2024: the forward noise is the Gaussian mechanism there)."""
+    local call of k DP-SGD steps (t < S) is preceded by ``phase1_steps_for(k)`` DP-SGD steps on
+    t ∈ [S, T) at Phase I's own sampling rate, with the same σ (calibrated over both phases)."""
 
     sigma: float
     sample_rate: float
@@ -220,7 +221,6 @@ class ClientDPPlan:
     local_steps: int
     rounds: int
     phase1_ratio: float = 0.0  # Phase-I steps per DP-SGD step (privacy.promise_phase1_steps / privacy.steps)
-    phase1_multiplier: float | None = None
     phase1_rate: float = 0.0
 
     @property
@@ -232,76 +232,82 @@ class ClientDPPlan:
 
     def spent(self, rounds: int, warmup: bool = True) -> tuple[int, int]:
         """(DP-SGD steps, Phase-I steps) after the warm-up (if it ran) and ``rounds`` local rounds; also the
-        global indices at which round ``rounds + 1`` starts (so a repeated round reuses its own draws)."""
+        global indices at which round ``rounds + 1`` starts."""
         calls = ([self.warmup_steps] if warmup else []) + [self.local_steps] * rounds
         return sum(calls), sum(self.phase1_steps_for(k) for k in calls)
 
-    def events(self, steps_done: int, phase1_done: int = 0) -> list[GaussianEvent]:
-        out = [GaussianEvent(self.count_sigma, 1.0, 1, "noisy counts")] if self.count_sigma else []
+    def events(self, steps_done: int, phase1_done: int = 0, counts: bool = True) -> list[GaussianEvent]:
+        out = [GaussianEvent(self.count_sigma, 1.0, 1, "noisy counts")] if self.count_sigma and counts else []
         if phase1_done:
-            out.append(GaussianEvent(self.phase1_multiplier, self.phase1_rate, phase1_done, "dp-promise phase I"))
+            out.append(GaussianEvent(self.sigma, self.phase1_rate, phase1_done, "DP-SGD phase I (t ≥ S, local)"))
         if steps_done:
             out.append(GaussianEvent(self.sigma, self.sample_rate, steps_done, "DP-SGD (local)"))
         return out
 
 
 def client_dp_plan(cfg: RunConfig, n_examples: int) -> ClientDPPlan:
-    """Calibrate the local DP-SGD σ of a client holding ``n_examples`` (assumed public, as usual in FL)."""
+    """Calibrate the local DP-SGD σ of a client holding ``n_examples`` (declared public, as usual in FL);
+    refuses δ ≥ 1/n_examples."""
     p, f, d = cfg.privacy, cfg.fed, cfg.diffusion
+    check_delta_for_size(p.delta, n_examples, f"a client with {n_examples} examples")
     promise: dict = {}
     if p.mechanism == "dp-promise":
-        schedule = make_schedule(d.schedule, d.T)
-        if not 0 < p.promise_S < schedule.T:
-            raise ValueError(f"privacy.promise_S must lie in (0, T={schedule.T}), got {p.promise_S}")
+        if not 0 < p.promise_S < d.T:
+            raise ValueError(f"privacy.promise_S must lie in (0, T={d.T}), got {p.promise_S}")
         promise = {"phase1_ratio": p.promise_phase1_steps / p.steps,
-                   "phase1_multiplier": phase1_noise_multiplier(p.feature_radius,
-                                                                float(schedule.alpha_bar[p.promise_S - 1])),
                    "phase1_rate": min(1.0, p.promise_phase1_batch / n_examples)}
     count_sigma = gaussian_sigma_for(p.count_epsilon, p.delta) if p.count_epsilon > 0 else None
     draft = ClientDPPlan(0.0, min(1.0, p.expected_batch_size / n_examples), count_sigma, f.warmup_steps,
                          f.local_steps, f.rounds, **promise)
-    fixed = draft.events(0, draft.spent(f.rounds)[1])  # the noisy counts and every Phase-I step
+    fixed = draft.events(0, 0)  # the noisy counts
+    phase1_total = draft.spent(f.rounds)[1]
+    shared = [(draft.phase1_rate, phase1_total)] if phase1_total else []
     sigma = p.noise_multiplier or calibrate_noise(p.target_epsilon, p.delta, draft.sample_rate, draft.total_steps,
-                                                  p.accountant, fixed_events=fixed)
+                                                  p.accountant, fixed_events=fixed, shared=shared)
     return replace(draft, sigma=sigma)
+
+
+def client_noise(cfg: RunConfig, partition_id: int) -> NoiseSource:
+    """A client's private noise source: OS entropy (each method, round and repeat draws anew), or — with
+    ``privacy.reproducible_noise`` — derived from the run seed and the partition (NOT PRIVATE)."""
+    return NoiseSource(cfg.privacy.reproducible_noise, derive_seed(cfg.seeds[0], "fed-noise", partition_id))
 
 
 def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss,
                             plan: ClientDPPlan, cfg: RunConfig, first_step: int, steps: int, seed: int,
                             partition_id: int, first_phase1_step: int = 0) -> float:
-    """DP-SGD steps ``first_step … first_step+steps-1`` of this client's plan (Poisson batches and noise
-    seeded per global step index, so a resumed or repeated round never reuses a draw of another step).
-    Under dp-promise the features are clipped to R, ``plan.phase1_steps_for(steps)`` Phase-I steps come
-    first (global indices from ``first_phase1_step``) and DP-SGD sees only t < S."""
+    """DP-SGD steps ``first_step … first_step+steps-1`` of this client's plan (batches and noise from
+    ``client_noise``: fresh OS entropy unless the run is marked not private). Under dp-promise the features
+    are clipped to R, ``plan.phase1_steps_for(steps)`` DP-SGD steps on t ∈ [S, T) come first (global
+    indices from ``first_phase1_step``) and the second phase sees only t < S."""
     p = cfg.privacy
+    noise = client_noise(cfg, partition_id)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.fed.local_lr, weight_decay=0.0)
+
+    def engine(rate: float) -> DPSGD:
+        return DPSGD(model, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(u),
+                     sample_rate=rate, max_physical_batch_size=p.max_physical_batch_size, noise=noise,
+                     secure_mode=p.secure_mode, track_norms=False)
+
+    def per_example(loss):  # K draws averaged per example before clipping (DPDM)
+        return lambda m, z, labels: loss(m, z, labels, noise_multiplicity=p.noise_multiplicity).loss
+
+    model.train()
     dp_loss = loss_fn
     if p.mechanism == "dp-promise":
         u = clip_rows(u, p.feature_radius)
-        phase1 = phase1_stepper(model, opt, _NoEMA(), u, y, int(loss_fn.null_label), loss_fn.schedule, cfg,
-                                 derive_seed(seed, "fed-p1", partition_id), plan)
+        S, null = p.promise_S, int(loss_fn.null_label)
+        y1 = y if p.promise_conditional_phase1 else torch.full_like(y, null)
+        phase1, loss1 = engine(plan.phase1_rate), feature_loss(cfg.diffusion, loss_fn.schedule, null, t_min=S)
         for s in range(first_phase1_step, first_phase1_step + plan.phase1_steps_for(steps)):
-            phase1(s)
-        dp_loss = feature_loss(cfg.diffusion, loss_fn.schedule, loss_fn.null_label, t_max=p.promise_S)
-    engine = DPSGD(model, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(u),
-                   sample_rate=plan.sample_rate, max_physical_batch_size=p.max_physical_batch_size,
-                   seed=derive_seed(seed, "fed-dp", partition_id), track_norms=False)
-
-    def per_example_loss(m, z, labels):  # K draws averaged per example before clipping (DPDM)
-        return dp_loss(m, z, labels, noise_multiplicity=p.noise_multiplicity).loss
-
-    model.train()
+            torch.manual_seed(derive_seed(seed, "fed-p1-draws", partition_id, s))
+            phase1.step(per_example(loss1), (u, y1), s)
+        dp_loss = feature_loss(cfg.diffusion, loss_fn.schedule, null, t_max=S)
+    phase2 = engine(plan.sample_rate)
     for s in range(first_step, first_step + steps):
-        torch.manual_seed(derive_seed(seed, "fed-dp-draws", partition_id, s))
-        engine.step(per_example_loss, (u, y), s)
+        torch.manual_seed(derive_seed(seed, "fed-dp-draws", partition_id, s))  # the loss's (t, ε): need not be secret
+        phase2.step(per_example(dp_loss), (u, y), s)
     return float("nan")  # the private loss is not released
-
-
-class _NoEMA:
-    """The federated clients keep no EMA (the server aggregates raw weights)."""
-
-    def update(self) -> None:
-        pass
 
 
 def sampling_view(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -312,13 +318,12 @@ def sampling_view(model: nn.Module, cfg: RunConfig) -> nn.Module:
     return model
 
 
-def noisy_label_counts(y: torch.Tensor, num_classes: int, count_sigma: float | None, seed: int,
-                       partition_id: int) -> np.ndarray:
-    """This client's class counts; with ``count_sigma``, + N(0, σ²) rounded and clamped ≥ 0 (sensitivity 1)."""
+def noisy_label_counts(y: torch.Tensor, num_classes: int, count_sigma: float | None, noise: NoiseSource) -> np.ndarray:
+    """This client's class counts; with ``count_sigma``, + N(0, σ²) from its private noise source, rounded and
+    clamped ≥ 0 (sensitivity 1)."""
     counts = np.bincount(y.numpy(), minlength=num_classes).astype(np.float64)
     if count_sigma:
-        g = torch.Generator().manual_seed(derive_seed(seed, "fed-counts", partition_id))
-        counts = counts + torch.randn(num_classes, generator=g, dtype=torch.float64).numpy() * count_sigma
+        counts = counts + noise.gaussian(num_classes, count_sigma, "fed-counts").numpy()
     return np.maximum(0, np.round(counts)).astype(np.int64)
 
 

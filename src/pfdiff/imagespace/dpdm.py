@@ -42,8 +42,10 @@ from pfdiff.evaluation.fid import frechet_distance
 from pfdiff.evaluation.mia import attack_settings, balanced_pairs, run_attacks
 from pfdiff.models import create_encoder
 from pfdiff.models.unet import UNet
-from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, epsilon as privacy_epsilon
+from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, check_delta_for_size, epsilon_all
+from pfdiff.privacy.accounting import epsilon as privacy_epsilon
 from pfdiff.privacy.dpsgd import DPSGD
+from pfdiff.privacy.noise import NoiseSource
 from pfdiff.runs import atomic_write_bytes, atomic_write_json
 from pfdiff.training import EMA, derive_seed, generator, shuffled_batch
 
@@ -86,6 +88,7 @@ class DPDMConfig:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     noise_multiplier: float | None = None  # None: calibrated (PLD) to each target ε; a number: used as is
+    reproducible_noise: bool = False  # debugging only: DP noise from the seed; the results are then NOT PRIVATE
     max_physical_batch_size: int = 256
     num_threads: int | None = None  # torch intra-op threads during run_dpdm (None: leave as is); 1 on a busy CPU
     tune_allocator: bool = True  # DPSGD's glibc tuning (process-wide): ~2× faster vmap DP steps on CPU
@@ -230,13 +233,14 @@ def dp_plan(cfg: DPDMConfig, target_epsilon: float | None, dataset_size: int) ->
     q = min(1.0, cfg.batch_size / dataset_size)
     if target_epsilon is None:
         return {"private": False, "sigma": 0.0, "sample_rate": q, "epsilon": None, "target_epsilon": None}
+    check_delta_for_size(cfg.delta, dataset_size, "the DPDM training images")
     sigma = cfg.noise_multiplier or calibrate_noise(target_epsilon, cfg.delta, q, cfg.steps)
     spent = privacy_epsilon([GaussianEvent(sigma, q, cfg.steps, DPSGD_EVENT)], cfg.delta)
     return {"private": True, "sigma": sigma, "sample_rate": q, "epsilon": spent, "target_epsilon": target_epsilon}
 
 
 def make_engine(model: nn.Module, opt: torch.optim.Optimizer, sigma: float, dataset_size: int, sample_rate: float,
-                cfg: DPDMConfig, seed: int, ema: EMA | None = None) -> DPSGD:
+                cfg: DPDMConfig, noise: NoiseSource, ema: EMA | None = None) -> DPSGD:
     """``DPSGD`` on the ``torch.func.vmap`` per-example path. A conv U-Net cannot take the engine's
     [B, K, C, H, W] layout of the Opacus-hook paths (``Conv2d``/``GroupNorm`` want [N, C, H, W] and
     the hooks must see the B examples, not B·K rows), so ``method="vmap"`` is asked for where the
@@ -248,8 +252,8 @@ def make_engine(model: nn.Module, opt: torch.optim.Optimizer, sigma: float, data
     if "tune_allocator" in params:
         kw["tune_allocator"] = cfg.tune_allocator
     return DPSGD(model, opt, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, dataset_size=dataset_size,
-                 sample_rate=sample_rate, max_physical_batch_size=cfg.max_physical_batch_size, seed=seed, ema=ema,
-                 **kw)
+                 sample_rate=sample_rate, max_physical_batch_size=cfg.max_physical_batch_size, noise=noise, ema=ema,
+                 track_norms=False, **kw)
 
 
 def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_epsilon: float | None,
@@ -271,15 +275,16 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
     stats: list[dict[str, float]] = []
     with torch.random.fork_rng(devices=[]):  # the per-step torch.manual_seed below stays inside
         if plan["private"]:
-            engine = make_engine(model, opt, plan["sigma"], len(x), plan["sample_rate"], cfg,
-                                 derive_seed(seed, "dpdm-dpsgd"), ema)
+            # OS entropy (each target ε is an independent release); the debug switch derives it per target
+            noise = NoiseSource(cfg.reproducible_noise, derive_seed(seed, "dpdm-dpsgd", target_epsilon))
+            engine = make_engine(model, opt, plan["sigma"], len(x), plan["sample_rate"], cfg, noise, ema)
 
             def per_example_loss(m, xb, yb):  # K draws averaged per example before clipping (DPDM §3.2)
                 return loss_fn(m, xb, yb, noise_multiplicity=K).loss
 
             for step in range(cfg.steps):
                 torch.manual_seed(derive_seed(seed, "dpdm-draws", step))  # the (t, ε, drop) draws inside vmap
-                stats.append(engine.step(per_example_loss, (x, y), step))
+                engine.step(per_example_loss, (x, y), step)  # its statistics describe private batches: dropped
         else:
             for step in range(cfg.steps):
                 idx = shuffled_batch(len(x), min(cfg.batch_size, len(x)), step, derive_seed(seed, "dpdm-batches"))
@@ -296,9 +301,9 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
     info = {**plan, "delta": cfg.delta if plan["private"] else None, "steps": cfg.steps,
             "expected_batch_size": cfg.batch_size, "noise_multiplicity": K, "max_grad_norm": cfg.max_grad_norm,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "mean_batch_size": float(np.mean([s["batch_size"] for s in stats])) if stats else 0.0,
+            # the realised private batch sizes are not released (they describe the private set)
             "train_seconds": time.perf_counter() - t0}
-    for key in ("loss", "grad_norm", "clip_frac"):
+    for key in ("loss",):  # non-private models only (the DP steps' statistics are not released)
         if stats and key in stats[0]:
             info[f"{key}_last10pct"] = float(np.nanmean([s[key] for s in tail]))
     return ema.module.eval(), info
@@ -421,6 +426,13 @@ def attack_images(model: nn.Module, data: ImageSplits, cfg: DPDMConfig, seed: in
     return metrics
 
 
+def composed_epsilon(models: list[dict[str, Any]], delta: float) -> dict[str, float] | None:
+    """ε of releasing every private model together: they are trained on the same images with independent
+    noise, so their DP-SGD runs compose (None when no model is private)."""
+    events = [GaussianEvent(m["sigma"], m["sample_rate"], m["steps"], m["tag"]) for m in models if m["private"]]
+    return epsilon_all(events, delta) if events else None
+
+
 def _tag(eps: float | None) -> str:
     return "nonprivate" if eps is None else f"eps{eps:g}"
 
@@ -452,19 +464,28 @@ def _run(out_dir: Path, epsilons: tuple[float | None, ...], seed: int, cfg: DPDM
     clf_kw = dict(steps=cfg.clf_steps, batch_size=cfg.clf_batch_size, lr=cfg.clf_lr,
                   feature_dim=cfg.clf_feature_dim, width=cfg.clf_width)
     t0 = time.perf_counter()
-    evaluator = train_image_classifier(data.x_train, data.y_train, C, seed=seed, tag="fid-evaluator", **clf_kw)
+    # Utility is measured on held-out data only: the test split is halved (stratified) into the evaluator's
+    # training half and the reference half (FID reference, CAS test set); the private training images feed
+    # nothing but the denoisers (a classifier fitted on them would be an unaccounted release).
+    fit_idx, ref_idx = stratified_split(data.y_test.numpy(), 0.5, cfg.split_seed)
+    x_fit, y_fit = data.x_test[fit_idx], data.y_test[fit_idx]
+    x_ref, y_ref = data.x_test[ref_idx], data.y_test[ref_idx]
+    evaluator = train_image_classifier(x_fit, y_fit, C, seed=seed, tag="fid-evaluator", **clf_kw)
     results: dict[str, Any] = {
         "method": "DPDM (Dockhorn et al. 2022): U-Net, DP-SGD with noise multiplicity, high-noise t distribution",
         "seed": seed,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "data": {"name": data.name, "shape": list(data.shape), "num_classes": C, "n_train": len(data.x_train),
-                 "n_test": len(data.x_test), "train_counts": torch.bincount(data.y_train, minlength=C).tolist()},
+                 "n_test": len(data.x_test), "n_evaluator_fit": len(fit_idx), "n_reference": len(ref_idx)},
+        "noise": NoiseSource(cfg.reproducible_noise).label,
+        "neighbouring_relation": "add/remove one training image (Poisson subsampling)",
         "evaluator": {
-            "features": f"penultimate {cfg.clf_feature_dim}-d features of a SmallCNN classifier trained on the real "
-                        "training split; FID = pfdiff.evaluation.fid.frechet_distance(test features, sample features)",
-            "real_test_accuracy": accuracy(evaluator, data.x_test, data.y_test),
-            "fid_real_train_vs_test": feature_fid(evaluator, data.x_test, data.x_train),
-            "cas_real_train": cas_accuracy(data.x_train, data.y_train, data.x_test, data.y_test, C, seed=seed, **clf_kw),
+            "features": f"penultimate {cfg.clf_feature_dim}-d features of a SmallCNN classifier trained on the held-out "
+                        "half of the test split; FID = pfdiff.evaluation.fid.frechet_distance(reference-half features, "
+                        "sample features)",
+            "reference_accuracy": accuracy(evaluator, x_ref, y_ref),
+            "fid_heldout_fit_vs_reference": feature_fid(evaluator, x_ref, x_fit),
+            "cas_real_heldout": cas_accuracy(x_fit, y_fit, x_ref, y_ref, C, seed=seed, **clf_kw),
             "seconds": time.perf_counter() - t0},
         "models": [],
     }
@@ -472,14 +493,15 @@ def _run(out_dir: Path, epsilons: tuple[float | None, ...], seed: int, cfg: DPDM
         t0 = time.perf_counter()
         model, info = train_denoiser(data.x_train, data.y_train, C, eps, cfg, seed)
         x_gen, y_gen = sample_balanced(model, C, cfg.n_per_class, data.shape, cfg, seed)
-        fid = feature_fid(evaluator, data.x_test, x_gen)
-        cas = cas_accuracy(x_gen, y_gen, data.x_test, data.y_test, C, seed=seed, **clf_kw)
+        fid = feature_fid(evaluator, x_ref, x_gen)
+        cas = cas_accuracy(x_gen, y_gen, x_ref, y_ref, C, seed=seed, **clf_kw)
         label = "non-private" if eps is None else f"ε = {info['epsilon']:.3g} (target {eps:g}), σ = {info['sigma']:.3g}"
         grid = save_grid(out_dir / f"dpdm_samples_{_tag(eps)}.png", x_gen, y_gen, C, title=f"DPDM {data.name}, {label}")
         attacks = attack_images(model, data, cfg, seed)
         results["models"].append({"tag": _tag(eps), **info, "sampler": cfg.sampler, "sampler_steps": cfg.sampler_steps,
                                   "n_generated": len(x_gen), "fid": fid, "cas": cas, "grid": grid.name,
                                   "attacks": attacks, "wall_seconds": time.perf_counter() - t0})
+        results["composed_epsilon"] = composed_epsilon(results["models"], cfg.delta)
         results["wall_seconds"] = time.perf_counter() - t_start
         atomic_write_json(out_dir / "dpdm_results.json", results)
     results["wall_seconds"] = time.perf_counter() - t_start

@@ -21,10 +21,11 @@ from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
-from pfdiff.longtail.private import (clip_rows, noisy_counts, public_private_split, train_private_denoiser,
-                                     train_private_stage1)
+from pfdiff.longtail.private import (clip_rows, noisy_counts, preflight, public_private_split,
+                                     train_private_denoiser, train_private_stage1)
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
-from pfdiff.runs import RunDir
+from pfdiff.privacy.noise import noise_source
+from pfdiff.runs import RunDir, atomic_write_json
 from pfdiff.training import resolve_device
 
 
@@ -41,21 +42,33 @@ class Timer:
         return out
 
 
-def run_experiment(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Every seed of ``cfg`` (skipping seeds already finished in ``run``), then the aggregate table."""
+def prepare(cfg: RunConfig) -> LongTailSplit:
+    """Everything that can refuse a run, before its directory exists: the methods, the device, the data and,
+    for a private run, the whole privacy plan (δ < 1/N_private, σ reachable, ε within the target)."""
+    methods = [parse_method(m) for m in cfg.methods]
+    resolve_device(cfg.device)
+    split = make_split(cfg)
+    if any(m.base.startswith("dp-") for m in methods):
+        preflight(cfg, len(split.train.y))
+    return split
+
+
+def run_experiment(cfg: RunConfig, run: RunDir, split: LongTailSplit | None = None) -> dict[str, Any]:
+    """Every seed of ``cfg`` (skipping seeds already finished in ``run``), then the aggregate table.
+    ``split``: from :func:`prepare` (which also ran the checks), else prepared here."""
+    split = split or prepare(cfg)
     methods = [parse_method(m) for m in cfg.methods]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    split = make_split(cfg)
-    run.write_json("split.json", split.summary())
+    run.write_json("split.json", split_summary(split, cfg))
     per_seed = []
     for seed in cfg.seeds:
         name = f"seeds/seed{seed}.json"
         if not (run.path / name).exists():
             run.write_json(name, SeedRun(split, cfg, seed, device, run).run(methods))
         per_seed.append(run.read_json(name))
-    results = aggregate(per_seed, methods, split, device)
+    results = aggregate(per_seed, methods, split, device, split_summary(split, cfg))
     run.write_json("results.json", results)
     return results
 
@@ -78,6 +91,8 @@ class SeedRun:
         self.public_idx = self.private_idx = None
         self.encoder_event = None  # privacy.encoder: dp — the DP-SGD event of E + stage-1 G
         self._ledger: PrivacyLedger | None = None
+        self._private_counts: tuple[np.ndarray, GaussianEvent | None] | None = None
+        self.noise = noise_source(cfg.privacy, seed)  # OS entropy unless the run is marked NOT PRIVATE
         if self.private_mode:
             pub, priv = public_private_split(split.train.y, split.num_classes, cfg.privacy.public_fraction,
                                              cfg.data.split_seed)
@@ -118,7 +133,7 @@ class SeedRun:
                 enc, g, self.encoder_event = self.timer("stage1", lambda: train_private_stage1(
                     self.x[self.private_idx], self.y[self.private_idx], self.split.num_classes,
                     self.split.train.input_shape, self.cfg, self.seed, self.ledger(),
-                    self.ck / "dp-stage1.safetensors", self.log))
+                    self.ck / "dp-stage1.safetensors", self.log, self.noise))
             else:
                 enc, g = self.timer("stage1", lambda: train_stage1(split, self.cfg, self.seed, self.device,
                                                                    self.ck / "stage1.safetensors", self.log))
@@ -151,20 +166,41 @@ class SeedRun:
         return self._pseudo
 
     def ledger(self) -> PrivacyLedger:
-        """This seed's privacy ledger (``privacy/seedN.json``), rewritten after every private step."""
+        """This seed's privacy ledger (``privacy/seedN.json``), rewritten before every private step."""
         if self._ledger is None:
             p = self.cfg.privacy
             self._ledger = PrivacyLedger(self.run_dir.path / "privacy" / f"seed{self.seed}.json",
-                                         p.target_epsilon, p.delta)
+                                         p.target_epsilon, p.delta, private=self.noise.private)
         return self._ledger
 
+    def private_counts(self) -> tuple[np.ndarray, GaussianEvent | None]:
+        """The private part's class counts as released: noisy (Gaussian, accounted) or declared public
+        (``count_epsilon = 0``). Drawn once per seed and saved, so a resumed run reuses the release instead
+        of drawing (and paying for) a new one."""
+        if self._private_counts is None:
+            path = self.ck / "noisy-counts.json"
+            exact = class_counts(self.y[self.private_idx].cpu().numpy(), self.split.num_classes)
+            counts, event = noisy_counts(exact, self.cfg.privacy, self.noise)
+            if event is not None:
+                if path.exists():
+                    counts = np.asarray(self.run_dir.read_json(path.relative_to(self.run_dir.path))["counts"])
+                else:
+                    self.ledger().record_release(event)  # accounted before it is written anywhere
+                    atomic_write_json(path, {"counts": counts.tolist()})
+            self._private_counts = (counts, event)
+        return self._private_counts
+
     def counts(self) -> torch.Tensor:
-        """The class counts stage 1 was trained on (the public part, or the private one under encoder: dp)."""
+        """The class prior of stage 1's classifier: the training counts (non-private runs), the public part's
+        counts (public encoder), or under ``privacy.encoder: dp`` the *released* private counts (noisy and
+        accounted, or declared public) — never the exact private ones."""
         if not self.private_mode:
-            y = self.y
+            counts = torch.bincount(self.y, minlength=self.split.num_classes)
+        elif self.cfg.privacy.encoder == "dp":
+            counts = torch.as_tensor(self.private_counts()[0], device=self.device)
         else:
-            y = self.y[self.private_idx if self.cfg.privacy.encoder == "dp" else self.public_idx]
-        return torch.bincount(y, minlength=self.split.num_classes).float()
+            counts = torch.bincount(self.y[self.public_idx], minlength=self.split.num_classes)
+        return counts.float()
 
     # --- methods ------------------------------------------------------------------------------------
     def logits_and_prior(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +258,7 @@ class SeedRun:
         z_pub, y_pub = z[self.public_idx], self.y[self.public_idx]
         z_priv, y_priv = z[self.private_idx], self.y[self.private_idx]
         scaler = FeatureScaler.fit(z_pub)  # public statistics: nothing private leaks through the scaler
-        counts_priv, count_event = noisy_counts(class_counts(y_priv.cpu().numpy(), C), p, self.seed)
+        counts_priv, count_event = self.private_counts()
         ledger = self.ledger()
         fixed = [e for e in (self.encoder_event, count_event) if e is not None]
         init = None
@@ -232,7 +268,7 @@ class SeedRun:
                 self.ck / "public-stage2.safetensors", self.log)[0]
         denoiser, schedule, info = self.timer("dp-ldmlr", lambda: train_private_denoiser(
             scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, fixed,
-            self.ck / "dp-stage2.safetensors", self.log, init))
+            self.ck / "dp-stage2.safetensors", self.log, init, self.noise))
         counts_pub = torch.bincount(y_pub, minlength=C).cpu().numpy().astype(int)
         # fill every class of G's training set (public real + pseudo) up to the largest estimated class size
         n_gen = np.maximum(0, (counts_pub + counts_priv).max() - counts_pub)
@@ -247,8 +283,10 @@ class SeedRun:
         g = self.timer("dp-ldmlr", lambda: finetune_with_pseudo(g, z_pub, y_pub, z_hat, y_hat, self.cfg, self.seed,
                                                                 self.ck / "dp-stage3.safetensors", self.log, "DP-LDMLR"))
         summary = ledger.summary(cross_check=True)
-        self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "public_pretrain": p.public_pretrain, "noisy_private_counts": counts_priv.tolist(),
+        self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "public_pretrain": p.public_pretrain,
+                                       "released_private_counts": counts_priv.tolist() if count_event else None,
                                        "count_event": count_event is not None, "generated_per_class": n_gen.tolist(),
+                                       "declared_public": declared_public(self.cfg),
                                        # against *public* features: a distance to the private ones would be an
                                        # uncovered release of private data
                                        "frechet_to_public_per_class": per_class_frechet(z_pub, y_pub, z_hat, y_hat)}
@@ -263,12 +301,41 @@ class SeedRun:
                   **drift_distances(z, self.y, z_hat, y_hat)})
 
 
+def declared_public(cfg: RunConfig) -> list[str]:
+    """What a private run treats as public (no privacy cost), for the report."""
+    p = cfg.privacy
+    out = ["N (training-set size) and N_private = N − round(f·N): the public part is a uniformly random subset "
+           "of round(f·N) examples chosen without looking at the data (the accountant's q = B/N_private needs N)",
+           "the public part's examples, and everything fitted on them"
+           + (" (encoder, stage-1 classifier, feature scaler, AID scorer, public warm start)" if p.encoder == "public"
+              else " (feature scaler, AID scorer, public warm start)"),
+           "the class groups many/medium/few used for evaluation (fixed by the benchmark's design counts)",
+           "the test set (evaluation only)"]
+    if p.count_epsilon == 0:
+        out.insert(1, "the private part's class counts (privacy.count_epsilon = 0)")
+    return out
+
+
+def split_summary(split: LongTailSplit, cfg: RunConfig) -> dict[str, Any]:
+    """split.json: in a private run the private part's class counts are not written (only the public
+    part's, and N_private, which is declared public)."""
+    out = split.summary()
+    if any(parse_method(m).base.startswith("dp-") for m in cfg.methods):
+        pub, priv = public_private_split(split.train.y, split.num_classes, cfg.privacy.public_fraction,
+                                         cfg.data.split_seed)
+        del out["train_counts"]
+        out.update(public_counts=class_counts(split.train.y[pub], split.num_classes).tolist(),
+                   n_public=len(pub), n_private=len(priv))
+    return out
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr, ddof=1)) if len(arr) > 1 else 0.0}
 
 
-def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit, device: torch.device) -> dict:
+def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit, device: torch.device,
+              summary: dict | None = None) -> dict:
     """Mean ± std over seeds of every metric, per method; per-class means; mean timings."""
     table: dict[str, Any] = {}
     for method in methods:
@@ -280,7 +347,7 @@ def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit,
     timings = {k: _mean_std([s["timings"].get(k, 0.0) for s in per_seed]) for k in stages}
     out = {"methods": table, "method_names": {m.name: m.description for m in methods},
             "seeds": [s["seed"] for s in per_seed], "timings": timings, "device": str(device),
-            "split": split.summary(), "per_seed": per_seed}
+            "split": summary or split.summary(), "per_seed": per_seed}
     private = [s["diagnostics"]["privacy"] for s in per_seed if "privacy" in s["diagnostics"]]
     if private:  # the seeds' releases compose: ε of publishing all of them together
         events = [GaussianEvent(**e) for p in private for e in p["entries"]]

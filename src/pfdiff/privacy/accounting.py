@@ -44,7 +44,7 @@ from pfdiff.runs import atomic_write_json
 __all__ = [
     "ACCOUNTANTS", "BudgetError", "GaussianEvent", "LedgerError", "PrivacyLedger",
     "calibrate_noise", "clt_epsilon", "dp_promise_events", "epsilon", "epsilon_all",
-    "gaussian_sigma_for", "gdp_delta", "gdp_epsilon", "phase1_mu", "phase1_noise_multiplier",
+    "check_delta_for_size", "gaussian_sigma_for", "gdp_delta", "gdp_epsilon", "phase1_mu", "phase1_noise_multiplier",
 ]
 
 ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp", "prv")
@@ -213,11 +213,13 @@ def _check_budget(target_epsilon: float, delta: float) -> None:
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "pld", tol: float = 1e-3,
-                    fixed_events: Sequence[GaussianEvent] = ()) -> float:
+                    fixed_events: Sequence[GaussianEvent] = (),
+                    shared: Sequence[tuple[float, int]] = ()) -> float:
     """Smallest noise multiplier σ (within ``tol``, rounded up) with ε(σ) ≤ ``target_epsilon``.
 
-    ``fixed_events`` are composed with the calibrated steps (e.g. a noisy-count release or
-    dp-promise's Phase I), so the whole plan meets the target.
+    ``fixed_events`` are composed with the calibrated steps (e.g. a noisy-count release or a DP
+    encoder), so the whole plan meets the target. ``shared``: further (sample_rate, steps) phases
+    that use the *same* σ (dp-promise's Phase I at its own batch size), calibrated jointly.
 
     ε(σ) of ``steps`` Poisson-subsampled Gaussian steps is decreasing in σ, so the answer is
     found by bracketing and bisection; the returned σ always meets the target. σ is searched in
@@ -231,6 +233,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
     GaussianEvent(1.0, sample_rate, steps)  # validates sample_rate and steps
+    for q2, n2 in shared:
+        GaussianEvent(1.0, q2, n2)
 
     fixed = tuple(_check_events(fixed_events))
     if fixed and epsilon(fixed, delta, accountant) >= target_epsilon:
@@ -238,7 +242,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                           f">= target {target_epsilon:g} at delta {delta:g}; nothing is left for training")
 
     def eps_at(sigma: float) -> float:
-        return epsilon([*fixed, GaussianEvent(sigma, sample_rate, steps)], delta, accountant)
+        phases = [GaussianEvent(sigma, q2, n2) for q2, n2 in ((sample_rate, steps), *shared)]
+        return epsilon([*fixed, *phases], delta, accountant)
 
     lo, hi = _bracket(eps_at, target_epsilon, delta)
     while hi - lo > tol:
@@ -262,6 +267,21 @@ def _bracket(eps_at: Callable[[float], float], target: float, delta: float) -> t
             return SIGMA_MIN, SIGMA_MIN
         hi, lo = lo, max(lo / 2.0, SIGMA_MIN)
     return lo, hi
+
+
+def check_delta_for_size(delta: float, n: int, what: str = "the private data") -> None:
+    """Refuse δ ≥ 1/N: with δ that large, releasing one example in the clear is (0, δ)-DP (each example
+    leaks with probability δ ≥ 1/N, i.e. about one example in expectation), so "ε" promises nothing.
+    N itself is treated as public (the accountant's q = B/N needs it); the report says so."""
+    if not (_is_int(n) and n >= 1):
+        raise BudgetError(f"{what}: need at least one example to plan a private release, got N={n!r}")
+    if delta >= 1.0 / n:
+        raise BudgetError(f"privacy.delta={delta:g} is not below 1/N = 1/{n} for {what}: a guarantee with δ ≥ 1/N "
+                          f"allows leaking about one example outright; use delta < {1.0 / n:.3g} (e.g. {_suggest_delta(n):g})")
+
+
+def _suggest_delta(n: int) -> float:
+    return 10.0 ** math.floor(math.log10(0.1 / n))
 
 
 def gaussian_sigma_for(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
@@ -384,18 +404,29 @@ class PrivacyLedger:
     A new ledger on an existing file resumes it exactly (same entries, same ε); the file's δ and
     target must match. A new file is written at once, so the budget is pinned from the start.
     Spending is composed with :func:`epsilon` (PLD unless stated).
+
+    ``private``: whether the noise came from OS entropy (``privacy/noise.py``). A ledger that was ever
+    written by a run with reproducible (seed-derived) noise stays marked NOT PRIVATE, whatever later
+    resumes it: its ε is arithmetic about noise anyone can re-draw, not a guarantee.
     """
 
-    def __init__(self, path: Path | str, target_epsilon: float, delta: float) -> None:
+    RELATION = "add/remove one example (Poisson subsampling)"
+
+    def __init__(self, path: Path | str, target_epsilon: float, delta: float, private: bool = True) -> None:
         _check_budget(target_epsilon, delta)
         self.path = Path(path)
         self.target_epsilon = float(target_epsilon)
         self.delta = float(delta)
+        self.private = bool(private)
         self._entries: tuple[GaussianEvent, ...] = ()
         if self.path.exists():
             self._entries = self._load()
-        else:
-            self._save({"pld": 0.0})
+        self._save({"pld": self.spent() if self._entries else 0.0})
+
+    @property
+    def noise(self) -> str:
+        from pfdiff.privacy.noise import NOT_PRIVATE, SECURE  # noise imports training, which is heavier
+        return SECURE if self.private else NOT_PRIVATE
 
     # -- persistence --------------------------------------------------------------------------
     def _load(self) -> tuple[GaussianEvent, ...]:
@@ -411,6 +442,7 @@ class PrivacyLedger:
             if not _is_real(theirs) or not math.isclose(theirs, mine, rel_tol=1e-12):
                 raise LedgerError(f"privacy ledger {self.path} has {key}={theirs!r} but this run asks "
                                   f"for {key}={mine!r}; use the original budget or a new ledger file")
+        self.private = self.private and data.get("private", True) is True
         try:
             return tuple(GaussianEvent(**entry) for entry in data["entries"])
         except (KeyError, TypeError, ValueError) as err:
@@ -421,6 +453,9 @@ class PrivacyLedger:
             "format": LEDGER_FORMAT,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
+            "neighbouring_relation": self.RELATION,
+            "noise": self.noise,
+            "private": self.private,
             "entries": [asdict(e) for e in self._entries],
             "epsilon": eps,
         })
@@ -489,14 +524,13 @@ class PrivacyLedger:
         return eps
 
     def record_progress(self, event_name: str, noise_multiplier: float, sample_rate: float, steps_done: int) -> None:
-        """Set the step count of the training event ``event_name`` to ``steps_done`` (never lowers it)
-        and write the ledger atomically, without an ε evaluation (cheap enough for every logical step).
+        """Account for step ``steps_done`` of the training event ``event_name`` (1-based), writing the ledger
+        atomically without an ε evaluation (cheap enough for every logical step). Call it *before* the
+        step's noise is drawn, so a crash can never leave a draw unaccounted.
 
-        Idempotent by design: a run resumed from a checkpoint at step s repeats steps s+1… with the
-        *same* seeded batches and noise, i.e. it recomputes identical mechanism outputs rather than
-        drawing new ones, so they are counted once. (With secure, unseeded noise a repeat is a new
-        draw: record those with :meth:`record` instead.) The planned total is checked with
-        :meth:`check_plan` before training starts.
+        Private (OS-entropy) noise: every call is a new draw and adds one step, so steps a resumed run
+        repeats after its last checkpoint are charged again. Reproducible noise (NOT PRIVATE): a repeated
+        step re-computes the same draw, so the count is set to ``steps_done`` (never lowered).
         """
         if not (_is_int(steps_done) and steps_done >= 1):
             raise ValueError(f"record_progress: steps_done must be an integer >= 1, got {steps_done!r}")
@@ -507,11 +541,44 @@ class PrivacyLedger:
                     raise LedgerError(f"ledger {self.path}: event {event_name!r} was recorded with noise multiplier "
                                       f"{e.noise_multiplier} and sample rate {e.sample_rate}, not {noise_multiplier} "
                                       f"and {sample_rate}")
-                entries[i] = replace(e, steps=max(e.steps, steps_done))
+                entries[i] = replace(e, steps=e.steps + 1 if self.private else max(e.steps, steps_done))
                 break
         else:
-            entries.append(GaussianEvent(noise_multiplier, sample_rate, steps_done, event_name))
+            entries.append(GaussianEvent(noise_multiplier, sample_rate, 1 if self.private else steps_done,
+                                         event_name))
         self._entries = tuple(entries)
+        self._save({"pld": None})
+
+    def check_resume(self, events: Sequence[GaussianEvent], done: dict[str, int] | None = None) -> float:
+        """The budget check before (re)starting training: ``events`` are the whole plan, ``done`` the steps
+        of each training event that a checkpoint already holds (a resume continues from there). Private
+        noise: what the ledger already spent plus every step still to execute (steps re-executed after
+        the checkpoint are new draws); an event already in the ledger and absent from ``done`` (a one-off
+        release such as the noisy counts) is composed once, from the ledger. Reproducible noise:
+        :meth:`check_final`. Raises BudgetError above the target; returns the planned PLD ε."""
+        if not self.private:
+            return self.check_final(events)
+        done = done or {}
+        recorded = {e.name for e in self._entries}
+        todo = []
+        for e in _check_events(events):
+            if e.name in done:
+                todo.append(replace(e, steps=max(0, e.steps - done[e.name])))
+            elif not (e.name and e.name in recorded):
+                todo.append(e)
+        eps = epsilon(_check_events([*self._entries, *todo]), self.delta)
+        if eps > self.target_epsilon:
+            raise BudgetError(f"planned epsilon {eps:.4f} (spent so far + the steps still to run) exceeds the target "
+                              f"epsilon {self.target_epsilon:g} at delta {self.delta:g} (ledger {self.path}); "
+                              "a resumed run with private noise pays again for the steps it repeats")
+        return eps
+
+    def record_release(self, event: GaussianEvent) -> None:
+        """Record a one-off release (e.g. the noisy counts) once; a release already in the ledger under the
+        same name is the same release, reused (it was saved), not drawn again."""
+        if any(e.name == event.name for e in self._entries):
+            return
+        self._entries = (*self._entries, event)
         self._save({"pld": None})
 
     def summary(self, cross_check: bool = True, save: bool = True) -> dict[str, Any]:
@@ -522,6 +589,9 @@ class PrivacyLedger:
         return {
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
+            "neighbouring_relation": self.RELATION,
+            "noise": self.noise,
+            "private": self.private,
             "entries": [asdict(e) for e in self._entries],
             "epsilon": eps,
             "remaining_pld": self.target_epsilon - eps["pld"],

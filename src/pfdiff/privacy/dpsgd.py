@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import secrets
 import sys
 import warnings
 from collections.abc import Callable
@@ -69,7 +68,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pfdiff.training import EMA, derive_seed
+from pfdiff.privacy.noise import NoiseSource
+from pfdiff.training import EMA
 
 PerExampleLoss = Callable[..., torch.Tensor]  # (model, *batch_tensors) -> Tensor[B]
 
@@ -319,10 +319,12 @@ class DPSGD:
         sample_rate / expected_batch_size: q, or q·N; give exactly one. The summed gradient is divided
             by q·N (not by the realised batch size, which would leak it).
         max_physical_batch_size: examples per micro-batch (memory bound).
-        seed: seeds the Poisson batches and the noise, per step: ``derive_seed(seed, "dpsgd-…", step)``.
+        noise: where the Poisson batches and the Gaussian noise come from (``privacy/noise.py``): by
+            default fresh OS entropy every step (the only setting with a DP guarantee); a reproducible
+            ``NoiseSource(True, seed)`` derives them from the seed, for debugging (NOT PRIVATE).
         ema: optional EMA, updated once per logical step.
-        secure_mode: Opacus' floating-point-attack-resistant noise; batches and noise are then seeded
-            from the OS CSPRNG every step (not reproducible, by design) instead of from ``seed``.
+        secure_mode: Opacus' floating-point-attack-resistant noise (Σ of 4 normals / 2 per coordinate;
+            ``privacy/noise.py``), at the cost of four normal draws instead of one.
         method: how per-example gradients are clipped (module docstring): ``"auto"`` (default; see
             ``resolve_method``: ``"ghost"`` for Linear/LayerNorm/Embedding models, else ``"vmap"``; the
             resolved one is ``self.method``), ``"ghost"`` (Opacus ghost clipping: per-example norms
@@ -342,8 +344,8 @@ class DPSGD:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, dataset_size: int, sample_rate: float | None = None,
-                 expected_batch_size: float | None = None, max_physical_batch_size: int = 256, seed: int = 0,
-                 ema: EMA | None = None, secure_mode: bool = False, method: str = "auto",
+                 expected_batch_size: float | None = None, max_physical_batch_size: int = 256,
+                 noise: NoiseSource | None = None, ema: EMA | None = None, secure_mode: bool = False, method: str = "auto",
                  chunk_size: int | None = None, tune_allocator: bool = False, track_norms: bool = True):
         ModuleValidator.validate(model, strict=True)
         if (sample_rate is None) == (expected_batch_size is None):
@@ -360,7 +362,8 @@ class DPSGD:
         if method == "auto" and trainable != optimized:
             method = "vmap"  # the hooks clip every trainable parameter's gradient (see below)
         method = resolve_method(model, method)
-        self.model, self.ema, self.seed, self.secure_mode = model, ema, seed, secure_mode
+        self.model, self.ema, self.secure_mode = model, ema, secure_mode
+        self.noise = noise if noise is not None else NoiseSource()
         self.dataset_size, self.sample_rate = dataset_size, q
         self.expected_batch_size = q * dataset_size
         self.max_physical_batch_size, self.chunk_size = max_physical_batch_size, chunk_size
@@ -407,19 +410,20 @@ class DPSGD:
     max_grad_norm = property(lambda self: self.optimizer.max_grad_norm)
 
     def _seed(self, kind: str, step: int) -> int:
-        return secrets.randbits(63) if self.secure_mode else derive_seed(self.seed, kind, step)
+        return self.noise.seed(kind, step)
 
     def sample(self, step: int) -> torch.Tensor:
-        """The Poisson batch of logical step ``step`` (indices into the data tensors, CPU)."""
+        """The Poisson batch of logical step ``step`` (indices into the data tensors, CPU). A new draw on
+        every call unless the noise source is reproducible."""
         g = torch.Generator().manual_seed(self._seed("dpsgd-poisson", step))
         return poisson_batch(self.dataset_size, self.sample_rate, g)
 
     def noise_seed(self, step: int) -> int:
         """Seed of the noise generator at ``step`` (DPOptimizer draws one N(0, σ²C²) tensor per parameter,
-        in optimizer order). Not available in secure mode."""
-        if self.secure_mode:
-            raise RuntimeError("secure_mode draws noise seeds from the OS CSPRNG; they are not reproducible")
-        return derive_seed(self.seed, "dpsgd-noise", step)
+        in optimizer order). Only a reproducible (NOT PRIVATE) source has one."""
+        if not self.noise.reproducible:
+            raise RuntimeError("private noise is drawn from OS entropy; its seeds are not reproducible")
+        return self._seed("dpsgd-noise", step)
 
     # --- the hook paths -------------------------------------------------------------------------------
 
