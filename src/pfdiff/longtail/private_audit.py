@@ -1,8 +1,10 @@
-"""The audit *run* of the DP feature-denoiser training: canaries, the private set, scores, ``run_audit``.
+"""The audit *runs* of the DP feature-denoiser training: canaries, the private set, scores, ``run_audit``;
+and the distinguishing test of dp-promise's published Phase I, ``run_phase1_audit``.
 
 The bound itself (Steinke, Nasr & Jagielski 2023) is pure math in ``privacy/audit.py``; this module
 trains (``longtail.private.train_private_denoiser``, the real DP path) and so lives with the pipelines.
-See ``privacy/audit.py`` for the canary design, its power and its limits.
+See ``privacy/audit.py`` for the canary design, its power and its limits, and ``privacy/promise_attack.py``
+for the Phase-I test (docs/privacy_audit_cases.md for what both measured).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pfdiff.config import RunConfig, load_config
-from pfdiff.diffusion import DiffusionLoss
+from pfdiff.diffusion import DiffusionLoss, make_schedule
+from pfdiff.longtail.common import seeded_init
+from pfdiff.longtail.ldmlr import build_denoiser
 from pfdiff.longtail.private import train_private_denoiser
-from pfdiff.privacy.accounting import PrivacyLedger
-from pfdiff.privacy.audit import AUDIT_DEFAULTS, AUDIT_FORMAT, DEFAULT_BACKGROUND, DEFAULT_CANARIES, SCORE_T_RANGE, audit_from_scores
+from pfdiff.privacy.accounting import PrivacyLedger, phase1_mu
+from pfdiff.privacy.audit import (AUDIT_DEFAULTS, AUDIT_FORMAT, DEFAULT_BACKGROUND, DEFAULT_CANARIES, PHASE1_TRIALS,
+                                  audit_from_scores, score_t_range_for)
+from pfdiff.privacy.promise_attack import PaperPhase1, distinguish, paper_phase1_claim, unit_canary
 from pfdiff.runs import atomic_write_json
 from pfdiff.training import derive_seed, resolve_device
 
@@ -76,7 +82,8 @@ def audit_config(source: str | Path | None = "dp", overrides: Sequence[str] = ()
 def run_audit(cfg: RunConfig, m: int = DEFAULT_CANARIES, seed: int = 0, out_dir: Path | None = None, *,
               num_classes: int = 10, background: int = DEFAULT_BACKGROUND,
               k_grid: Sequence[int | tuple[int, int]] | None = None, beta: float = 0.05, score_draws: int = 32,
-              score_t_range: tuple[float, float] = SCORE_T_RANGE,
+              score_t_range: tuple[float, float] | None = None, timesteps: str = "default",
+              phase1_paper: bool = False, phase1_options: dict[str, Any] | None = None,
               log: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """One-run audit of ``train_private_denoiser`` under ``cfg`` (its ``privacy`` section, denoiser and
     diffusion settings); returns and, with ``out_dir``, writes ``audit.json`` (atomically; the run's privacy
@@ -85,9 +92,21 @@ def run_audit(cfg: RunConfig, m: int = DEFAULT_CANARIES, seed: int = 0, out_dir:
     Private set: ``background`` synthetic standardised features + the included ones of ``m`` canaries
     (each in w.p. ½, seeded by ``seed``), shuffled together. The claimed ε is the ledger's PLD ε after
     training at the config's δ; ``epsilon_lower`` the audited bound (:func:`audit_from_scores`).
+
+    ``timesteps``: which t the canary scores average over (``privacy.audit.TIMESTEP_MODES``: the low-noise
+    default, "all", or dp-promise's "phase1" band [S, T)); an explicit ``score_t_range`` wins.
+    ``phase1_paper``: run :func:`run_phase1_audit` (the distinguishing test of dp-promise's published
+    Phase I, with ``phase1_options``) instead; it writes the same ``audit.json`` keys that matter
+    (``epsilon_claimed``, ``epsilon_lower``, ``delta``, ``beta``).
     """
+    if phase1_paper:
+        return run_phase1_audit(cfg, seed, out_dir, beta=beta, **(phase1_options or {}))
     if m < 2:
         raise ValueError(f"need at least 2 canaries, got {m}")
+    if score_t_range is None:
+        score_t_range = score_t_range_for(timesteps, cfg.privacy.promise_S, cfg.diffusion.T)
+    else:
+        timesteps = "custom"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -131,10 +150,67 @@ def run_audit(cfg: RunConfig, m: int = DEFAULT_CANARIES, seed: int = 0, out_dir:
         "per_k": audit["per_k"],
         "mechanism": p.mechanism, "accountant": "pld", "sigma": info["sigma"], "sample_rate": info["sample_rate"],
         "steps": p.steps, "seed": seed, "score": "-diffusion loss", "score_draws": score_draws,
-        "score_t_range": list(score_t_range),
+        "score_t_range": list(score_t_range), "timesteps": timesteps,
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start,
     }
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "audit.json", result)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# dp-promise's published Phase I: the distinguishing test
+# --------------------------------------------------------------------------------------------
+
+def phase1_mechanism(cfg: RunConfig, num_classes: int, sample_rate: float = 1.0) -> PaperPhase1:
+    """The paper's Phase-I update under ``cfg``: t ∈ [``privacy.promise_S``, T), the config's schedule,
+    prediction and weighting, null label ``num_classes``, Adam (the project's AdamW, weight decay 0) at
+    ``privacy.lr``, no clipping and no noise."""
+    d, p = cfg.diffusion, cfg.privacy
+    schedule = make_schedule(d.schedule, d.T)
+    if not 0 < p.promise_S < d.T:
+        raise ValueError(f"privacy.promise_S must lie in (0, T={d.T}), got {p.promise_S}")
+    return PaperPhase1(schedule, p.promise_S, d.T, num_classes, d.prediction, d.weighting, p.lr, "adam", sample_rate)
+
+
+def run_phase1_audit(cfg: RunConfig, seed: int = 0, out_dir: Path | None = None, *, trials: int = PHASE1_TRIALS,
+                     calibration: int | None = None, uses: int = 1, background: int = 0, num_classes: int = 10,
+                     beta: float = 0.05, chunk: int | None = None) -> dict[str, Any]:
+    """Replace-one distinguishing test (``privacy.promise_attack``) of ``uses`` Phase-I steps as published,
+    on the config's denoiser from its public seeded initialisation: x at the clip radius R vs −x, alone in a
+    fixed batch or with ``background`` synthetic rows (all in every batch). Returns and, with ``out_dir``,
+    writes ``audit.json``: ``epsilon_lower`` (replace-one, the paper's relation) against
+    ``epsilon_claimed`` = the paper's ε for ``uses`` uses (PLD, noise multiplier 1/μ_S, q = 1), labelled
+    "claimed by the paper"; ``epsilon_lower_add_remove`` is what the test implies under add/remove."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    p, dim = cfg.privacy, cfg.model.feature_dim
+    mech = phase1_mechanism(cfg, num_classes)
+    alpha_bar_S = float(mech.schedule.alpha_bar[p.promise_S - 1])  # as the ledger: index S − 1 (conservative)
+    model = seeded_init(seed, "dp-denoiser", lambda: build_denoiser(cfg, dim, num_classes), torch.device("cpu"))
+    bg = _clip(background_features(background, dim, num_classes, seed)[0], p.feature_radius) if background else None
+    test = distinguish(model, mech, unit_canary(dim, p.feature_radius, seed), background=bg, steps=uses,
+                       trials=trials, calibration=calibration or max(1, trials // 4), delta=p.delta, beta=beta,
+                       seed=seed, chunk=chunk)
+    result = {
+        "format": AUDIT_FORMAT, "mode": "phase1-paper",
+        "epsilon_claimed": paper_phase1_claim(p.feature_radius, alpha_bar_S, p.delta, uses),
+        "epsilon_claimed_by": "the paper (dp-promise, Wang et al. 2024): one Phase-I use = Gaussian mechanism "
+                              "with mu_S = 2R sqrt(abar_S)/sqrt(1 - abar_S), replace-one, PLD",
+        "mu_S": phase1_mu(p.feature_radius, alpha_bar_S),
+        **test,
+        "promise_S": p.promise_S, "T": cfg.diffusion.T, "feature_radius": p.feature_radius,
+        "prediction": cfg.diffusion.prediction, "weighting": cfg.diffusion.weighting, "lr": p.lr,
+        "optimizer": "adam", "denoiser_hidden": cfg.model.denoiser_hidden, "denoiser_depth": cfg.model.denoiser_depth,
+        "seed": seed,
+    }
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out_dir) / "audit.json", result)
+    return result
+
+
+def _clip(u: torch.Tensor, radius: float) -> torch.Tensor:
+    """Rows scaled down to norm ≤ radius, as the private path clips its features."""
+    return u * (radius / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)

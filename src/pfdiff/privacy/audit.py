@@ -48,6 +48,13 @@ negligibly with N (±√m / 2 rows of N), and the claimed ε is the ledger's at 
 
 The deliberate bug used to check that the auditor can fail (noise off, accountant unchanged) lives in the
 tests only (``tests/test_audit.py`` monkeypatches ``DPSGD.__init__``); DP training has no such option.
+
+Timesteps (:data:`TIMESTEP_MODES`, ``pfdiff audit --timesteps``): the default scores only t < 0.2·T, the
+band where memorisation shows best, so by construction it cannot see a leak confined to high-noise steps
+such as dp-promise's Phase I (t ≥ S); "all" scores over every t ∈ [0, T), "phase1" over [S, T) only.
+A leak in the *weights' update* that the final model's loss does not reveal is out of reach of any
+black-box score: for dp-promise's published Phase I, ``pfdiff audit --phase1-paper`` runs the white-box
+distinguishing test of ``privacy/promise_attack.py`` instead (docs/privacy_audit_cases.md).
 """
 
 from __future__ import annotations
@@ -59,8 +66,8 @@ import torch
 from scipy.special import expit
 from scipy.stats import binom
 
-__all__ = ["AUDIT_DEFAULTS", "DEFAULT_CANARIES", "audit_config", "audit_from_scores", "background_features",
-           "canary_scores", "default_k_grid", "epsilon_lower_bound", "make_canaries", "p_value", "run_audit"]
+__all__ = ["AUDIT_DEFAULTS", "DEFAULT_CANARIES", "PHASE1_TRIALS", "SCORE_T_RANGE", "TIMESTEP_MODES",
+           "audit_from_scores", "default_k_grid", "epsilon_lower_bound", "p_value", "score_t_range_for"]
 
 AUDIT_FORMAT = "pfdiff-audit/1"
 DEFAULT_CANARIES = 200
@@ -70,6 +77,10 @@ DEFAULT_BACKGROUND = 200
 #: the noise switched off (the deliberate bug of tests/test_audit.py, 200 canaries, 2 seeds): AUC 0.986 and
 #: 0.986 on [0, 0.2·T) against 0.868 and 0.811 on all t.
 SCORE_T_RANGE = (0.0, 0.2)
+#: ``--timesteps`` choices: the score's t band, as fractions of T ("phase1" = [S/T, 1), dp-promise's Phase I).
+TIMESTEP_MODES = ("default", "all", "phase1")
+#: Trials per side of the Phase-I distinguishing test: 0/4000 errors certify ε ≥ 6.99 at δ = 1e-5, β = 0.05.
+PHASE1_TRIALS = 4000
 EPS_SEARCH_MAX = 60.0  # q = expit(60) is 1 − 1e-26: no count of guesses below ~10²⁴ rejects ε beyond that
 
 #: ``--set`` overrides the audit applies to its preset before the user's own (``audit_config``): a short DP
@@ -85,6 +96,15 @@ AUDIT_DEFAULTS: tuple[str, ...] = (
     "privacy.lr=1e-3",
     "privacy.noise_multiplicity=8",
 )
+
+
+def score_t_range_for(timesteps: str, promise_S: int, T: int) -> tuple[float, float]:
+    """The canary scores' t band for a ``--timesteps`` mode: why each exists is in the module docstring."""
+    if timesteps not in TIMESTEP_MODES:
+        raise ValueError(f"timesteps must be one of {list(TIMESTEP_MODES)}, got {timesteps!r}")
+    if timesteps == "phase1" and not 0 < promise_S < T:
+        raise ValueError(f"timesteps=phase1 needs 0 < privacy.promise_S < T={T}, got {promise_S}")
+    return {"default": SCORE_T_RANGE, "all": (0.0, 1.0), "phase1": (promise_S / T, 1.0)}[timesteps]
 
 
 # --------------------------------------------------------------------------------------------
