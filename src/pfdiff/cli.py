@@ -28,7 +28,7 @@ def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
     """Train and evaluate every configured method over all seeds; write a run directory and report."""
     from pfdiff.config import ConfigError, load_config
     from pfdiff.data import DataError
-    from pfdiff.longtail.pipeline import run_experiment
+    from pfdiff.longtail.pipeline import prepare, run_experiment
     from pfdiff.report import render_report
     from pfdiff.runs import RunDir
 
@@ -38,11 +38,16 @@ def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
                 _fail("--resume uses the run's saved config.yaml; drop CONFIG and --set")
             run_dir = RunDir.open(resume)
             cfg = run_dir.config()
+            split = prepare(cfg)
         else:
             cfg = load_config(config, set_)
+            split = prepare(cfg)  # refuses bad methods, data, devices and privacy plans before anything is written
             run_dir = RunDir.create(cfg, out)
         console.print(f"run directory: [bold]{run_dir.path}[/]")
-        results = run_experiment(cfg, run_dir)
+        if cfg.privacy.reproducible_noise and any(m.startswith("dp-") for m in cfg.methods):
+            console.print("[bold red]NOT PRIVATE:[/] privacy.reproducible_noise derives the DP noise from the run "
+                          "seed (debugging only); no ε printed for this run is a guarantee")
+        results = run_experiment(cfg, run_dir, split)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     report = render_report(run_dir)
@@ -144,20 +149,44 @@ def audit(config: Optional[str] = typer.Argument(None, help="preset name or YAML
           set_: list[str] = typer.Option([], "--set", help="override, e.g. --set privacy.target_epsilon=1"),
           canaries: int = typer.Option(200, "--canaries", help="number of canaries m (each included w.p. 1/2)"),
           seed: int = typer.Option(0, help="seed of the canaries, their inclusion and the training"),
-          out: Optional[Path] = typer.Option(None, help="folder for audit.json and the audit's privacy ledger")):
+          out: Optional[Path] = typer.Option(None, help="folder for audit.json and the audit's privacy ledger"),
+          timesteps: str = typer.Option("default", "--timesteps", help="t band of the canary scores: default "
+                                        "(t < 0.2 T), all, or phase1 (t >= privacy.promise_S)"),
+          phase1_paper: bool = typer.Option(False, "--phase1-paper", help="instead: distinguishing test (x vs -x) "
+                                            "of dp-promise's Phase I as published, against the paper's claimed ε"),
+          trials: int = typer.Option(4000, "--trials", help="--phase1-paper: test trials per side"),
+          uses: int = typer.Option(1, "--uses", help="--phase1-paper: Phase-I steps per trial"),
+          background: int = typer.Option(0, "--background", help="--phase1-paper: other examples in the batch")):
     """One-run privacy audit (Steinke, Nasr & Jagielski 2023) of the DP denoiser training: the claimed ε
-    against an audited lower bound at 95 % confidence. Exits with 1 when the lower bound exceeds the claim."""
+    against an audited lower bound at 95 % confidence; or, with --phase1-paper, the distinguishing test of
+    dp-promise's published Phase I. Exits with 1 when the lower bound exceeds the claim."""
     from pfdiff.config import ConfigError
     from pfdiff.longtail.private_audit import audit_config, run_audit
 
     try:
-        r = run_audit(audit_config(config or "dp", set_), canaries, seed, out)
+        r = run_audit(audit_config(config or "dp", set_), canaries, seed, out, timesteps=timesteps,
+                      phase1_paper=phase1_paper,
+                      phase1_options={"trials": trials, "uses": uses, "background": background})
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    console.print(f"claimed ε = {r['epsilon_claimed']:.3f} (PLD, δ = {r['delta']:g}); audited lower bound ε ≥ "
-                  f"{r['epsilon_lower']:.3f} at {1 - r['beta']:.0%} confidence ({r['correct']}/{r['guesses']} guesses "
-                  f"right, k₊ = {r['k_plus']}, k₋ = {r['k_minus']}, {r['canaries']} canaries; at most "
-                  f"{r['epsilon_ceiling']:.2f} certifiable; {r['seconds']:.1f} s)")
+
+    def _band(band) -> str:  # "[0, 0.2)" with the bracket escaped for rich
+        return f"\\[{band[0]:g}, {band[1]:g})" if band else "?"
+
+    if phase1_paper:
+        console.print(f"claimed by the paper: ε = {r['epsilon_claimed']:.3f} for {r['steps']} Phase-I use(s) "
+                      f"(μ_S = {r['mu_S']:.3f}, replace-one, PLD, δ = {r['delta']:g}); not a guarantee")
+        console.print(f"distinguishing test x vs −x (replace-one, {r['background']} other rows): "
+                      f"{r['false_positives']}/{r['trials']} false positives, {r['false_negatives']}/{r['trials']} "
+                      f"false negatives; lower bound ε ≥ {r['epsilon_lower']:.3f} at {1 - r['beta']:.0%} confidence "
+                      f"(add/remove: ε ≥ {r['epsilon_lower_add_remove']:.3f}; at most {r['epsilon_ceiling']:.2f} "
+                      f"certifiable; separation {r['separation']:.1f} sd; {r['seconds']:.1f} s)")
+    else:
+        console.print(f"claimed ε = {r['epsilon_claimed']:.3f} (PLD, δ = {r['delta']:g}); audited lower bound ε ≥ "
+                      f"{r['epsilon_lower']:.3f} at {1 - r['beta']:.0%} confidence ({r['correct']}/{r['guesses']} "
+                      f"guesses right, k₊ = {r['k_plus']}, k₋ = {r['k_minus']}, {r['canaries']} canaries, scores on "
+                      f"t/T ∈ {_band(r.get('score_t_range'))}; at most {r['epsilon_ceiling']:.2f} certifiable; "
+                      f"{r['seconds']:.1f} s)")
     if out is not None:
         console.print(f"audit: [bold]{out / 'audit.json'}[/]")
     if r["epsilon_lower"] > r["epsilon_claimed"]:

@@ -289,14 +289,19 @@ def _example_privacy(p: dict[str, Any]) -> list[str]:
         e = eps[m].get(c)
         return DASH if e is None else (f"**{e:.3f}**" if e == top.get(m) else f"{e:.3f}")
 
-    rows = [[c, *(cell(m, c) for m in eps)] for c in clients]
-    rows.append(["**max**", *(_num(top.get(m)) for m in eps)])
-    worst = (f" The largest ε of any client under any one method is {max(top.values()):.3f}; releasing several "
-             "methods' outputs together composes their budgets." if top else "")
-    return [f"Example-level DP-SGD on every client: target ε = {_num(p.get('target_epsilon'), 'g')} at "
-            f"δ = {_num(p.get('delta'), 'g')} ({p.get('accountant', '?')} accountant).{worst} "
+    composed = {int(c): e for c, e in (p.get("composed_over_methods") or {}).items()}
+    rows = [[c, *(cell(m, c) for m in eps), *([_num(composed.get(c))] if composed else [])] for c in clients]
+    rows.append(["**max**", *(_num(top.get(m)) for m in eps), *([_num(max(composed.values()))] if composed else [])])
+    worst = (f" The largest ε of any client under any one method is {max(top.values()):.3f}; every method trains on "
+             "the same client data with its own independent noise, so releasing all methods' outputs together costs "
+             "their composition (last column: counts and the shared warm-up once)." if top else "")
+    banner = ([f"**NOT PRIVATE — debugging run:** {p.get('noise')}.", ""] if p.get("private") is False else [])
+    relation = f" Neighbouring relation: {p['neighbouring_relation']}; noise: {p.get('noise', '?')}." \
+        if p.get("neighbouring_relation") else ""
+    return [*banner, f"Example-level DP-SGD on every client: target ε = {_num(p.get('target_epsilon'), 'g')} at "
+            f"δ = {_num(p.get('delta'), 'g')} ({p.get('accountant', '?')} accountant).{relation}{worst} "
             "ε spent per client and method (bold: the largest per method):",
-            "", markdown_table(["client", *eps], rows), "", *_public_lists(p)]
+            "", markdown_table(["client", *eps, *(["all methods"] if composed else [])], rows), "", *_public_lists(p)]
 
 
 def _public_lists(p: dict[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import copy  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -113,8 +114,26 @@ class Server:
     def config(self, phase: str, **extra) -> ConfigRecord:
         return ConfigRecord({"run-config": self.cfg_text, "phase": phase, **extra})
 
+    @property
+    def private_noise(self) -> bool:
+        """Clients draw OS-entropy noise: every execution of a private phase is a new release."""
+        return self.cfg.fed.dp == "example" and not self.cfg.privacy.reproducible_noise
+
+    def sends(self) -> dict[str, int]:
+        path = self.dir / "private-sends.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def count_send(self, phase: str) -> None:
+        """Write-ahead count of how often ``phase``'s private work was requested: a phase re-run after a crash
+        draws new noise on the clients, so each execution is charged (with reproducible noise it replays)."""
+        sends = self.sends()
+        sends[phase] = sends.get(phase, 0) + 1 if self.private_noise else 1
+        atomic_write_json(self.dir / "private-sends.json", sends)
+
     def broadcast(self, phase: str, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        """One message to every node (phases without aggregation)."""
+        """One message to every node (phases without aggregation); private phases are counted first."""
+        if phase in ("stats", "warmup"):
+            self.count_send(phase)
         msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
                         message_type=MessageType.TRAIN) for n in self.nodes]
         return self.wire.exchange(msgs, phase)
@@ -294,7 +313,9 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
     for r in range(st["round"] + 1, f.rounds + 1):
         if st["stopped_at"]:
             break
-        st["rounds_started"] = max(st["rounds_started"], r)  # write-ahead: the clients spend privacy now
+        # write-ahead: the clients spend privacy now; with OS-entropy noise a round re-sent after a resume is
+        # a new release and is counted again
+        st["rounds_started"] = st["rounds_started"] + 1 if srv.private_noise else max(st["rounds_started"], r)
         _save(ckpt_path, model, pool, st)
         t0, b0 = time.perf_counter(), srv.wire.totals()["total"]
         msgs = strategy.configure_train(r, arrays, srv.config("diffusion", **extra), srv.grid)
@@ -436,21 +457,22 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
         return {"mode": "client", "delta": p.delta, "methods": out,
                 "declared_public": ["encoder, G and scaler (public part)",
                                    "each client's class counts (released exactly at the statistics phase)"]}
+    sends = srv.sends()
     per_method = {}
     for m, res in results.items():
         uses_warmup = m in AUX_METHODS
         eps = {}
         for pid, n in sorted(stats["n_per_client"].items()):
             plan = task.client_dp_plan(cfg, n)
-            steps, phase1 = plan.spent(res["rounds_started"], warmup=uses_warmup)
-            eps[str(pid)] = {"epsilon": epsilon(plan.events(steps, phase1), p.delta, p.accountant),
+            events, steps, phase1 = _client_events(plan, res["rounds_started"], uses_warmup, sends)
+            eps[str(pid)] = {"epsilon": epsilon(events, p.delta, p.accountant),
                              "sigma": plan.sigma, "sample_rate": plan.sample_rate, "steps": steps,
                              "phase1_steps": phase1}
         per_method[m] = eps
     return {"mode": "example", "target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
             "neighbouring_relation": "add/remove one example of a client (Poisson subsampling)",
             "noise": task.client_noise(cfg, 0).label, "private": not p.reproducible_noise,
-            "methods": per_method, "composed_over_methods": _composed_over_methods(cfg, stats, results),
+            "methods": per_method, "composed_over_methods": _composed_over_methods(srv, stats, results),
             "mechanism": p.mechanism,
             "covered": ["local DP-SGD steps (warm-up and rounds)", "noisy class counts",
                         "pseudo-features and models derived from them (post-processing)"]
@@ -458,17 +480,26 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
             "declared_public": ["each client's number of examples", "encoder, G and scaler (public part)"]}
 
 
-def _composed_over_methods(cfg: RunConfig, stats: dict, results: dict[str, Any]) -> dict[str, float]:
+def _client_events(plan: task.ClientDPPlan, rounds: int, warmup: bool, sends: dict[str, int]
+                   ) -> tuple[list[GaussianEvent], int, int]:
+    """A client's events for ``rounds`` executed rounds (+ the warm-up, ``sends["warmup"]`` times if it ran
+    more than once) and its noisy counts (``sends["stats"]`` releases); also the DP-SGD and Phase-I steps."""
+    w = max(1, sends.get("warmup", 1)) if warmup else 0
+    steps = w * plan.warmup_steps + rounds * plan.local_steps
+    p1 = w * plan.phase1_steps_for(plan.warmup_steps) + rounds * plan.phase1_steps_for(plan.local_steps)
+    events = plan.events(steps, p1) + plan.events(0, 0) * (max(1, sends.get("stats", 1)) - 1)
+    return events, steps, p1
+
+
+def _composed_over_methods(srv: Server, stats: dict, results: dict[str, Any]) -> dict[str, float]:
     """Each client's ε for releasing every method's models together: all methods train on the same client
     data with independent noise, so their steps compose (counts and the shared warm-up once)."""
-    f, out = cfg.fed, {}
+    cfg, out = srv.cfg, {}
     warm = any(m in AUX_METHODS for m in results)
     rounds = sum(res["rounds_started"] for res in results.values())
     for pid, n in sorted(stats["n_per_client"].items()):
-        plan = task.client_dp_plan(cfg, n)
-        steps = (plan.warmup_steps if warm else 0) + rounds * plan.local_steps
-        p1 = (plan.phase1_steps_for(plan.warmup_steps) if warm else 0) + rounds * plan.phase1_steps_for(plan.local_steps)
-        out[str(pid)] = epsilon(plan.events(steps, p1), cfg.privacy.delta, cfg.privacy.accountant)
+        events, _, _ = _client_events(task.client_dp_plan(cfg, n), rounds, warm, srv.sends())
+        out[str(pid)] = epsilon(events, cfg.privacy.delta, cfg.privacy.accountant)
     return out
 
 
