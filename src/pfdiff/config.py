@@ -61,11 +61,17 @@ class DiffusionConfig(Section):
 class PseudoConfig(Section):
     """LDMLR stage 3: which pseudo-features to generate and how G is fine-tuned on them."""
 
-    fill: Literal["max", "fixed", "ratio"] = "max"  # max: every class up to n_max; fixed: per_class each; ratio: ratio·n_max
+    # max: every class up to n_max; fixed: per_class each; ratio: ratio·n_max; proportional (LDMLR's code):
+    # max(round(proportion·n_c), min_per_class) per class, so the imbalance is kept
+    fill: Literal["max", "fixed", "ratio", "proportional"] = "max"
     per_class: int = Field(100, ge=0)
     ratio: float = Field(1.0, ge=0)
+    proportion: float = Field(0.2, ge=0)
+    min_per_class: int = Field(5, ge=0)
     finetune_epochs: int = Field(30, ge=1)
     finetune_lr: float = Field(1e-3, gt=0)
+    finetune_batch_size: int | None = Field(None, ge=1)  # None: stage1.batch_size (LDMLR's code: 1024)
+    finetune_weight_decay: float | None = Field(None, ge=0)  # None: stage1.weight_decay (LDMLR's code: Adam, 0)
     pseudo_weight: float = Field(1.0, ge=0)  # weight of pseudo-feature terms in the CE loss
 
 

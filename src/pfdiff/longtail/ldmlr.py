@@ -75,13 +75,31 @@ def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, 
 
 
 def pseudo_counts(counts: np.ndarray, p: PseudoConfig) -> np.ndarray:
-    """How many pseudo-features to generate per class (default: fill every class up to n_max)."""
+    """How many pseudo-features to generate per class (default: fill every class up to n_max).
+
+    ``proportional`` is what LDMLR's released code does (max(round(0.2·n_c), 5) per class): augmentation
+    that keeps the imbalance, so the stage-3 prior stays long-tailed and its logit-space correction (LSC)
+    divides by the *real* training prior (:func:`stage3_prior`)."""
     counts = np.asarray(counts)
     if p.fill == "max":
         return counts.max() - counts
     if p.fill == "fixed":
         return np.full_like(counts, p.per_class)
+    if p.fill == "proportional":
+        return np.maximum(np.round(p.proportion * counts).astype(int), p.min_per_class) * (counts > 0)
     return np.maximum(0, np.round(p.ratio * counts.max()).astype(int) - counts)
+
+
+def stage3_prior(counts: np.ndarray, generated: np.ndarray, p: PseudoConfig) -> np.ndarray:
+    """The prior post-hoc logit adjustment divides by after stage 3.
+
+    Proportional fill (LDMLR's LSC): the *real* training prior — the authors divide the stage-3 probabilities
+    by it. Otherwise the effective class mass G was fine-tuned on (real + weighted pseudo-features); after
+    fill-to-max that is flat, so +la then changes nothing unless τ (chosen on validation) says otherwise."""
+    counts = np.asarray(counts, dtype=float)
+    if p.fill == "proportional":
+        return counts
+    return counts + p.pseudo_weight * np.asarray(generated, dtype=float)
 
 
 def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.ndarray, d: DiffusionConfig,
@@ -107,9 +125,11 @@ def finetune_with_pseudo(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor
     g = copy.deepcopy(classifier)
     z_all, y_all = torch.cat([z, z_pseudo]), torch.cat([y, y_pseudo])
     w = torch.cat([torch.ones(len(y), device=z.device), torch.full((len(y_pseudo),), p.pseudo_weight, device=z.device)])
+    batch = p.finetune_batch_size or cfg.stage1.batch_size
+    wd = cfg.stage1.weight_decay if p.finetune_weight_decay is None else p.finetune_weight_decay
     return train_classifier_on_features(
-        g, z_all, y_all, epochs=p.finetune_epochs, batch_size=cfg.stage1.batch_size, lr=p.finetune_lr,
-        weight_decay=cfg.stage1.weight_decay, seed=seed, description=f"seed {seed} · stage 3: {name} G",
+        g, z_all, y_all, epochs=p.finetune_epochs, batch_size=batch, lr=p.finetune_lr,
+        weight_decay=wd, seed=seed, description=f"seed {seed} · stage 3: {name} G",
         weights=w, checkpoint=checkpoint, log=log)
 
 

@@ -1,0 +1,22 @@
+"""LDMLR's stage 3 as its authors run it: proportional pseudo counts and the real prior for LSC."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pfdiff.config import PseudoConfig
+from pfdiff.longtail.ldmlr import pseudo_counts, stage3_prior
+
+
+def test_proportional_fill_keeps_the_imbalance_with_a_floor():
+    counts = np.array([500, 120, 40, 12, 5, 0])
+    p = PseudoConfig(fill="proportional")  # max(round(0.2·n_c), 5), nothing for an absent class
+    assert pseudo_counts(counts, p).tolist() == [100, 24, 8, 5, 5, 0]
+    assert pseudo_counts(counts, PseudoConfig(fill="max")).tolist() == [0, 380, 460, 488, 495, 500]
+
+
+def test_lsc_divides_by_the_real_prior_only_for_proportional_fill():
+    counts, gen = np.array([100, 10]), np.array([20, 5])
+    assert stage3_prior(counts, gen, PseudoConfig(fill="proportional")).tolist() == [100, 10]
+    flat = stage3_prior(counts, np.array([0, 90]), PseudoConfig(fill="max", pseudo_weight=1.0))
+    assert flat.tolist() == [100, 100]  # fill-to-max: the effective prior is flat, +la is then a no-op at τ = 1
