@@ -21,6 +21,9 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     imbalance_factor: float = Field(50.0, ge=1)  # n_c = n_max · IF^(−c/(C−1))
     split_seed: int = 0  # the split is fixed across training seeds
+    # balanced validation set (this many per class) held out of the training pool *before* the long-tailed
+    # subsampling, as ImageNet-LT's 20/class; every choice (τ, pseudo weight) is made on it, never on test. 0: none
+    val_per_class: int = Field(10, ge=0)
 
 
 class ModelConfig(Section):
@@ -34,10 +37,31 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
+    """Stage 1 (E + G): optimiser, learning-rate schedule, augmentation and the parameters of the stage-1
+    losses (the loss itself is chosen per method: ``BASE@LOSS``, see longtail/methods.py and
+    docs/longtail_protocol.md)."""
+
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: the field's CIFAR-LT recipe (lr 0.1, momentum 0.9, wd 2e-4)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False  # sgd only
+    schedule: Literal["constant", "cosine", "step"] = "constant"  # per optimiser step, after the warm-up
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up of the lr from lr/W to lr over W steps (LDAM: 5 of 200)
+    step_milestones: list[float] = [0.8, 0.9]  # step: fractions of training at which lr ×= step_gamma (LDAM: 160, 180 of 200)
+    step_gamma: float = Field(0.1, gt=0, le=1)  # LDAM's code: 0.01
+    # none | auto (crop-flip for images with H, W ≥ 16, shift for 1-D signals [N, 1, L], none otherwise) |
+    # crop-flip | crop | flip | shift; on-device tensor ops, seeded per step
+    augment: Literal["none", "auto", "crop-flip", "crop", "flip", "shift"] = "none"
+    augment_pad: int = Field(4, ge=0)  # random-crop padding (images), largest shift (1-D signals)
+    shift_mode: Literal["zero", "circular"] = "zero"  # 1-D shift: zero padding or roll
+    la_tau: float = Field(1.0, ge=0)  # τ of the logit-adjusted loss `@la-loss` (Menon et al. 2021 use 1 = `@bsce`)
+    ldam_max_margin: float = Field(0.5, gt=0)  # `@ldam-drw`: largest margin (of the rarest class), cosine units
+    ldam_scale: float = Field(30.0, gt=0)  # `@ldam-drw`: s, the scale of the normalised (cosine) classifier
+    drw_start: float = Field(0.8, ge=0, le=1)  # `@ldam-drw`: deferred re-weighting from this fraction of the epochs
+    drw_beta: float = Field(0.9999, ge=0, lt=1)  # `@ldam-drw`: effective-number β of the DRW class weights
 
 
 class DiffusionConfig(Section):
@@ -199,7 +223,14 @@ class RunConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs"
     threads: int | None = None  # torch CPU threads; None keeps torch's default
-    logit_adjust_tau: float = Field(1.0, ge=0)
+    logit_adjust_tau: float = Field(1.0, ge=0)  # τ of +la when there is no validation split (data.val_per_class = 0)
+    # τ of +la is chosen on the validation split from this grid (the smallest τ among equals); [τ] fixes it
+    la_tau_grid: list[float] = [0.0, 0.5, 1.0, 1.5, 2.0]
+    # LDMLR's pseudo-feature weight chosen on the validation split (stage 3 trained once per value); []: pseudo.pseudo_weight
+    pseudo_weight_grid: list[float] = []
+    # several long-tailed splits: the run loops over split seeds × seeds, the table is mean ± std over all pairs;
+    # None: the one split of data.split_seed (files keep their single-split names)
+    split_seeds: list[int] | None = None
     checkpoint_every: int = Field(500, ge=1)  # optimiser steps between in-stage checkpoints
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -215,6 +246,22 @@ class RunConfig(Section):
     def _seeds_nonempty(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("at least one seed is needed")
+        return v
+
+    @field_validator("split_seeds")
+    @classmethod
+    def _split_seeds_distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("split_seeds must be a non-empty list of distinct seeds (or null: data.split_seed)")
+        return v
+
+    @field_validator("la_tau_grid", "pseudo_weight_grid")
+    @classmethod
+    def _grid_nonnegative(cls, v: list[float], info) -> list[float]:
+        if any(x < 0 for x in v):
+            raise ValueError(f"{info.field_name} values must be >= 0, got {v}")
+        if info.field_name == "la_tau_grid" and not v:
+            raise ValueError("la_tau_grid needs at least one τ (a single value fixes it)")
         return v
 
 

@@ -135,31 +135,77 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join([line(header), "|---" * len(header) + "|", *(line(r) for r in rows)])
 
 
+# balanced accuracy sits right beside few: a method can win "few" by giving up the head (over-correction)
+TABLE_COLUMNS = ("top1", *GROUPS, "balanced")
+
+
 def results_table(results: dict) -> str:
-    cols = ("top1", "balanced", *GROUPS)
-    rows = [[method, *(_fmt(row[c]) for c in cols), f"{row['seconds']['mean']:.1f}" if "seconds" in row else "–"]
+    rows = [[method, *(_fmt(row[c]) for c in TABLE_COLUMNS), f"{row['seconds']['mean']:.1f}" if "seconds" in row else "–"]
             for method, row in results["methods"].items()]
-    return markdown_table(["method", *cols, "seconds"], rows)
+    return markdown_table(["method", *TABLE_COLUMNS, "seconds"], rows)
 
 
-BASELINES = ("ce", "logit_adjust", "ce+la", "resample")
+BASELINES = ("ce", "logit_adjust", "ce+la", "resample")  # results written before results["baselines"] existed
 
 
 def verdict(results: dict) -> list[str]:
-    """Honest sentences: does each diffusion method beat CE and the strongest baseline on the few classes?"""
+    """Honest sentences: does each diffusion method beat CE and the strongest baseline on the few classes,
+    and at what balanced accuracy?"""
     table = results["methods"]
     few = {m: r["few"]["mean"] for m, r in table.items()}
-    baselines = {m: v for m, v in few.items() if m in BASELINES}
-    ours = [m for m in table if m not in BASELINES]
+    bal = {m: r["balanced"]["mean"] for m, r in table.items()}
+    names = results.get("baselines", BASELINES)
+    baselines = {m: v for m, v in few.items() if m in names}
+    ours = [m for m in table if m not in names]
     if not baselines or not ours:
         return []
     best = max(baselines, key=baselines.get)
-    lines = [f"Strongest baseline on the few classes: {best} ({baselines[best]:.3f})."]
+    lines = [f"Strongest baseline on the few classes: {best} (few {baselines[best]:.3f}, balanced {bal[best]:.3f})."]
     for m in ours:
         word = "beats" if few[m] > baselines[best] else "does not beat"
         delta = f", {few[m] - few['ce']:+.3f} vs CE" if "ce" in few else ""
-        lines.append(f"- {m}: few {few[m]:.3f}{delta}; {word} {best}.")
+        lines.append(f"- {m}: few {few[m]:.3f}{delta} (balanced {bal[m]:.3f}, {bal[m] - bal[best]:+.3f} vs {best}); "
+                     f"{word} {best}.")
     return lines
+
+
+def _g(v) -> str:
+    return "–" if v is None else f"{v:g}"
+
+
+def protocol_lines(results: dict) -> list[str]:
+    """How the numbers were obtained: (split seed, seed) pairs, the validation split and what was chosen on it."""
+    proto, split = results.get("protocol"), results["split"]
+    if proto is None:  # results of a run before the validation protocol
+        return []
+    md = ["", "## Protocol", ""]
+    n = len(results["per_seed"])
+    md.append(f"Mean ± std over {n} run(s): split seeds {proto['split_seeds']} × training seeds {proto['seeds']} "
+              "(each split seed draws its own test, validation and long-tailed training sets).")
+    if proto["val_per_class"]:
+        md += ["", f"Validation: {proto['val_per_class']} examples per class ({split.get('val_size')} in all), held out "
+                   "of the training pool before the long-tailed subsampling, never trained on. Every choice is made "
+                   f"on it by balanced accuracy: τ of +la from {proto['la_tau_grid']} (the smallest among equals)"
+                   + (f", the pseudo weight from {proto['pseudo_weight_grid']}" if proto["pseudo_weight_grid"] else "")
+                   + ". The test set is sealed until the final evaluation (a read before it raises)."]
+    else:
+        md += ["", f"No validation split (data.val_per_class = 0): τ of +la is the configured "
+                   f"logit_adjust_tau = {proto['logit_adjust_tau']:g}, nothing is chosen."]
+    rows = []
+    for method, picks in results.get("choices", {}).items():
+        if not any(c.get("tau") is not None or c.get("pseudo_weight") is not None for c in picks):
+            continue
+        val = [c["val_balanced"] for c in picks if c.get("val_balanced") is not None]
+        fixed = not any("pseudo_weight" in c.get("chosen_on_validation", ["pseudo_weight"]) for c in picks)
+        weights = ", ".join(_g(c.get("pseudo_weight")) for c in picks) + (" (fixed)" if fixed and picks[0].get(
+            "pseudo_weight") is not None else "")
+        rows.append([method, ", ".join(_g(c.get("tau")) for c in picks), weights,
+                     f"{np.mean(val):.3f}" if val else "–"])
+    if rows:
+        pairs = ", ".join(f"({a}, {b})" for a, b in results.get("pairs", []))
+        md += ["", f"Chosen per run, in the order of the (split seed, seed) pairs {pairs}:", "",
+               markdown_table(["method", "τ of +la", "pseudo weight", "validation balanced (mean)"], rows)]
+    return md
 
 
 NOT_PRIVATE = ("This run is **not private**: every release (encoder, classifier and denoiser weights, "
@@ -258,13 +304,32 @@ def membership_section(run: RunDir) -> list[str]:
     return md
 
 
+def _other_splits(results: dict) -> list[str]:
+    """With several split seeds: each split's sizes, and its groups where they differ from the first's."""
+    splits = results.get("splits")
+    if not splits:
+        return []
+    first = results["split"]["groups"]
+    out = []
+    for seed, sp in splits.items():
+        g = sp["groups"]
+        same = all(g[k] == first[k] for k in ("many", "medium", "few", "rule"))
+        out.append(f"- split seed {seed}: {sp['train_size']} training, {sp.get('val_size', 0)} validation, "
+                   f"{sp['test_size']} test examples; groups "
+                   + ("as above" if same else f"({g['rule']}) many {g['many']}, medium {g['medium']}, few {g['few']}"))
+    return ["Splits:", "", *out, ""]
+
+
 def render_report(run: RunDir) -> Path:
     """Write plots/*.png and report.md from results.json, metrics.jsonl and the saved features."""
     results: dict[str, Any] = run.read_json("results.json")
     seed = results["seeds"][0]
+    key = results.get("run_keys", [f"seed{seed}"])[0]
+    split_seed = results["per_seed"][0].get("split_seed")
+    metrics = [r for r in run.metrics() if r.get("split_seed", split_seed) == split_seed]
     plots = [plot_per_class(results, run.plots / "per_class_accuracy.png"),
-             plot_training_curves(run.metrics(), seed, run.plots / "training_curves.png"),
-             plot_projection(run.checkpoints / f"seed{seed}" / "features.safetensors",
+             plot_training_curves(metrics, seed, run.plots / "training_curves.png"),
+             plot_projection(run.checkpoints / key / "features.safetensors",
                              run.plots / "feature_projection.png"),
              plot_drift(run.metrics(), run.plots / "drift.png")]
     split = results["split"]
@@ -277,23 +342,25 @@ def render_report(run: RunDir) -> Path:
            f"Private run: {split['n_public']} public and {split['n_private']} private training examples (both sizes "
            f"declared public); public counts per class: {split['public_counts']} (the private part's counts are "
            "released only through the accountant, see Privacy)"), "",
-          f"Class groups ({g['rule']}): many {g['many']}, medium {g['medium']}, few {g['few']}.", "",
-          "## Test accuracy (mean ± std over seeds)", "", results_table(results), ""]
-    md += verdict(results) + [""]
+          f"Class groups by training count, rule used: {g['rule']}: many {g['many']}, medium {g['medium']}, "
+          f"few {g['few']}.", "", *_other_splits(results),
+          f"## Test accuracy (mean ± std over {len(results['per_seed'])} run(s))", "", results_table(results), ""]
+    md += verdict(results)
+    md += protocol_lines(results) + [""]
     md += ["Methods:", ""] + [f"- `{m}`: {d}" for m, d in results["method_names"].items()] + [""]
     md += ["## Wall time per stage (s, mean ± std over seeds)", "",
            markdown_table(["stage", "seconds"], [(k, _fmt(v)) for k, v in results["timings"].items()])]
     diag = results["per_seed"][0]["diagnostics"].get("ldmlr")
     if diag:
         fd = ", ".join("–" if d is None else f"{d:.2f}" for d in diag["frechet_per_class"])
-        md += ["", f"## Pseudo-features (seed {seed})", "",
+        md += ["", f"## Pseudo-features ({key})", "",
                f"Generated per class: {diag['generated_per_class']}", "",
                f"Fréchet distance of each class's pseudo-features to its real training features: {fd}"]
     aid = results["per_seed"][0]["diagnostics"].get("aid", {})
     if aid:
         rows = [[m, *("–" if f is None else f"{f:.2f}" for f in a["kept_fraction_per_class"])]
                 for m, a in aid.items()]
-        md += ["", f"## AID/OOD filter: kept fraction per class (seed {seed})", "",
+        md += ["", f"## AID/OOD filter: kept fraction per class ({key})", "",
                markdown_table(["method", *range(split["num_classes"])], rows)]
     md += privacy_section(results)
     md += membership_section(run)

@@ -61,6 +61,33 @@ def balanced_batch(y: torch.Tensor, num_classes: int, batch_size: int, step: int
     return order[starts[classes] + offsets]
 
 
+def lr_factor(step: int, schedule: str, total_steps: int, warmup_steps: int = 0,
+              milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """The learning-rate multiplier of optimiser step ``step`` (0-based): linear warm-up (step+1)/W over the
+    first W steps, then ``constant`` 1, ``cosine`` ½(1 + cos(π·progress)) over the remaining steps, or
+    ``step`` γ^(number of milestones ≤ step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        return gamma ** sum(step >= m for m in milestones)
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose from ['constant', 'cosine', 'step']")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0,
+                   milestones: tuple[int, ...] = (), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """A per-step torch LR scheduler of :func:`lr_factor` for ``train``/``run_steps`` (None: constant lr)."""
+    lr_factor(0, schedule, total_steps, warmup_steps, milestones, gamma)  # validates the name
+    if schedule == "constant" and warmup_steps == 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, schedule, total_steps, warmup_steps, tuple(milestones), gamma))
+
+
 class EMA:
     """Exponential moving average of a module's parameters (Polyak averaging), kept as a frozen copy.
 
@@ -110,12 +137,13 @@ def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[C
 def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn, steps: int, *,
           description: str, ema: EMA | None = None, checkpoint: Path | None = None, checkpoint_every: int = 500,
           log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50,
-          grad_clip: float | None = None) -> None:
+          grad_clip: float | None = None, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
     """Run ``steps`` optimiser steps of ``step_fn(step) -> (loss, metrics)``.
 
-    With ``checkpoint`` set, the modules, optimizer, EMA and step are saved every ``checkpoint_every``
-    steps and at the end, and a call that finds the file resumes from it. Batches and noise must come
-    from ``step`` (``shuffled_batch``, ``generator``) so that a resumed run repeats the same numbers.
+    With ``checkpoint`` set, the modules, optimizer, EMA, LR scheduler and step are saved every
+    ``checkpoint_every`` steps and at the end, and a call that finds the file resumes from it. Batches and
+    noise must come from ``step`` (``shuffled_batch``, ``generator``) so that a resumed run repeats the same
+    numbers. ``scheduler`` (e.g. :func:`make_scheduler`) is stepped once after every optimiser step.
     """
 
     def update(step: int) -> dict[str, float]:
@@ -132,29 +160,32 @@ def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_
         return {"loss": loss.item(), **metrics}
 
     run_steps(modules, optimizer, update, steps, description=description, ema=ema, checkpoint=checkpoint,
-              checkpoint_every=checkpoint_every, log=log, log_every=log_every)
+              checkpoint_every=checkpoint_every, log=log, log_every=log_every, scheduler=scheduler)
 
 
 def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
               update: Callable[[int], dict[str, float]], steps: int, *, description: str, ema: EMA | None = None,
               checkpoint: Path | None = None, checkpoint_every: int = 500,
               log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50,
-              log_metrics: bool = True) -> None:
+              log_metrics: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
     """The loop under ``train``: ``update(step)`` does one whole step (e.g. a DP-SGD step) and returns
     its metrics; progress bar, logging, resumable checkpoints as in ``train``. ``log_metrics=False``
     logs and shows step counters only (metrics of private data — losses, norms, clip fractions, realised
-    batch sizes — carry no DP guarantee, so they appear neither in the log nor on the progress bar)."""
-    start = _resume(checkpoint, modules, optimizer, ema)
+    batch sizes — carry no DP guarantee, so they appear neither in the log nor on the progress bar).
+    ``scheduler`` is stepped after every ``update`` and saved/restored with the checkpoint."""
+    start = _resume(checkpoint, modules, optimizer, ema, scheduler)
     for m in modules.values():
         m.train()
     with progress_bar(description, steps, start) as advance:
         for step in range(start, steps):
             metrics = update(step)
+            if scheduler is not None:
+                scheduler.step()
             advance(metrics if log_metrics else {})
             if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
                 log({"stage": description, "step": step + 1, **(metrics if log_metrics else {})})
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                _save(checkpoint, modules, optimizer, ema, step + 1)
+                _save(checkpoint, modules, optimizer, ema, step + 1, scheduler)
     for m in modules.values():
         m.eval()
 
@@ -167,16 +198,18 @@ def module_device(modules: dict[str, nn.Module]) -> torch.device:
 
 
 def _save(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, ema: EMA | None,
-          step: int) -> None:
+          step: int, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
     state: dict[str, Any] = {"step": step, "optimizer": optimizer.state_dict(),
                              "modules": {k: m.state_dict() for k, m in modules.items()}}
     if ema is not None:
         state["ema"] = ema.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = {"last_epoch": scheduler.last_epoch}
     save_state(path, state)
 
 
 def _resume(path: Path | None, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-            ema: EMA | None) -> int:
+            ema: EMA | None, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> int:
     if path is None or not path.exists():
         return 0
     state = load_state(path, module_device(modules))
@@ -185,6 +218,9 @@ def _resume(path: Path | None, modules: dict[str, nn.Module], optimizer: torch.o
     optimizer.load_state_dict(state["optimizer"])
     if ema is not None and "ema" in state:
         ema.load_state_dict(state["ema"])
+    if scheduler is not None:  # the optimizer's state holds the current lr; the scheduler resumes its count
+        scheduler.last_epoch = int(state.get("scheduler", {}).get("last_epoch", state["step"]))
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     return int(state["step"])
 
 

@@ -1,9 +1,13 @@
-"""Stage 1 (E + G with cross-entropy) and the standard long-tail baselines built on it.
+"""Stage 1 (E + G with a stage-1 loss) and the standard long-tail baselines built on it.
 
-- ``ce``: the stage-1 classifier as it is.
-- ``logit_adjust``: post-hoc logit adjustment, f_c(x) − τ·log π_c (Menon et al. 2021, eq. 8).
+- ``ce``: the stage-1 classifier as it is; ``ce@LOSS`` (alias ``LOSS``): stage 1 trained with another loss
+  (``la-loss``, ``bsce``, ``ldam-drw``: longtail/losses.py).
+- ``logit_adjust`` (= ``ce+la``): post-hoc logit adjustment, f_c(x) − τ·log π_c (Menon et al. 2021, eq. 8).
 - ``resample``: classifier re-training on frozen features with class-balanced sampling
   (cRT; Kang et al. 2020, "Decoupling representation and classifier").
+
+Stage 1's recipe (``stage1.*``): AdamW or SGD with momentum, constant/cosine/step schedule after a linear
+warm-up (a torch LR scheduler inside the one training loop), and on-device augmentation.
 """
 
 from __future__ import annotations
@@ -15,30 +19,64 @@ import torch
 from torch import nn
 
 from pfdiff.config import RunConfig
-from pfdiff.longtail.common import (LongTailSplit, init_encoder_classifier, log_prior, seeded_init,
+from pfdiff.config import OptimConfig
+from pfdiff.data import class_counts
+from pfdiff.longtail.common import (LongTailSplit, augmenter, init_encoder_classifier, log_prior, seeded_init,
                                     train_classifier_on_features)
+from pfdiff.longtail.losses import STAGE1_LOSSES, stage1_loss
 from pfdiff.models import create_classifier
-from pfdiff.training import balanced_batch, shuffled_batch, train
+from pfdiff.models.classifiers import CosineClassifier
+from pfdiff.training import balanced_batch, make_scheduler, shuffled_batch, train
+
+
+def stage1_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum (optionally Nesterov), at ``stage1.lr`` with ``stage1.weight_decay``."""
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def stage1_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, steps_per_epoch: int):
+    """The per-step LR schedule of stage 1: linear warm-up over ``warmup_epochs``, then ``schedule``
+    (milestones of ``step`` are fractions of the epochs, rounded to whole epochs). None: constant."""
+    total = o.epochs * steps_per_epoch
+    milestones = tuple(round(f * o.epochs) * steps_per_epoch for f in o.step_milestones)
+    return make_scheduler(opt, o.schedule, total, round(o.warmup_epochs * steps_per_epoch), milestones, o.step_gamma)
 
 
 def train_stage1(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.device,
-                 checkpoint: Path | None, log: Callable[[dict], None] | None) -> tuple[nn.Module, nn.Module]:
-    """Train encoder E and classifier G jointly with plain cross-entropy on the long-tailed set."""
+                 checkpoint: Path | None, log: Callable[[dict], None] | None,
+                 loss: str = "ce") -> tuple[nn.Module, nn.Module]:
+    """Train encoder E and classifier G jointly on the long-tailed set with the stage-1 loss ``loss``
+    (``ce``, ``la-loss``, ``bsce``, ``ldam-drw``) and the recipe of ``cfg.stage1``.
+
+    ``ldam-drw`` uses a normalised (cosine) classifier with scale s = ``stage1.ldam_scale``, as LDAM's code does
+    (its margins are in cosine units); every other loss uses ``model.classifier``. Every loss starts from the
+    same seeded initial E (and G where the kind matches), so the losses are compared on paired runs."""
+    if loss not in STAGE1_LOSSES:
+        raise ValueError(f"unknown stage-1 loss {loss!r}; choose from {sorted(STAGE1_LOSSES)}")
     o = cfg.stage1
     encoder, classifier = init_encoder_classifier(cfg, split.train.input_shape, split.num_classes, seed, device)
+    if loss == "ldam-drw":
+        classifier = seeded_init(seed, "classifier", lambda: CosineClassifier(
+            encoder.feature_dim, split.num_classes, scale=o.ldam_scale), device)
     x = torch.as_tensor(split.train.x, device=device)
     y = torch.as_tensor(split.train.y, device=device)
+    per_epoch = max(1, -(-len(y) // o.batch_size))
+    criterion = stage1_loss(loss, class_counts(split.train.y, split.num_classes), o, per_epoch)
+    augment = augmenter(o, split.train.input_shape)
     params = list(encoder.parameters()) + list(classifier.parameters())
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    opt = stage1_optimizer(params, o)
 
     def step_fn(step: int):
         idx = shuffled_batch(len(y), o.batch_size, step, seed).to(device)
-        return nn.functional.cross_entropy(classifier(encoder(x[idx])), y[idx]), {}
+        xb = x[idx] if augment is None else augment(x[idx], seed, step)
+        return criterion(classifier(encoder(xb)), y[idx], step), {}
 
-    steps = o.epochs * max(1, -(-len(y) // o.batch_size))
-    train({"encoder": encoder, "classifier": classifier}, opt, step_fn, steps,
-          description=f"seed {seed} · stage 1: E+G", checkpoint=checkpoint,
-          checkpoint_every=cfg.checkpoint_every, log=log)
+    name = "" if loss == "ce" else f" ({loss})"
+    train({"encoder": encoder, "classifier": classifier}, opt, step_fn, o.epochs * per_epoch,
+          description=f"seed {seed} · stage 1: E+G{name}", checkpoint=checkpoint,
+          checkpoint_every=cfg.checkpoint_every, log=log, scheduler=stage1_scheduler(opt, o, per_epoch))
     return encoder, classifier
 
 

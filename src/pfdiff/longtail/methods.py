@@ -1,10 +1,20 @@
 """Method names understood by the pipeline, and how each one is built for one seed.
 
-Grammar: ``BASE[+la]`` where ``+la`` applies post-hoc logit adjustment with the *effective* prior
-(the class mass the classifier was trained on: real counts plus weighted pseudo-features).
+Grammar: ``BASE[@LOSS][+la]``
 
-BASE is one of ``ce``, ``resample``, ``ldmlr``, ``ldmlr-aid``, ``ldmlr-ft``, ``dp-ldmlr`` or an end-to-end
-variant ``e2e-{A,B,C}[-{proto,cov,rad}][-aid]``. ``logit_adjust`` is ``ce+la``.
+- ``BASE`` is one of ``ce``, ``resample``, ``ldmlr``, ``ldmlr-aid``, ``ldmlr-ft``, ``dp-ldmlr`` or an end-to-end
+  variant ``e2e-{A,B,C}[-{proto,cov,rad}][-aid]``.
+- ``@LOSS`` selects the stage-1 loss the base is built on: ``ce`` (default), ``la-loss``, ``bsce``,
+  ``ldam-drw`` (longtail/losses.py), so every method stacks on every stage-1 encoder, as in LDMLR's table:
+  ``ldmlr@bsce``, ``resample@ldam-drw``. End-to-end variants train their own E and take no ``@LOSS``.
+- ``+la`` applies post-hoc logit adjustment f(x) − τ·log π with π the *effective* prior of the base (the class
+  mass its classifier was fitted on: the stage-1 training counts, or real counts plus weighted
+  pseudo-features after LDMLR's stage 3, uniform after cRT); τ is chosen on the validation split from
+  ``la_tau_grid`` (``logit_adjust_tau`` without one). On a base whose loss already corrects for the prior
+  (``la-loss``, ``bsce``) the training prior double-corrects, and validation then picks τ ≈ 0.
+
+Aliases: ``logit_adjust`` = ``ce+la``; a stage-1 loss alone names its stage-1 classifier: ``bsce`` = ``ce@bsce``,
+``la-loss`` = ``ce@la-loss``, ``ldam-drw`` = ``ce@ldam-drw`` (also with ``+la``: ``bsce+la``).
 """
 
 from __future__ import annotations
@@ -12,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pfdiff.longtail.end_to_end import parse_e2e
+from pfdiff.longtail.losses import STAGE1_LOSSES
 
 BASES = {
-    "ce": "Cross-entropy (stage 1 E+G)",
+    "ce": "The stage-1 classifier (E+G trained together)",
     "resample": "Class-balanced classifier re-training, cRT (Kang et al. 2020)",
     "ldmlr": "LDMLR: frozen E, pseudo-features from feature diffusion fill every class to n_max (Han et al. 2024)",
     "ldmlr-aid": "LDMLR with AID/OOD-filtered pseudo-features (Mahalanobis, tied covariance)",
@@ -24,25 +35,58 @@ BASES = {
 }
 ALIASES = {"logit_adjust": "ce+la"}
 E2E_HELP = "end-to-end E, G, ε_θ, strategy {A: synchronous, B: alternating, C: progressive}, shape term, ±AID"
+GRAMMAR = ("BASE[@LOSS][+la] with BASE in {bases} or e2e-{{A,B,C}}[-{{proto,cov,rad}}][-aid] (no @LOSS), "
+           "LOSS in {losses} (default ce); aliases: logit_adjust = ce+la, a loss alone = ce@LOSS (e.g. bsce+la)")
+
+
+def grammar() -> str:
+    return GRAMMAR.format(bases=sorted(BASES), losses=sorted(STAGE1_LOSSES))
 
 
 @dataclass(frozen=True)
 class Method:
     name: str  # as written in the config
     base: str
-    adjust: bool  # post-hoc logit adjustment with the effective prior
+    adjust: bool  # post-hoc logit adjustment with the effective prior, τ chosen on validation
+    stage1: str = "ce"  # the stage-1 loss the base is built on
+
+    @property
+    def spec(self) -> str:
+        """The base and its stage-1 loss, e.g. ``ldmlr@bsce`` (``ldmlr`` for ce): one trained model per spec."""
+        return self.base if self.stage1 == "ce" else f"{self.base}@{self.stage1}"
+
+    @property
+    def is_baseline(self) -> bool:
+        """Built on stage 1 without a generator: the stage-1 classifier (any loss, ±la) and cRT."""
+        return self.base in ("ce", "resample")
 
     @property
     def description(self) -> str:
         text = BASES.get(self.base) or f"{E2E_HELP} ({self.base})"
-        return text + (" + post-hoc logit adjustment (Menon et al. 2021)" if self.adjust else "")
+        if parse_e2e(self.base) is None:
+            text += f"; stage 1 with {STAGE1_LOSSES[self.stage1]}"
+        return text + (" + post-hoc logit adjustment (Menon et al. 2021), τ chosen on validation" if self.adjust else "")
 
 
 def parse_method(name: str) -> Method:
-    """``ldmlr+la`` → Method(base='ldmlr', adjust=True); ValueError naming the grammar otherwise."""
+    """``ldmlr@bsce+la`` → Method(base='ldmlr', adjust=True, stage1='bsce'); ValueError naming the grammar."""
     spelled = ALIASES.get(name, name)
-    base, _, suffix = spelled.partition("+")
-    if suffix not in ("", "la") or (base not in BASES and parse_e2e(base) is None):
-        raise ValueError(f"unknown method {name!r}; choose from {sorted(BASES)} or e2e-{{A,B,C}}[-{{proto,cov,rad}}]"
-                         f"[-aid], each optionally with '+la'; alias: logit_adjust = ce+la")
-    return Method(name, base, suffix == "la")
+    head, plus, suffix = spelled.partition("+")
+    base, at, loss = head.partition("@")
+    if not at and base in STAGE1_LOSSES and base != "ce":  # `bsce` = `ce@bsce`
+        base, loss = "ce", base
+    loss = loss or "ce"
+    problem = None
+    if plus and suffix != "la":
+        problem = f"the only suffix is '+la', got '+{suffix}'"
+    elif at and not head.partition("@")[2]:
+        problem = "'@' needs a stage-1 loss after it"
+    elif loss not in STAGE1_LOSSES:
+        problem = f"unknown stage-1 loss {loss!r}"
+    elif base not in BASES and parse_e2e(base) is None:
+        problem = f"unknown base {base!r}"
+    elif parse_e2e(base) is not None and at:
+        problem = f"{base} trains its own encoder end to end: '@{loss}' does not apply"
+    if problem:
+        raise ValueError(f"unknown method {name!r}: {problem}; grammar: {grammar()}")
+    return Method(name, base, plus == "+", loss)

@@ -1,25 +1,34 @@
-"""Runs the configured methods for every seed on one fixed split and collects the results."""
+"""Runs the configured methods for every (split seed, seed) pair and collects the results.
+
+The protocol (docs/longtail_protocol.md): each split seed fixes a stratified split with a balanced test set,
+a balanced validation set held out of the training pool before the long-tailed subsampling, and the
+long-tailed training subset. For each seed, every method is trained and every choice is made on the
+validation split (τ of ``+la``, LDMLR's pseudo weight); only then does the final evaluation unseal the test
+set (``LongTailSplit.final_evaluation``) and score every method once. Stage 1 is trained once per stage-1
+loss (``BASE@LOSS``) and shared by every method built on it.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from pfdiff.config import RunConfig
 from pfdiff.data import class_counts
 from pfdiff.evaluation import GROUPS, recognition_metrics
 from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
-from pfdiff.longtail.common import LongTailSplit, encode, make_split, predict_logits
+from pfdiff.longtail.common import LongTailSplit, augmentation_kind, encode, make_split, predict_logits
 from pfdiff.longtail.end_to_end import drift_distances, parse_e2e, per_class_frechet, train_end_to_end
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
-                                   sample_features, train_feature_diffusion)
+                                   sample_features, stage3_prior, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
 from pfdiff.longtail.private import (clip_rows, noisy_counts, preflight, public_private_split,
                                      train_private_denoiser, train_private_stage1)
@@ -42,50 +51,107 @@ class Timer:
         return out
 
 
+PSEUDO_WEIGHTED = ("ldmlr", "ldmlr-aid", "ldmlr-ft", "dp-ldmlr")  # bases whose stage 3 has a pseudo-feature weight
+
+
+def split_seeds(cfg: RunConfig) -> list[int]:
+    """The split seeds a run loops over: ``split_seeds``, else the one ``data.split_seed``."""
+    return list(cfg.split_seeds) if cfg.split_seeds is not None else [cfg.data.split_seed]
+
+
+def split_config(cfg: RunConfig, split_seed: int) -> RunConfig:
+    """``cfg`` with ``data.split_seed = split_seed`` (what every stage of that split reads)."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"split_seed": split_seed})})
+
+
+def run_key(cfg: RunConfig, split_seed: int, seed: int) -> str:
+    """Name of one (split, seed) run in the run directory: ``seedN`` with one split seed (as before),
+    ``splitS-seedN`` with several (``seeds/KEY.json``, ``checkpoints/KEY/``, ``privacy/KEY.json``)."""
+    return f"seed{seed}" if len(split_seeds(cfg)) == 1 else f"split{split_seed}-seed{seed}"
+
+
 def prepare(cfg: RunConfig) -> LongTailSplit:
-    """Everything that can refuse a run, before its directory exists: the methods, the device, the data and,
-    for a private run, the whole privacy plan (δ < 1/N_private, σ reachable, ε within the target)."""
+    """Everything that can refuse a run, before its directory exists: the methods, the device, the data, the
+    stage-1 augmentation and the validation plan and, for a private run, the whole privacy plan (δ < 1/N_private,
+    σ reachable, ε within the target). Returns the first split, its test set sealed."""
     methods = [parse_method(m) for m in cfg.methods]
     resolve_device(cfg.device)
-    split = make_split(cfg)
-    if any(m.base.startswith("dp-") for m in methods):
+    if cfg.pseudo_weight_grid and cfg.data.val_per_class == 0:
+        raise ValueError("pseudo_weight_grid is chosen on the validation split: set data.val_per_class > 0")
+    private = any(m.base.startswith("dp-") for m in methods)
+    if private and cfg.privacy.encoder == "dp" and any(m.stage1 != "ce" for m in methods):
+        raise ValueError("privacy.encoder=dp trains stage 1 with DP-SGD and cross-entropy only; drop the @LOSS of "
+                         f"{[m.name for m in methods if m.stage1 != 'ce']} or use privacy.encoder=public")
+    split = make_split(split_config(cfg, split_seeds(cfg)[0]))
+    augmentation_kind(cfg.stage1, split.train.input_shape)
+    if private:
         preflight(cfg, len(split.train.y))
-    return split
+    return split.sealed()
 
 
 def run_experiment(cfg: RunConfig, run: RunDir, split: LongTailSplit | None = None) -> dict[str, Any]:
-    """Every seed of ``cfg`` (skipping seeds already finished in ``run``), then the aggregate table.
-    ``split``: from :func:`prepare` (which also ran the checks), else prepared here."""
-    split = split or prepare(cfg)
+    """Every (split seed, seed) pair of ``cfg`` (skipping pairs already finished in ``run``), then the aggregate
+    table (mean ± std over all pairs). ``split``: the first split from :func:`prepare` (which also ran the
+    checks), else prepared here."""
+    split = (split or prepare(cfg)).sealed()
     methods = [parse_method(m) for m in cfg.methods]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    run.write_json("split.json", split_summary(split, cfg))
+    summaries: dict[int, dict] = {}
     per_seed = []
-    for seed in cfg.seeds:
-        name = f"seeds/seed{seed}.json"
-        if not (run.path / name).exists():
-            run.write_json(name, SeedRun(split, cfg, seed, device, run).run(methods))
-        per_seed.append(run.read_json(name))
-    results = aggregate(per_seed, methods, split, device, split_summary(split, cfg))
+    for i, s in enumerate(split_seeds(cfg)):
+        cfg_s = split_config(cfg, s)
+        split_s = split if i == 0 else make_split(cfg_s).sealed()
+        summaries[s] = split_summary(split_s, cfg_s)
+        run.write_json("split.json", split_file(summaries))
+        for seed in cfg.seeds:
+            key = run_key(cfg, s, seed)
+            name = f"seeds/{key}.json"
+            if not (run.path / name).exists():
+                run.write_json(name, SeedRun(split_s, cfg_s, seed, device, run, key).run(methods))
+            per_seed.append(run.read_json(name))
+    results = aggregate(per_seed, methods, split, device, summaries[split_seeds(cfg)[0]], summaries, cfg)
     run.write_json("results.json", results)
     return results
 
 
-class SeedRun:
-    """One seed: stage 1 and LDMLR's stage 2 are trained once and shared by every method that needs them."""
+def split_file(summaries: dict[int, dict]) -> dict:
+    """split.json: the summary of the (first) split; with several split seeds also every split's, by seed."""
+    first = next(iter(summaries.values()))
+    return first if len(summaries) == 1 else {**first, "splits": {str(k): v for k, v in summaries.items()}}
 
-    def __init__(self, split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.device, run: RunDir):
+
+@dataclass
+class Fitted:
+    """A trained method before its choices: E, G and the class prior G was fitted on (what +la divides by)."""
+
+    encoder: nn.Module
+    classifier: nn.Module
+    prior: torch.Tensor
+
+
+class SeedRun:
+    """One (split, seed) pair: stage 1 (once per stage-1 loss) and LDMLR's stage 2 are trained once and shared
+    by every method that needs them. :meth:`run` fits every method and makes its choices on the validation
+    split, then evaluates every method on the test set inside ``split.final_evaluation()``."""
+
+    def __init__(self, split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.device, run: RunDir,
+                 key: str | None = None):
+        split = split.sealed()
         self.split, self.cfg, self.seed, self.device, self.run_dir = split, cfg, seed, device, run
-        self.timer, self.ck = Timer(), run.checkpoints / f"seed{seed}"
+        self.key = key or f"seed{seed}"
+        self.timer, self.ck = Timer(), run.checkpoints / self.key
         self.diagnostics: dict[str, Any] = {}
         self.x = torch.as_tensor(split.train.x, device=device)
         self.y = torch.as_tensor(split.train.y, device=device)
-        self.x_test = torch.as_tensor(split.test.x, device=device)
-        self._stage1: tuple | None = None
-        self._pseudo: tuple | None = None
-        self._bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.x_val = None if split.val is None else torch.as_tensor(split.val.x, device=device)
+        self.y_val = None if split.val is None else split.val.y
+        self._stage1: dict[str, tuple] = {}
+        self._pseudo: dict[str, tuple] = {}
+        self._dp_pseudo: dict[str, tuple] = {}
+        self._fits: dict[tuple, Fitted] = {}
+        self._features: dict[tuple[int, str], torch.Tensor] = {}
         # private mode (a dp-… method is asked for): E and the stage-1 G see only the declared public part
         self.private_mode = any(parse_method(m).base.startswith("dp-") for m in cfg.methods)
         self.public_idx = self.private_idx = None
@@ -100,76 +166,128 @@ class SeedRun:
             self.private_idx = torch.as_tensor(priv, device=device)
 
     def log(self, record: dict) -> None:
-        self.run_dir.log({"seed": self.seed, **record})
+        self.run_dir.log({"seed": self.seed, "split_seed": self.cfg.data.split_seed, **record})
 
     def run(self, methods: list[Method]) -> dict[str, Any]:
-        y_test = self.split.test.y
+        chosen = {method.name: self.choose(method) for method in methods}  # the test set is still sealed
         metrics = {}
-        for method in methods:
-            logits, prior = self.logits_and_prior(method.base)
-            if method.adjust:
-                logits = logit_adjusted(logits, prior.cpu().numpy(), self.cfg.logit_adjust_tau)
-            m = recognition_metrics(logits.argmax(1).cpu().numpy(), y_test, self.split.num_classes, self.split.groups)
-            m["seconds"] = self.method_seconds(method.base)
-            metrics[method.name] = m
-            self.log({"event": "test", "method": method.name, **{k: m[k] for k in ("top1", "balanced", *GROUPS)}})
-        return {"seed": self.seed, "methods": metrics, "timings": self.timer.seconds, "diagnostics": self.diagnostics}
+        with self.split.final_evaluation() as test:
+            x_test, y_test = torch.as_tensor(test.x, device=self.device), test.y
+            for method in methods:
+                fit, choice, val = chosen[method.name]
+                logits = self.logits(fit, x_test, "test")
+                if method.adjust:
+                    logits = logit_adjusted(logits, fit.prior.cpu().numpy(), choice["tau"])
+                m = recognition_metrics(logits.argmax(1).cpu().numpy(), y_test, self.split.num_classes,
+                                        self.split.groups)
+                m["seconds"] = self.method_seconds(method)
+                m["chosen"], m["validation"] = choice, val
+                metrics[method.name] = m
+                self.log({"event": "test", "method": method.name, **{k: m[k] for k in ("top1", "balanced", *GROUPS)}})
+        return {"seed": self.seed, "split_seed": self.cfg.data.split_seed, "key": self.key, "methods": metrics,
+                "timings": self.timer.seconds, "diagnostics": self.diagnostics}
 
-    def method_seconds(self, base: str) -> float:
-        """Wall time a method costs on its own: its stages plus the shared stages it builds on."""
-        stages = {"ce": ["stage1"], "resample": ["stage1", "crt"]}.get(base)
+    # --- choices on the validation split --------------------------------------------------------------
+    def choose(self, method: Method) -> tuple[Fitted, dict[str, Any], dict[str, float] | None]:
+        """Train ``method`` (once per pseudo weight of the grid) and choose τ of +la and the pseudo weight by
+        balanced accuracy on the validation split (ties: the earlier weight of the grid, the smaller τ).
+        Without a validation split: ``logit_adjust_tau`` and ``pseudo.pseudo_weight`` as configured."""
+        has_weight = method.base in PSEUDO_WEIGHTED
+        weights: list[float | None] = list(self.cfg.pseudo_weight_grid) if has_weight and self.cfg.pseudo_weight_grid else [None]
+        on_val = self.x_val is not None
+        taus = sorted(set(self.cfg.la_tau_grid)) if on_val else [self.cfg.logit_adjust_tau]
+        best: tuple | None = None
+        for w in weights:
+            fit = self.fitted(method, w)
+            if not on_val:
+                best = (fit, w, taus[0], None)
+                break
+            val_logits = self.logits(fit, self.x_val, "val")
+            for tau in (taus if method.adjust else [0.0]):
+                logits = logit_adjusted(val_logits, fit.prior.cpu().numpy(), tau) if method.adjust else val_logits
+                vm = recognition_metrics(logits.argmax(1).cpu().numpy(), self.y_val, self.split.num_classes,
+                                         self.split.groups)
+                if best is None or vm["balanced"] > best[3]["balanced"]:
+                    best = (fit, w, tau, vm)
+        fit, w, tau, vm = best
+        choice = {"tau": tau if method.adjust else None,
+                  "pseudo_weight": (self.cfg.pseudo.pseudo_weight if w is None else w) if has_weight else None,
+                  "on": "validation" if on_val else "config (no validation split)",
+                  "chosen_on_validation": [k for k, v in (("tau", method.adjust), ("pseudo_weight", len(weights) > 1
+                                                          or w is not None)) if v and on_val]}
+        val = None if vm is None else {k: vm[k] for k in ("top1", "balanced", *GROUPS)}
+        self.log({"event": "choice", "method": method.name, **choice, **({"val_balanced": val["balanced"]} if val else {})})
+        return fit, choice, val
+
+    def logits(self, fit: Fitted, x: torch.Tensor, tag: str) -> torch.Tensor:
+        """G(E(x)) of a fitted method; the features of each encoder on ``tag`` (val / test) are computed once."""
+        k = (id(fit.encoder), tag)
+        if k not in self._features:
+            self._features[k] = encode(fit.encoder, x)
+        return predict_logits(fit.classifier, self._features[k])
+
+    def method_seconds(self, method: Method) -> float:
+        """Wall time a method costs on its own: its stages (every pseudo weight of the grid) plus the shared
+        stages it builds on."""
+        sfx = "" if method.stage1 == "ce" else f"@{method.stage1}"
+        stage1 = [f"stage1{sfx}"]
+        stages = {"ce": stage1, "resample": stage1 + [f"crt{sfx}"]}.get(method.base)
         if stages is None:
-            stages = ["stage1", "stage2", "sampling", base] if base.startswith("ldmlr") else [base]
+            stages = (stage1 + [f"stage2{sfx}", f"sampling{sfx}", method.spec] if method.base.startswith("ldmlr")
+                      else [method.spec])
         return sum(self.timer.seconds.get(s, 0.0) for s in stages)
 
     # --- shared stages ----------------------------------------------------------------------------
-    def stage1(self):
-        """(encoder, classifier, z_train, z_test) of stage 1, trained once per seed."""
-        if self._stage1 is None:
+    def stage1(self, loss: str = "ce"):
+        """(encoder, classifier, z_train) of stage 1 with the stage-1 loss ``loss``, trained once per seed."""
+        if loss not in self._stage1:
             split = self.split
+            tag = "" if loss == "ce" else f"@{loss}"
             if self.private_mode:
                 split = replace(split, train=split.train.subset(self.public_idx.cpu().numpy()))
-            if self.private_mode and self.cfg.privacy.encoder == "dp":
+            if self.private_mode and self.cfg.privacy.encoder == "dp":  # prepare() refuses any loss but ce here
                 enc, g, self.encoder_event = self.timer("stage1", lambda: train_private_stage1(
                     self.x[self.private_idx], self.y[self.private_idx], self.split.num_classes,
                     self.split.train.input_shape, self.cfg, self.seed, self.ledger(),
                     self.ck / "dp-stage1.safetensors", self.log, self.noise))
             else:
-                enc, g = self.timer("stage1", lambda: train_stage1(split, self.cfg, self.seed, self.device,
-                                                                   self.ck / "stage1.safetensors", self.log))
-            self._stage1 = (enc, g, encode(enc, self.x), encode(enc, self.x_test))
-        return self._stage1
+                name = "stage1" if loss == "ce" else f"stage1-{loss}"
+                enc, g = self.timer(f"stage1{tag}", lambda: train_stage1(
+                    split, self.cfg, self.seed, self.device, self.ck / f"{name}.safetensors", self.log, loss))
+            self._stage1[loss] = (enc, g, encode(enc, self.x))
+        return self._stage1[loss]
 
-    def pseudo(self):
-        """LDMLR stage 2 and its pseudo-features (raw feature space), once per seed."""
-        if self._pseudo is None:
-            _, _, z, _ = self.stage1()
+    def pseudo(self, loss: str = "ce"):
+        """LDMLR stage 2 on the features of stage 1 (``loss``) and its pseudo-features (raw feature space)."""
+        if loss not in self._pseudo:
+            _, _, z = self.stage1(loss)
+            tag, fs = ("", "") if loss == "ce" else (f"@{loss}", f"-{loss}")
             scaler = FeatureScaler.fit(z)
-            denoiser, schedule = self.timer("stage2", lambda: train_feature_diffusion(
+            denoiser, schedule = self.timer(f"stage2{tag}", lambda: train_feature_diffusion(
                 scaler.transform(z), self.y, self.split.num_classes, self.cfg, self.seed,
-                self.ck / "stage2.safetensors", self.log))
+                self.ck / f"stage2{fs}.safetensors", self.log))
             n_gen = pseudo_counts(self.split.counts, self.cfg.pseudo)
-            u_hat, y_hat = self.timer("sampling", lambda: sample_features(
+            u_hat, y_hat = self.timer(f"sampling{tag}", lambda: sample_features(
                 denoiser, schedule, n_gen, self.cfg.diffusion, self.seed, self.device))
             z_hat = scaler.inverse(u_hat)
             # a separate, class-balanced set to measure drift on the same footing as the E2E runs
             u_d, y_d = sample_features(denoiser, schedule, np.full(self.split.num_classes, self.cfg.e2e.drift_per_class),
                                        self.cfg.diffusion, self.seed, self.device, tag="drift")
-            self._pseudo = (z_hat, y_hat, scaler.inverse(u_d), y_d)
-            self.log({"event": "drift", "method": "ldmlr", "step": 0,
+            self._pseudo[loss] = (z_hat, y_hat, scaler.inverse(u_d), y_d)
+            self.log({"event": "drift", "method": f"ldmlr{tag}", "step": 0,
                       **drift_distances(z, self.y, scaler.inverse(u_d), y_d)})
             save_file({"z_real": z.cpu().contiguous(), "y_real": self.y.cpu().contiguous(),
                        "z_pseudo": z_hat.cpu().contiguous(), "y_pseudo": y_hat.cpu().contiguous()},
-                      str(self.ck / "features.safetensors"))
-            self.diagnostics["ldmlr"] = {"generated_per_class": n_gen.tolist(),
-                                         "frechet_per_class": per_class_frechet(z, self.y, z_hat, y_hat)}
-        return self._pseudo
+                      str(self.ck / f"features{fs}.safetensors"))
+            self.diagnostics[f"ldmlr{tag}"] = {"generated_per_class": n_gen.tolist(),
+                                               "frechet_per_class": per_class_frechet(z, self.y, z_hat, y_hat)}
+        return self._pseudo[loss]
 
     def ledger(self) -> PrivacyLedger:
-        """This seed's privacy ledger (``privacy/seedN.json``), rewritten before every private step."""
+        """This run's privacy ledger (``privacy/KEY.json``, KEY = seedN), rewritten before every private step."""
         if self._ledger is None:
             p = self.cfg.privacy
-            self._ledger = PrivacyLedger(self.run_dir.path / "privacy" / f"seed{self.seed}.json",
+            self._ledger = PrivacyLedger(self.run_dir.path / "privacy" / f"{self.key}.json",
                                          p.target_epsilon, p.delta, private=self.noise.private)
         return self._ledger
 
@@ -203,96 +321,126 @@ class SeedRun:
         return counts.float()
 
     # --- methods ------------------------------------------------------------------------------------
-    def logits_and_prior(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test logits of a base method and the class prior its classifier was trained on (cached)."""
-        if base not in self._bases:
-            self._bases[base] = self._train_base(base)
-        return self._bases[base]
+    def with_weight(self, w: float | None) -> RunConfig:
+        """The config with LDMLR's pseudo weight ``w`` (None: as configured)."""
+        if w is None:
+            return self.cfg
+        return self.cfg.model_copy(update={"pseudo": self.cfg.pseudo.model_copy(update={"pseudo_weight": w})})
 
-    def _train_base(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def fitted(self, method: Method, w: float | None = None) -> Fitted:
+        """The trained base of ``method`` on its stage-1 loss (and pseudo weight ``w``), cached: ``ce`` and
+        ``ce+la`` share one model."""
+        key = (method.base, method.stage1, w)
+        if key not in self._fits:
+            self._fits[key] = self._train_base(method.base, method.stage1, w)
+        return self._fits[key]
+
+    def _train_base(self, base: str, loss: str, w: float | None) -> Fitted:
+        tag, fs = ("", "") if loss == "ce" else (f"@{loss}", f"-{loss}")
         if base in ("ce", "resample"):
-            _, g, z, z_test = self.stage1()
+            enc, g, z = self.stage1(loss)
             if base == "ce":
-                return predict_logits(g, z_test), self.counts()
+                return Fitted(enc, g, self.counts())
             y = self.y
             if self.private_mode:
                 z, y = z[self.public_idx], y[self.public_idx]
-            g = self.timer("crt", lambda: classifier_retraining(self.split, z, y, self.cfg, self.seed,
-                                                                 self.ck / "crt.safetensors", self.log))
-            return predict_logits(g, z_test), torch.ones(self.split.num_classes, device=self.device)
+            g = self.timer(f"crt{tag}", lambda: classifier_retraining(self.split, z, y, self.cfg, self.seed,
+                                                                      self.ck / f"crt{fs}.safetensors", self.log))
+            return Fitted(enc, g, torch.ones(self.split.num_classes, device=self.device))
         if base.startswith("ldmlr"):
-            return self.ldmlr(base)
+            return self.ldmlr(base, loss, w)
         if base == "dp-ldmlr":
-            return self.dp_ldmlr()
+            return self.dp_ldmlr(loss, w)
         variant = parse_e2e(base)
         e2e = self.timer(base, lambda: train_end_to_end(self.split, self.cfg, variant, self.seed, self.device,
                                                         self.ck / f"{base}.safetensors", self.log, base))
         if variant.aid and e2e.filter_stats:
             self.diagnostics.setdefault("aid", {})[base] = e2e.filter_stats[-1]
-        return predict_logits(e2e.classifier, encode(e2e.encoder, self.x_test)), e2e.effective_prior()
+        return Fitted(e2e.encoder, e2e.classifier, e2e.effective_prior())
 
-    def ldmlr(self, base: str) -> tuple[torch.Tensor, torch.Tensor]:
-        enc, g, z, z_test = self.stage1()
-        z_hat, y_hat, z_drift, y_drift = self.pseudo()
+    def ldmlr(self, base: str, loss: str = "ce", w: float | None = None) -> Fitted:
+        enc, g, z = self.stage1(loss)
+        z_hat, y_hat, z_drift, y_drift = self.pseudo(loss)
+        cfg = self.with_weight(w)
+        tag, fs = ("", "") if loss == "ce" else (f"@{loss}", f"-{loss}")
+        ws = "" if w is None else f"-w{w:g}"
+        spec = f"{base}{tag}"
         if base == "ldmlr-aid":
             result = aid_filter(MahalanobisScorer(z, self.y, self.split.num_classes), z_hat, y_hat,
                                 self.split.num_classes, self.cfg.e2e.aid_quantile)
-            self.diagnostics.setdefault("aid", {})[base] = result.summary()
+            self.diagnostics.setdefault("aid", {})[spec] = result.summary()
             z_hat, y_hat = z_hat[result.keep], y_hat[result.keep]
         # G is fine-tuned on every real training feature (public and private alike: LDMLR is not private)
-        prior = torch.as_tensor(self.split.counts, dtype=torch.float32, device=self.device) + self.cfg.pseudo.pseudo_weight * torch.bincount(
-            y_hat, minlength=self.split.num_classes).float()
-        if base == "ldmlr-ft":
-            enc, g = self.timer(base, lambda: finetune_encoder_with_pseudo(
-                enc, g, self.x, self.y, z_hat, y_hat, self.cfg, self.seed, self.ck / f"{base}.safetensors",
-                self.log, lambda e, step: self.log_drift(base, e, z_drift, y_drift, step)))
-            return predict_logits(g, encode(enc, self.x_test)), prior
-        g = self.timer(base, lambda: finetune_with_pseudo(g, z, self.y, z_hat, y_hat, self.cfg, self.seed,
-                                                          self.ck / f"{base}-stage3.safetensors", self.log, base))
-        return predict_logits(g, z_test), prior
-
-    def dp_ldmlr(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """LDMLR with a DP denoiser on the private part; G is fine-tuned on public features + pseudo-features."""
-        enc, g, z, z_test = self.stage1()
-        C, p = self.split.num_classes, self.cfg.privacy
-        z_pub, y_pub = z[self.public_idx], self.y[self.public_idx]
-        z_priv, y_priv = z[self.private_idx], self.y[self.private_idx]
-        scaler = FeatureScaler.fit(z_pub)  # public statistics: nothing private leaks through the scaler
-        counts_priv, count_event = self.private_counts()
-        ledger = self.ledger()
-        fixed = [e for e in (self.encoder_event, count_event) if e is not None]
-        init = None
-        if p.public_pretrain:  # public features only: a free warm start for the DP training
-            init = lambda: train_feature_diffusion(  # noqa: E731
-                clip_rows(scaler.transform(z_pub), p.feature_radius), y_pub, C, self.cfg, self.seed,
-                self.ck / "public-stage2.safetensors", self.log)[0]
-        denoiser, schedule, info = self.timer("dp-ldmlr", lambda: train_private_denoiser(
-            scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, fixed,
-            self.ck / "dp-stage2.safetensors", self.log, init, self.noise))
-        counts_pub = torch.bincount(y_pub, minlength=C).cpu().numpy().astype(int)
-        # fill every class of G's training set (public real + pseudo) up to the largest estimated class size
-        n_gen = np.maximum(0, (counts_pub + counts_priv).max() - counts_pub)
-        u_hat, y_hat = self.timer("dp-ldmlr", lambda: sample_features(denoiser, schedule, n_gen, self.cfg.diffusion,
-                                                                      self.seed, self.device, tag="dp-pseudo"))
-        z_hat = scaler.inverse(u_hat)
-        if p.aid_filter:  # scorer fit on public features only: filtering costs no privacy
-            result = aid_filter(MahalanobisScorer(z_pub, y_pub, C), z_hat, y_hat, C, self.cfg.e2e.aid_quantile)
-            self.diagnostics.setdefault("aid", {})["dp-ldmlr"] = result.summary()
-            z_hat, y_hat = z_hat[result.keep], y_hat[result.keep]
-            n_gen = torch.bincount(y_hat, minlength=C).cpu().numpy()
-        g = self.timer("dp-ldmlr", lambda: finetune_with_pseudo(g, z_pub, y_pub, z_hat, y_hat, self.cfg, self.seed,
-                                                                self.ck / "dp-stage3.safetensors", self.log, "DP-LDMLR"))
-        summary = ledger.summary(cross_check=True)
-        self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "public_pretrain": p.public_pretrain,
-                                       "released_private_counts": counts_priv.tolist() if count_event else None,
-                                       "count_event": count_event is not None, "generated_per_class": n_gen.tolist(),
-                                       "declared_public": declared_public(self.cfg),
-                                       # against *public* features: a distance to the private ones would be an
-                                       # uncovered release of private data
-                                       "frechet_to_public_per_class": per_class_frechet(z_pub, y_pub, z_hat, y_hat)}
-        prior = torch.as_tensor(counts_pub + self.cfg.pseudo.pseudo_weight * n_gen, dtype=torch.float32,
+        generated = torch.bincount(y_hat, minlength=self.split.num_classes).cpu().numpy()
+        prior = torch.as_tensor(stage3_prior(self.split.counts, generated, cfg.pseudo), dtype=torch.float32,
                                 device=self.device)
-        return predict_logits(g, z_test), prior
+        if base == "ldmlr-ft":
+            enc, g = self.timer(spec, lambda: finetune_encoder_with_pseudo(
+                enc, g, self.x, self.y, z_hat, y_hat, cfg, self.seed, self.ck / f"{base}{fs}{ws}.safetensors",
+                self.log, lambda e, step: self.log_drift(spec, e, z_drift, y_drift, step)))
+            return Fitted(enc, g, prior)
+        g = self.timer(spec, lambda: finetune_with_pseudo(g, z, self.y, z_hat, y_hat, cfg, self.seed,
+                                                          self.ck / f"{base}{fs}-stage3{ws}.safetensors", self.log, spec))
+        return Fitted(enc, g, prior)
+
+    def dp_pseudo(self, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """DP-LDMLR's denoiser (DP on the private part, charged to the ledger) and its (AID-filtered)
+        pseudo-features, once per stage-1 loss: (z_hat, y_hat, generated per class)."""
+        if loss not in self._dp_pseudo:
+            _, _, z = self.stage1(loss)
+            C, p = self.split.num_classes, self.cfg.privacy
+            tag, fs = ("", "") if loss == "ce" else (f"@{loss}", f"-{loss}")
+            z_pub, y_pub = z[self.public_idx], self.y[self.public_idx]
+            z_priv, y_priv = z[self.private_idx], self.y[self.private_idx]
+            scaler = FeatureScaler.fit(z_pub)  # public statistics: nothing private leaks through the scaler
+            counts_priv, count_event = self.private_counts()
+            ledger = self.ledger()
+            fixed = [e for e in (self.encoder_event, count_event) if e is not None]
+            init = None
+            if p.public_pretrain:  # public features only: a free warm start for the DP training
+                init = lambda: train_feature_diffusion(  # noqa: E731
+                    clip_rows(scaler.transform(z_pub), p.feature_radius), y_pub, C, self.cfg, self.seed,
+                    self.ck / f"public-stage2{fs}.safetensors", self.log)[0]
+            denoiser, schedule, info = self.timer(f"dp-ldmlr{tag}", lambda: train_private_denoiser(
+                scaler.transform(z_priv), y_priv, C, self.cfg, self.seed, ledger, fixed,
+                self.ck / f"dp-stage2{fs}.safetensors", self.log, init, self.noise))
+            counts_pub = torch.bincount(y_pub, minlength=C).cpu().numpy().astype(int)
+            # fill every class of G's training set (public real + pseudo) up to the largest estimated class size
+            n_gen = np.maximum(0, (counts_pub + counts_priv).max() - counts_pub)
+            u_hat, y_hat = self.timer(f"dp-ldmlr{tag}", lambda: sample_features(
+                denoiser, schedule, n_gen, self.cfg.diffusion, self.seed, self.device, tag="dp-pseudo"))
+            z_hat = scaler.inverse(u_hat)
+            if p.aid_filter:  # scorer fit on public features only: filtering costs no privacy
+                result = aid_filter(MahalanobisScorer(z_pub, y_pub, C), z_hat, y_hat, C, self.cfg.e2e.aid_quantile)
+                self.diagnostics.setdefault("aid", {})[f"dp-ldmlr{tag}"] = result.summary()
+                z_hat, y_hat = z_hat[result.keep], y_hat[result.keep]
+                n_gen = torch.bincount(y_hat, minlength=C).cpu().numpy()
+            summary = ledger.summary(cross_check=True)
+            self.diagnostics["privacy"] = {**summary, **info, "encoder": p.encoder, "public_pretrain": p.public_pretrain,
+                                           "released_private_counts": counts_priv.tolist() if count_event else None,
+                                           "count_event": count_event is not None, "generated_per_class": n_gen.tolist(),
+                                           "declared_public": declared_public(self.cfg),
+                                           # against *public* features: a distance to the private ones would be an
+                                           # uncovered release of private data
+                                           "frechet_to_public_per_class": per_class_frechet(z_pub, y_pub, z_hat, y_hat)}
+            self._dp_pseudo[loss] = (z_hat, y_hat, n_gen)
+        return self._dp_pseudo[loss]
+
+    def dp_ldmlr(self, loss: str = "ce", w: float | None = None) -> Fitted:
+        """LDMLR with a DP denoiser on the private part; G is fine-tuned on public features + pseudo-features
+        (post-processing: no privacy cost, so several pseudo weights cost no extra ε)."""
+        enc, g, z = self.stage1(loss)
+        z_hat, y_hat, n_gen = self.dp_pseudo(loss)
+        cfg = self.with_weight(w)
+        tag, fs = ("", "") if loss == "ce" else (f"@{loss}", f"-{loss}")
+        ws = "" if w is None else f"-w{w:g}"
+        z_pub, y_pub = z[self.public_idx], self.y[self.public_idx]
+        g = self.timer(f"dp-ldmlr{tag}", lambda: finetune_with_pseudo(
+            g, z_pub, y_pub, z_hat, y_hat, cfg, self.seed, self.ck / f"dp-stage3{fs}{ws}.safetensors", self.log,
+            "DP-LDMLR"))
+        counts_pub = torch.bincount(y_pub, minlength=self.split.num_classes).cpu().numpy()
+        prior = torch.as_tensor(counts_pub + cfg.pseudo.pseudo_weight * n_gen, dtype=torch.float32, device=self.device)
+        return Fitted(enc, g, prior)
 
     def log_drift(self, method: str, encoder, z_hat, y_hat, step: int) -> None:
         z = encode(encoder, self.x)
@@ -311,6 +459,9 @@ def declared_public(cfg: RunConfig) -> list[str]:
               else " (feature scaler, AID scorer, public warm start)"),
            "the class groups many/medium/few used for evaluation (fixed by the benchmark's design counts)",
            "the test set (evaluation only)"]
+    if cfg.data.val_per_class:
+        out.append("the validation split (data.val_per_class per class, held out of the training pool, never "
+                   "trained on; it only chooses τ of +la and the pseudo weight from the released models' outputs)")
     if p.count_epsilon == 0:
         out.insert(1, "the private part's class counts (privacy.count_epsilon = 0)")
     return out
@@ -319,7 +470,7 @@ def declared_public(cfg: RunConfig) -> list[str]:
 def split_summary(split: LongTailSplit, cfg: RunConfig) -> dict[str, Any]:
     """split.json: in a private run the private part's class counts are not written (only the public
     part's, and N_private, which is declared public)."""
-    out = split.summary()
+    out = {**split.summary(), "split_seed": cfg.data.split_seed, "val_per_class": cfg.data.val_per_class}
     if any(parse_method(m).base.startswith("dp-") for m in cfg.methods):
         pub, priv = public_private_split(split.train.y, split.num_classes, cfg.privacy.public_fraction,
                                          cfg.data.split_seed)
@@ -335,19 +486,34 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit, device: torch.device,
-              summary: dict | None = None) -> dict:
-    """Mean ± std over seeds of every metric, per method; per-class means; mean timings."""
+              summary: dict | None = None, summaries: dict[int, dict] | None = None,
+              cfg: RunConfig | None = None) -> dict:
+    """Mean ± std over all (split seed, seed) pairs of every metric, per method; per-class means; mean timings;
+    the choices made on validation per method and pair."""
     table: dict[str, Any] = {}
+    choices: dict[str, list[dict]] = {}
     for method in methods:
         rows = [s["methods"][method.name] for s in per_seed]
         table[method.name] = {k: _mean_std([r[k] for r in rows]) for k in ("top1", "balanced", *GROUPS, "seconds")}
         per_class = np.array([[np.nan if a is None else a for a in r["per_class"]] for r in rows], dtype=float)
         table[method.name]["per_class"] = np.nanmean(per_class, axis=0).tolist()
+        choices[method.name] = [{"split_seed": s.get("split_seed"), "seed": s["seed"], **r.get("chosen", {}),
+                                 "val_balanced": (r.get("validation") or {}).get("balanced")}
+                                for s, r in zip(per_seed, rows)]
     stages = sorted({k for s in per_seed for k in s["timings"]})
     timings = {k: _mean_std([s["timings"].get(k, 0.0) for s in per_seed]) for k in stages}
     out = {"methods": table, "method_names": {m.name: m.description for m in methods},
-            "seeds": [s["seed"] for s in per_seed], "timings": timings, "device": str(device),
-            "split": summary or split.summary(), "per_seed": per_seed}
+           "baselines": [m.name for m in methods if m.is_baseline],
+           "seeds": [s["seed"] for s in per_seed], "pairs": [[s.get("split_seed"), s["seed"]] for s in per_seed],
+           "run_keys": [s.get("key", f"seed{s['seed']}") for s in per_seed], "choices": choices,
+           "timings": timings, "device": str(device), "split": summary or split.summary(), "per_seed": per_seed}
+    if summaries and len(summaries) > 1:
+        out["splits"] = {str(k): v for k, v in summaries.items()}
+    if cfg is not None:
+        out["protocol"] = {"split_seeds": split_seeds(cfg), "seeds": list(cfg.seeds),
+                           "val_per_class": cfg.data.val_per_class, "la_tau_grid": list(cfg.la_tau_grid),
+                           "pseudo_weight_grid": list(cfg.pseudo_weight_grid),
+                           "logit_adjust_tau": cfg.logit_adjust_tau}
     private = [s["diagnostics"]["privacy"] for s in per_seed if "privacy" in s["diagnostics"]]
     if private:  # the seeds' releases compose: ε of publishing all of them together
         events = [GaussianEvent(**e) for p in private for e in p["entries"]]
