@@ -20,3 +20,13 @@ def test_lsc_divides_by_the_real_prior_only_for_proportional_fill():
     assert stage3_prior(counts, gen, PseudoConfig(fill="proportional")).tolist() == [100, 10]
     flat = stage3_prior(counts, np.array([0, 90]), PseudoConfig(fill="max", pseudo_weight=1.0))
     assert flat.tolist() == [100, 100]  # fill-to-max: the effective prior is flat, +la is then a no-op at τ = 1
+
+
+def test_logit_adjustment_survives_a_class_without_training_examples():
+    import torch
+
+    from pfdiff.longtail.baselines import logit_adjusted
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    adjusted = logit_adjusted(logits, [50, 10, 0], tau=1.0)  # the absent class counts as one example
+    expected = logits - torch.log(torch.tensor([50.0, 10.0, 1.0]) / 61.0)
+    assert torch.isfinite(adjusted).all() and torch.allclose(adjusted, expected)

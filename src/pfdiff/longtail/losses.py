@@ -24,8 +24,10 @@ STAGE1_LOSSES = {
 
 
 def log_prior(counts, device: torch.device | str = "cpu") -> torch.Tensor:
-    """log π_c of class counts (every class needs at least one example)."""
-    counts = torch.as_tensor(counts, dtype=torch.float32, device=device)
+    """log π_c of class counts. A class with no training example gets the prior of one example: with π_c = 0
+    logit adjustment would add +∞ to it and predict it everywhere (seen when a data-independent public split
+    left a tail class without a public example)."""
+    counts = torch.as_tensor(counts, dtype=torch.float32, device=device).clamp_min(1.0)
     return torch.log(counts / counts.sum())
 
 
