@@ -1,5 +1,7 @@
-"""Membership-inference attacks (issue 7): an overfit feature denoiser leaks, unseen data does not,
-an ideal memoriser is caught by every attack, image shapes work, metrics and the copying check."""
+"""Membership-inference attacks (issue 7, issue 13 item 12): an overfit feature denoiser leaks, unseen data
+does not, a control model that saw neither set stays at chance, an ideal memoriser is caught by every attack,
+SecMI runs at the official timesteps, image shapes work, pooled / per-class / per-group metrics and the
+copying check."""
 
 import json
 
@@ -8,9 +10,11 @@ import pytest
 import torch
 
 from pfdiff.diffusion import PREDICTIONS, DiffusionLoss, ddim_step, make_schedule
-from pfdiff.evaluation.mia import (attack_metrics, ddim_inversion_step, lira_scores, loss_scores,
-                                   nearest_neighbour_check, pia_scores, plot_roc, run_attacks, secmi_scores,
-                                   tpr_at_fpr)
+import inspect
+
+from pfdiff.evaluation.mia import (attack_metrics, attack_settings, ddim_inversion_step, grouped_metrics,
+                                   lira_scores, loss_scores, nearest_neighbour_check, pia_scores, plot_roc,
+                                   run_attacks, secmi_scores, secmi_timesteps, tpr_at_fpr)
 from pfdiff.models import FeatureDenoiser
 from pfdiff.models.unet import UNet
 
@@ -23,37 +27,42 @@ def _blobs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, DIM, generator=gen) + (2 * y[:, None] - 1).float(), y
 
 
-@pytest.fixture(scope="module")
-def overfit():
-    """A v-prediction FeatureDenoiser trained to memorise 64 members (1000 full-batch Adam steps, ~4 s)."""
+def _memorise(members, steps: int = 1000, seed: int = 0) -> FeatureDenoiser:
+    """A v-prediction FeatureDenoiser fit to ``members`` by full-batch Adam (1000 steps, ~4 s on one thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: extra threads only add overhead
     try:
-        torch.manual_seed(0)
-        gen = torch.Generator().manual_seed(0)
-        members, nonmembers, unseen = _blobs(N, gen), _blobs(N, gen), _blobs(N, gen)
+        torch.manual_seed(seed)
         schedule = make_schedule("linear", 1000)
         model = FeatureDenoiser(DIM, 2, hidden=128, depth=2, time_dim=32)
         loss_fn = DiffusionLoss(schedule, prediction="v")
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for step in range(1000):
+        for step in range(steps):
             out = loss_fn(model, *members, noise_multiplicity=4, generator=torch.Generator().manual_seed(step))
             opt.zero_grad()
             out.loss.mean().backward()
             opt.step()
     finally:
         torch.set_num_threads(threads)
-    return model.eval(), schedule, members, nonmembers, unseen
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    """A denoiser that memorised 64 members; 64 non-members and 64 more unseen examples of the same blobs."""
+    gen = torch.Generator().manual_seed(0)
+    members, nonmembers, unseen = _blobs(N, gen), _blobs(N, gen), _blobs(N, gen)
+    return _memorise(members), make_schedule("linear", 1000), members, nonmembers, unseen
 
 
 def _auc(fn, model, schedule, a, b, prediction="v", **kw) -> float:
     return attack_metrics(fn(model, schedule, *a, prediction, **kw), fn(model, schedule, *b, prediction, **kw))["auc"]
 
 
-# SecMI's paper setting (t_sec = 100, k = 10, for image DDPMs) is unreliable on this small feature model
-# (AUC anywhere in 0.1–0.9 across training seeds: the t-error then measures the roughness of ε̂ in t more
-# than the fit); a larger step k = 100 at t_sec = 50 separates robustly (0.94–0.99 over 4 seeds).
-SECMI_FEATURES = {"t_sec": 50, "k": 100}
+# SecMI at the paper's / official code's setting (t_sec = 100, k = 10: error at 90) is unreliable on this small
+# feature model (AUC 0.40–0.70 over 4 training seeds: the t-error at a short step measures the roughness of ε̂
+# in t more than the fit); ``secmi-long`` (t_sec = 200, k = 100) separates better (0.74–0.88).
+SECMI_FEATURES = attack_settings(1000)["secmi-long"]
 
 
 def test_loss_attack_detects_overfit_members(overfit):
@@ -63,14 +72,26 @@ def test_loss_attack_detects_overfit_members(overfit):
 
 def test_secmi_and_pia_detect_overfit_members(overfit):
     model, schedule, members, nonmembers, _ = overfit
-    assert _auc(secmi_scores, model, schedule, members, nonmembers, **SECMI_FEATURES) > 0.8
+    assert _auc(secmi_scores, model, schedule, members, nonmembers, **SECMI_FEATURES) > 0.7
     assert _auc(pia_scores, model, schedule, members, nonmembers, t=200) > 0.9
 
 
 def test_attacks_are_near_chance_on_two_unseen_sets(overfit):
     model, schedule, _, nonmembers, unseen = overfit
-    for fn, kw in [(loss_scores, {}), (secmi_scores, SECMI_FEATURES), (pia_scores, {})]:
+    for fn, kw in [(loss_scores, {}), (secmi_scores, {}), (secmi_scores, SECMI_FEATURES), (pia_scores, {})]:
         assert abs(_auc(fn, model, schedule, unseen, nonmembers, **kw) - 0.5) < 0.15, fn.__name__
+
+
+def test_control_model_that_saw_neither_set_is_at_chance(overfit):
+    """The control of issue 13: a denoiser trained the same way on a disjoint set of the same distribution.
+    Attacked with the same scores on the same members / non-members, it shows what 'no membership signal'
+    looks like (≈ 0.5 here, where nothing upstream differs), while the target that saw the members is high."""
+    model, schedule, members, nonmembers, unseen = overfit
+    control = _memorise(unseen)
+    for fn, kw, gap in [(loss_scores, {}, 0.3), (pia_scores, {}, 0.3), (secmi_scores, SECMI_FEATURES, 0.1)]:
+        target_auc = _auc(fn, model, schedule, members, nonmembers, **kw)
+        control_auc = _auc(fn, control, schedule, members, nonmembers, **kw)
+        assert abs(control_auc - 0.5) < 0.15 and target_auc > control_auc + gap, (fn.__name__, target_auc, control_auc)
 
 
 class Memoriser(torch.nn.Module):
@@ -102,6 +123,34 @@ def test_every_attack_catches_an_ideal_memoriser(prediction):
         assert _auc(fn, model, schedule, (members, y), (nonmembers, y), prediction) > least, fn.__name__
     # the DDIM round trip of SecMI is exact on a memorised point: the ε̂ field is constant along its path
     assert secmi_scores(model, schedule, members, y, prediction).abs().max() < 1e-6
+
+
+class TimestepSpy(torch.nn.Module):
+    """Records the timesteps it is called at; predicts ε̂ = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[int] = []
+
+    def forward(self, z, t, y):
+        self.calls.append(int(t.reshape(-1)[0]))
+        return torch.zeros_like(z)
+
+
+def test_secmi_defaults_are_the_official_timesteps():
+    """Duan et al. 2023 / jinhaoduan/SecMI (mia_evals/secmia.py): t_sec = 100, k = 10, and the t-error is
+    measured at target_steps[-1] = t_sec − k = 90 after a step up to 100 and back."""
+    params = inspect.signature(secmi_scores).parameters
+    assert (params["t_sec"].default, params["k"].default) == (100, 10)
+    assert attack_settings(1000)["secmi"] == {"t_sec": 100, "k": 10}
+    grid, t_a, t_b = secmi_timesteps(100, 10)
+    assert grid == list(range(0, 100, 10)) and (t_a, t_b) == (90, 100)
+    spy = TimestepSpy()
+    secmi_scores(spy, make_schedule("linear", 1000), torch.randn(3, DIM), torch.zeros(3, dtype=torch.long), "eps")
+    # inversion 0 → … → 90 (the model at 0 … 80), the step 90 → 100, the step back from 100
+    assert spy.calls == [*range(0, 90, 10), 90, 100]
+    with pytest.raises(ValueError, match="t_sec > k"):
+        secmi_timesteps(10, 10)
 
 
 def test_ddim_inversion_step_is_undone_by_ddim_step():
@@ -154,6 +203,40 @@ def test_metrics_of_perfect_separation_and_of_ties():
     assert tpr_at_fpr(np.array([0, 0, 0.02, 1]), np.array([0, 0.3, 0.6, 1]), 0.01) == 0.3
     with pytest.raises(ValueError, match="NaN"):
         attack_metrics([0.0, float("nan")], [1.0])
+
+
+def test_grouped_metrics_on_a_hand_made_case():
+    """Class 0 perfectly separated, class 1 reversed, class 2 tied; groups pool their classes' pairs."""
+    m = np.array([5.0, 6.0, 0.0, 1.0, 3.0])
+    n = np.array([1.0, 2.0, 4.0, 5.0, 3.0])
+    my, ny = np.array([0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 2])
+    res = grouped_metrics(m, n, my, ny, {"many": [0], "few": [1, 2], "none": [7]})
+    pc = res["per_class"]
+    assert (pc[0]["auc"], pc[1]["auc"], pc[2]["auc"]) == (1.0, 0.0, 0.5)
+    assert pc[0]["tpr_at_1pct_fpr"] == 1.0 and pc[1]["tpr_at_1pct_fpr"] == 0.0
+    assert res["per_group"]["many"]["auc"] == 1.0 and res["per_group"]["many"]["n_members"] == 2
+    # few: members {0, 1, 3} vs non-members {4, 5, 3}: pairs won 0, tied 1 (3 vs 3) of 9 → (0 + ½)/9
+    assert res["per_group"]["few"]["auc"] == pytest.approx(0.5 / 9)
+    assert res["per_group"]["few"]["classes"] == [1, 2] and res["per_group"]["none"]["auc"] is None
+    assert res["class_mean_auc"] == pytest.approx(0.5)
+    # a class with members only has no AUC, and the pooled metrics are unchanged by grouping
+    lone = grouped_metrics([1.0, 2.0], [0.0], [0, 1], [0])
+    assert lone["per_class"][1]["auc"] is None and lone["per_class"][1]["n_members"] == 1
+    with pytest.raises(ValueError, match="labels"):
+        grouped_metrics(m, n, my[:3], ny)
+
+
+def test_run_attacks_reports_per_class_and_per_group_figures(overfit):
+    model, schedule, members, nonmembers, _ = overfit
+    metrics, _ = run_attacks(model, schedule, "v", *members, *nonmembers, attacks=("loss",),
+                             groups={"a": [0], "b": [1]})
+    loss = metrics["loss"]
+    assert set(loss["per_class"]) == {0, 1} and set(loss["per_group"]) == {"a", "b"}
+    assert loss["per_group"]["a"]["auc"] == loss["per_class"][0]["auc"]
+    assert loss["per_group"]["a"]["n_members"] + loss["per_group"]["b"]["n_members"] == N
+    json.dumps(metrics)
+    plain, _ = run_attacks(model, schedule, "v", *members, *nonmembers, attacks=("loss",))
+    assert "per_class" not in plain["loss"] and plain["loss"]["auc"] == loss["auc"]
 
 
 def test_plot_roc_writes_a_png(tmp_path):

@@ -10,20 +10,22 @@ Scores follow one convention: HIGHER = more likely a member (training example).
 
 - ``loss_scores``: the loss attack (Matsumoto et al. 2023, "Membership Inference Attacks against
   Diffusion Models", §4; Carlini et al. 2023, "Extracting Training Data from Diffusion Models", §5.1).
-- ``secmi_scores``: SecMI's t-error (Duan et al., ICML 2023, eqs. 8–10).
+- ``secmi_scores``: SecMI's t-error (Duan et al., ICML 2023, eqs. 8–10), at the official code's timesteps.
 - ``pia_scores``: PIA, the proximal initialisation attack (Kong et al., ICLR 2024, eqs. 9–10).
 - ``lira_scores``: the likelihood-ratio test of Carlini et al. 2022 (S&P), on per-example attack
   scores of shadow models (the shadow models themselves are the caller's business).
 - ``nearest_neighbour_check``: do released pseudo-features sit closer to training points than to
   held-out points of the same class?
-- ``attack_metrics``, ``plot_roc``, ``run_attacks``: AUC and TPR at low FPR (Carlini et al. 2022, §III.A).
+- ``attack_metrics``, ``plot_roc``, ``run_attacks``: AUC and TPR at low FPR (Carlini et al. 2022, §III.A);
+  ``grouped_metrics``: the same per class and per class group (many / medium / few), because a pooled AUC
+  over a long-tailed member set is dominated by whichever classes contribute the most pairs.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,25 +132,37 @@ def loss_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor
     return _scores_by_batch(batch, x, y, batch_size)
 
 
+def secmi_timesteps(t_sec: int, k: int) -> tuple[list[int], int, int]:
+    """SecMI's timesteps as the authors' code uses them (jinhaoduan/SecMI, ``mia_evals/secmia.py``,
+    ``get_intermediate_results``: ``target_steps = list(range(0, t_sec, k))[1:]``, then one DDIM
+    inversion step ``target_steps[-1] → target_steps[-1] + k`` and one DDIM step back): returns
+    (inversion grid 0, k, 2k, …, t_a; t_a; t_b = t_a + k). With the paper's t_sec = 100, k = 10 the
+    t-error is measured at t_a = 90 = t_sec − k, not at t_sec (the step up reaches t_sec)."""
+    if not (k >= 1 and t_sec > k):
+        raise ValueError(f"SecMI needs k ≥ 1 and t_sec > k (the official grid range(0, t_sec, k)[1:] is "
+                         f"otherwise empty), got t_sec={t_sec}, k={k}")
+    grid = list(range(0, int(t_sec), int(k)))
+    return grid, grid[-1], grid[-1] + int(k)
+
+
 @torch.no_grad()
 def secmi_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, prediction: str,
-                 t_sec: int = 100, k: int = 10, inversion_steps: int = 10, batch_size: int = 512) -> torch.Tensor:
+                 t_sec: int = 100, k: int = 10, batch_size: int = 512) -> torch.Tensor:
     """SecMI's t-error (Duan et al., ICML 2023, "Are Diffusion Models Vulnerable to Membership Inference
-    Attacks?", eqs. 8–10), negated so that higher = more likely member.
+    Attacks?", eqs. 8–10; SecMI_stat), negated so that higher = more likely member.
 
-    1. x̃_{t_sec} = Φ_θ(x0, 0 → t_sec): deterministic DDIM inversion in ``inversion_steps`` equal steps,
-       x0 taken as the state at t = 0 (as in the authors' code, which starts at t_c = 0);
-    2. x̃_{t_sec+k} = φ_θ(x̃_{t_sec}, t_sec → t_sec+k), one more inversion step;
-    3. x̂_{t_sec} = ψ_θ(x̃_{t_sec+k}, t_sec+k → t_sec), one deterministic DDIM step back (η = 0);
-    score = −‖x̃_{t_sec} − x̂_{t_sec}‖² (mean of squares over non-batch dims; SecMI_stat's ℓ2 statistic).
-    Returns float32 [N] on the CPU. The defaults are the paper's (DDPM on images, T = 1000); on small
-    feature denoisers they proved unreliable (tests/test_mia.py: t_sec = 50, k = 100 works there).
+    Timesteps as in the official code (``secmi_timesteps``; defaults t_sec = 100, k = 10 are the paper's
+    and the code's, for T = 1000):
+    1. x̃_{t_a} = Φ_θ(x0, 0 → t_a): deterministic DDIM inversion in steps of k, 0 → k → … → t_a
+       (t_a = t_sec − k when k divides t_sec), starting from the data at t = 0 as the authors do;
+    2. x̃_{t_b} = φ_θ(x̃_{t_a}, t_a → t_b = t_a + k), one more inversion step (to t_sec);
+    3. x̂_{t_a} = ψ_θ(x̃_{t_b}, t_b → t_a), one deterministic DDIM step back (η = 0);
+    score = −‖x̃_{t_a} − x̂_{t_a}‖² (mean of squares over non-batch dims; the code sums, the same ranking).
+    1 + t_a/k + 1 model calls per example. Returns float32 [N] on the CPU.
     """
     check_prediction(prediction)
-    _check_timestep(schedule, t_sec, t_sec + k)
-    if k < 1 or inversion_steps < 1 or t_sec < 1:
-        raise ValueError("need t_sec ≥ 1, k ≥ 1 and inversion_steps ≥ 1")
-    grid = sorted({int(round(v)) for v in np.linspace(0, t_sec, inversion_steps + 1)})
+    grid, t_a, t_b = secmi_timesteps(t_sec, k)
+    _check_timestep(schedule, t_a, t_b)
 
     def batch(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         def invert(z: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
@@ -157,8 +171,8 @@ def secmi_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tenso
         z = xb
         for t, t_next in zip(grid, grid[1:]):
             z = invert(z, t, t_next)
-        z_up = invert(z, t_sec, t_sec + k)
-        z_back = ddim_step(model_output(model, z_up, t_sec + k, yb), t_sec + k, t_sec, z_up, schedule, prediction)
+        z_up = invert(z, t_a, t_b)
+        z_back = ddim_step(model_output(model, z_up, t_b, yb), t_b, t_a, z_up, schedule, prediction)
         return -_per_example((z - z_back) ** 2)
 
     return _scores_by_batch(batch, x, y, batch_size)
@@ -273,8 +287,12 @@ def nearest_neighbour_check(pseudo, pseudo_y, members, members_y, heldout, heldo
 # ---------------------------------------------------------------------------------------------------
 
 def _roc(member_scores, nonmember_scores):
-    """(fpr, tpr, auc, labels, scores) of scores where higher = member; refuses non-finite scores."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    """(fpr, tpr, auc, n_members, n_nonmembers) of scores where higher = member; refuses non-finite scores.
+
+    The ROC has one point per distinct score (sklearn's ``roc_curve(drop_intermediate=False)``) and the AUC
+    is the Mann–Whitney statistic with ties counted ½ (= ``roc_auc_score``), in plain numpy: per-class and
+    per-group metrics call this hundreds of times, where sklearn's argument validation dominated."""
+    from scipy.stats import rankdata
 
     m, n = (np.asarray(_as_tensor(s), dtype=np.float64).reshape(-1) for s in (member_scores, nonmember_scores))
     if not (len(m) and len(n)):
@@ -283,8 +301,14 @@ def _roc(member_scores, nonmember_scores):
     if not np.isfinite(scores).all():
         raise ValueError("attack scores contain NaN or inf")
     labels = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
-    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-    return fpr, tpr, float(roc_auc_score(labels, scores)), len(m), len(n)
+    order = np.argsort(-scores, kind="mergesort")
+    s_sorted, l_sorted = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(scores) - 1]  # last index of each distinct score
+    tps = np.cumsum(l_sorted)[last]
+    fps = last + 1 - tps
+    tpr, fpr = np.r_[0.0, tps / len(m)], np.r_[0.0, fps / len(n)]
+    auc = (rankdata(scores)[: len(m)].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(n))
+    return fpr, tpr, float(auc), len(m), len(n)
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
@@ -301,6 +325,45 @@ def attack_metrics(member_scores, nonmember_scores) -> dict[str, float | int]:
     fpr, tpr, auc, nm, nn_ = _roc(member_scores, nonmember_scores)
     return {"auc": auc, "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, 0.01),
             "tpr_at_0.1pct_fpr": tpr_at_fpr(fpr, tpr, 0.001), "n_members": nm, "n_nonmembers": nn_}
+
+
+def _labels_of(a) -> np.ndarray:
+    return np.asarray(_as_tensor(a), dtype=np.int64).reshape(-1)
+
+
+def _metrics_or_empty(m: np.ndarray, n: np.ndarray) -> dict[str, Any]:
+    """``attack_metrics`` when both sides are present, else the counts with AUC None (nothing to rank)."""
+    if len(m) and len(n):
+        return attack_metrics(m, n)
+    return {"auc": None, "tpr_at_1pct_fpr": None, "tpr_at_0.1pct_fpr": None, "n_members": len(m),
+            "n_nonmembers": len(n)}
+
+
+def grouped_metrics(member_scores, nonmember_scores, member_y, nonmember_y,
+                    groups: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """``attack_metrics`` per class and per group of classes (e.g. many / medium / few), beside the pooled one.
+
+    Why: on a long-tailed member set the pooled AUC mixes classes with very different leaks (a tail class
+    with 2 training points can be perfectly separable while the head is not) and weights them by how many
+    member/non-member pairs each contributes. Within a class the members and non-members are balanced
+    (``balanced_pairs``), so a per-class AUC is label-free. A class or group lacking either side gets AUC
+    None. ``class_mean_auc`` is the unweighted mean over classes with both sides. With n non-members in a
+    class, TPR@1%FPR is the TPR at zero false positives whenever n < 100: read it with ``n_nonmembers``.
+    Returns {"per_class": {c: metrics}, "per_group": {name: metrics}, "class_mean_auc": float | None}.
+    """
+    m, n = (np.asarray(_as_tensor(s), dtype=np.float64).reshape(-1) for s in (member_scores, nonmember_scores))
+    my, ny = _labels_of(member_y), _labels_of(nonmember_y)
+    if len(my) != len(m) or len(ny) != len(n):
+        raise ValueError(f"{len(m)} member scores but {len(my)} labels, or {len(n)} non-member scores but "
+                         f"{len(ny)} labels")
+    per_class = {int(c): _metrics_or_empty(m[my == c], n[ny == c]) for c in sorted(set(my) | set(ny))}
+    per_group = {}
+    for name, classes in (groups or {}).items():
+        cls = np.asarray(list(classes), dtype=np.int64)
+        per_group[name] = {**_metrics_or_empty(m[np.isin(my, cls)], n[np.isin(ny, cls)]),
+                           "classes": [int(c) for c in cls]}
+    aucs = [v["auc"] for v in per_class.values() if v["auc"] is not None]
+    return {"per_class": per_class, "per_group": per_group, "class_mean_auc": float(np.mean(aucs)) if aucs else None}
 
 
 def plot_roc(curves: dict[str, tuple[Any, Any]], path: Path | str, title: str = "Membership inference") -> Path:
@@ -323,19 +386,21 @@ def plot_roc(curves: dict[str, tuple[Any, Any]], path: Path | str, title: str = 
     return save_fig(fig, Path(path))
 
 
-ATTACK_FNS = {"loss": loss_scores, "secmi": secmi_scores, "pia": pia_scores}
+ATTACK_FNS = {"loss": loss_scores, "secmi": secmi_scores, "secmi-long": secmi_scores, "pia": pia_scores}
 
 
 def run_attacks(model, schedule: NoiseSchedule, prediction: str, members: torch.Tensor, members_y: torch.Tensor,
                 nonmembers: torch.Tensor, nonmembers_y: torch.Tensor, attacks: Sequence[str] = ATTACKS,
                 seed: int = 0, batch_size: int = 512, attack_kwargs: dict[str, dict] | None = None,
+                groups: Mapping[str, Sequence[int]] | None = None,
                 ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Run the named attacks on members vs non-members and time each (members + non-members together).
 
     Returns ``(metrics, scores)``: metrics[name] = ``attack_metrics`` + {"seconds"} (JSON-ready) and
     scores[name] = (member_scores, nonmember_scores) as numpy arrays, ready for ``plot_roc(scores, …)``.
     ``attack_kwargs[name]`` overrides that attack's settings (e.g. {"secmi": {"t_sec": 50}}); only the
-    loss attack takes ``seed``.
+    loss attack takes ``seed``. With ``groups`` ({name: classes}; {} for per-class only) every metrics
+    entry also carries ``grouped_metrics``' per-class and per-group figures.
     """
     unknown = set(attacks) - set(ATTACK_FNS)
     if unknown:
@@ -349,6 +414,8 @@ def run_attacks(model, schedule: NoiseSchedule, prediction: str, members: torch.
         n = ATTACK_FNS[name](model, schedule, nonmembers, nonmembers_y, prediction, **kw).numpy()
         seconds = time.perf_counter() - t0
         metrics[name] = {**attack_metrics(m, n), "seconds": seconds}
+        if groups is not None:
+            metrics[name].update(grouped_metrics(m, n, members_y, nonmembers_y, groups))
         scores[name] = (m, n)
     return metrics, scores
 
@@ -367,9 +434,17 @@ def balanced_pairs(y_members: np.ndarray, y_nonmembers: np.ndarray, num_classes:
 
 
 def attack_settings(T: int) -> dict[str, dict]:
-    """The attacks' timesteps as fractions of T (stated for T = 1000). SecMI at the paper's image settings
-    (t_sec = 100, k = 10) is unreliable on feature denoisers (AUC 0.11–0.98 over training seeds of an
-    overfit model, tests/test_mia.py); a longer step t_sec = 50 → 150 separates."""
+    """The attacks' timesteps as fractions of T (stated for T = 1000).
+
+    SecMI: t_sec = 100, k = 10, the paper's (Duan et al. 2023, §5.1) and the official code's defaults
+    (jinhaoduan/SecMI, ``mia_evals/secmia.py``: ``--t_sec 100 --k 10``), with the code's convention that
+    the t-error is measured at t_sec − k = 90 (``secmi_timesteps``). On small feature denoisers this short
+    step is unreliable (AUC 0.40–0.70 over 4 training seeds of a model the loss attack separates at
+    0.99+, tests/test_mia.py); ``secmi-long`` (t_sec = 200, k = 100: error at 100 after a step to 200)
+    separates better there (0.74–0.88) and is offered as a separate, non-default attack — it is not SecMI
+    as published."""
     at = lambda t: max(1, min(T - 1, round(t * T / 1000)))  # noqa: E731
     return {"loss": {"timesteps": tuple(at(t) for t in (50, 100, 200, 300))},
-            "secmi": {"t_sec": at(50), "k": at(100)}, "pia": {"t": at(200)}}
+            "secmi": {"t_sec": max(at(100), at(10) + 1), "k": at(10)},
+            "secmi-long": {"t_sec": max(at(200), at(100) + 1), "k": at(100)},
+            "pia": {"t": at(200)}}
