@@ -171,6 +171,7 @@ def test_cli_attack_writes_results_plot_and_report(dp_run):
     assert (run.plots / "roc.png").stat().st_size > 1000
     report = (run.path / "report.md").read_text()
     assert "## Membership inference" in report and "| 0 | dp-ldmlr | loss |" in report
+    assert "control AUC" in report  # the control beside every attack in the run's own report too
     assert set(att["seeds"]["0"]) == {"ldmlr", "dp-ldmlr"}  # the keys stay the released models
     md = (run.path / "attack.md").read_text()
     assert "control AUC" in md and "| 0 | ldmlr | loss | few |" in md and "feature-norm AUC" in md

@@ -283,9 +283,11 @@ def membership_section(run: RunDir) -> list[str]:
     rows, copy_rows = [], []
     for seed, targets in att["seeds"].items():
         for target, res in targets.items():
+            control = res.get("control") or {}
             for name in [*att["attacks"], *(["lira"] if "lira" in res else [])]:
-                m = res[name]
-                rows.append([seed, target, name, f"{m['auc']:.3f}", f"{m['tpr_at_1pct_fpr']:.3f}",
+                m, c = res[name], control.get(name)
+                rows.append([seed, target, name, f"{m['auc']:.3f}", "–" if c is None else f"{c['auc']:.3f}",
+                             f"{m['tpr_at_1pct_fpr']:.3f}", "–" if c is None else f"{c['tpr_at_1pct_fpr']:.3f}",
                              f"{m['tpr_at_0.1pct_fpr']:.3f}", res["n_members"]])
             c = res["copying"]
             copy_rows.append([seed, target, f"{c['mean_ratio']:.3f}", f"{c['copy_fraction']:.3f}", c["n_pseudo"]])
@@ -294,7 +296,11 @@ def membership_section(run: RunDir) -> list[str]:
           "classes (never trained on, chosen before training), balanced per class. AUC 0.5 = no leak. "
           "TPR at a low FPR is what matters for a worst-case individual; with a few hundred examples the "
           "0.1 % point rests on no more than one non-member.", "",
-          markdown_table(["seed", "denoiser", "attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR", "members"], rows), "",
+          "The control is a denoiser trained the same way on data that contains neither set (see attack.md): its "
+          "AUC is what 'no membership signal' looks like in this pipeline. Per-class and per-group figures: "
+          "attack.json / attack.md.", "",
+          markdown_table(["seed", "denoiser", "attack", "AUC", "control AUC", "TPR@1%FPR", "control TPR@1%FPR",
+                          "TPR@0.1%FPR", "members"], rows), "",
           "Copying check of pseudo-features: distance to the nearest member over the distance to the nearest "
           "held-out example of the same class (equal-size reference sets; ≈ 1: no preference for training "
           "points; 'copies': ratio < 0.5).", "",
