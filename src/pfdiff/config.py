@@ -16,8 +16,11 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: str = "digits"  # digits | mnist | fmnist | cifar10 | cifar100 | npz
-    path: str | None = None  # user path for every source except digits
+    name: str = "digits"  # digits | mnist1d | mnist | fmnist | cifar10 | cifar100 | npz
+    path: str | None = None  # user path for every source except digits and mnist1d
+    # mnist1d only: signals generated (N/10 per class, seeded by split_seed). 50 000 leave 4 000 per class in the
+    # training pool at test_fraction 0.2, so IF=100 keeps >= 30 in the rarest class even after a validation split
+    num_samples: int = Field(50_000, ge=10)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     imbalance_factor: float = Field(50.0, ge=1)  # n_c = n_max · IF^(−c/(C−1))
     split_seed: int = 0  # the split is fixed across training seeds
@@ -27,7 +30,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    encoder: str = "auto"  # auto | cnn | resnet32 | identity
+    encoder: str = "auto"  # auto | cnn | cnn1d | resnet32 | identity | mlp (auto: identity / cnn1d / cnn by input rank)
     feature_dim: int = Field(64, ge=2)
     width: int = Field(32, ge=4)
     classifier: Literal["linear", "cosine"] = "linear"

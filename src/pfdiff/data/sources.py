@@ -1,9 +1,15 @@
-"""Data sources: embedded digits, MNIST/Fashion-MNIST IDX, CIFAR pickles, generic .npz; all validated."""
+"""Data sources: embedded digits, generated MNIST-1D, MNIST/Fashion-MNIST IDX, CIFAR pickles, generic .npz;
+all validated."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
+import json
+import os
 import pickle
+import random
 import struct
 import zipfile
 import zlib
@@ -20,7 +26,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Validated arrays: ``x`` float32 images [N, C, H, W] in [0, 1] or features [N, D]; ``y`` int64 [N]."""
+    """Validated arrays: ``x`` float32 images [N, C, H, W] in [0, 1], 1-D signals [N, C, L] (MNIST-1D:
+    standardised, not in [0, 1]) or features [N, D]; ``y`` int64 [N]."""
 
     x: np.ndarray
     y: np.ndarray
@@ -98,6 +105,107 @@ def load_digits_dataset() -> ArrayDataset:
 
     d = load_digits()
     return _dataset(_scaled(d.images[:, None], 16.0), d.target, 10, "digits", "digits")
+
+
+# ---------------------------------------------------------------- MNIST-1D (generated, Greydanus 2020)
+
+MNIST1D_CLASSES = 10
+MNIST1D_CACHE_VERSION = 1  # bump when the cached arrays change meaning
+_MNIST1D_MEMORY: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def mnist1d_args(num_samples: int, seed: int) -> dict[str, Any]:
+    """The generator's own defaults (``get_dataset_args``) with our sample count and seed; the download URL
+    is dropped so that nothing here can reach it."""
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args(as_dict=True)
+    args.pop("url", None)
+    args.update(num_samples=int(num_samples), seed=int(seed))
+    return args
+
+
+def mnist1d_cache_dir() -> Path:
+    """Where generated MNIST-1D arrays are kept: $PFDIFF_CACHE_DIR, else $XDG_CACHE_HOME/pfdiff, else ~/.cache/pfdiff."""
+    if os.environ.get("PFDIFF_CACHE_DIR"):
+        return Path(os.environ["PFDIFF_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pfdiff"
+
+
+def _mnist1d_key(args: dict[str, Any]) -> str:
+    """A hash of everything that decides the arrays: generator args, package version, cache format."""
+    from importlib.metadata import version
+
+    blob = json.dumps({"args": args, "mnist1d": version("mnist1d"), "format": MNIST1D_CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _generate_mnist1d(args: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Run the package's procedural generator (never its download path). ``make_dataset`` reseeds the global
+    ``random`` and ``numpy.random`` states, so they are saved and restored around it."""
+    from mnist1d.data import make_dataset
+    from mnist1d.utils import ObjectView
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(ObjectView(dict(args)))
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    # the generator splits train_split / rest itself; pooled in its order, the first 80 % are its training set
+    x = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)
+    return x, np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
+
+
+def _read_mnist1d_cache(path: Path, args: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, or None when the file is missing, unreadable or made from other args."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if json.loads(str(f["args"])) != args:
+                return None
+            return f["x"], f["y"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+
+
+def _write_mnist1d_cache(path: Path, args: dict[str, Any], x: np.ndarray, y: np.ndarray) -> None:
+    """Atomic write (temp file + rename), so a concurrent reader never sees half a file; a cache that cannot
+    be written only costs a regeneration next time."""
+    from pfdiff.runs import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y, args=np.array(json.dumps(args)))
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError:
+        pass
+
+
+def _mnist1d_arrays(args: dict[str, Any], cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays from memory, then the disk cache, then the generator (about 1 ms per signal, so 50 000 take
+    ~50 s once)."""
+    key = _mnist1d_key(args)
+    if key not in _MNIST1D_MEMORY:
+        path = (mnist1d_cache_dir() if cache_dir is None else Path(cache_dir)) / f"mnist1d-{key}.npz"
+        arrays = _read_mnist1d_cache(path, args)
+        if arrays is None:
+            arrays = _generate_mnist1d(args)
+            _write_mnist1d_cache(path, args, *arrays)
+        _MNIST1D_MEMORY[key] = arrays
+    x, y = _MNIST1D_MEMORY[key]
+    return x.copy(), y.copy()  # callers own their arrays; the cached ones stay pristine
+
+
+def load_mnist1d(num_samples: int = 50_000, seed: int = 0, cache_dir: str | Path | None = None) -> ArrayDataset:
+    """MNIST-1D (Greydanus 2020) from its procedural generator: ``num_samples`` signals of length 40 as
+    [N, 1, 40] float32, ``num_samples // 10`` per class, deterministic in ``seed``. The generator's default
+    arguments; ``num_samples=5000, seed=42`` is the paper's dataset, whose first 4 000 are its training set."""
+    if num_samples < MNIST1D_CLASSES or num_samples % MNIST1D_CLASSES:
+        raise DataError(f"mnist1d: num_samples must be a positive multiple of 10 (n per class = N/10), got {num_samples}")
+    x, y = _mnist1d_arrays(mnist1d_args(num_samples, seed), cache_dir)
+    x, y, c = validate_arrays(x, y, MNIST1D_CLASSES, "mnist1d")
+    return ArrayDataset(x[:, None, :], y, c, "mnist1d")
 
 
 # ---------------------------------------------------------------- IDX (MNIST / Fashion-MNIST)
@@ -265,15 +373,26 @@ def load_npz(path: str | Path, name: str | None = None) -> ArrayDataset:
 
 # ---------------------------------------------------------------- registry
 
-SOURCES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "npz")
+SOURCES = ("digits", "mnist1d", "mnist", "fmnist", "cifar10", "cifar100", "npz")
+
+
+def dataset_options(data_cfg: Any) -> dict[str, Any]:
+    """The loader keywords a ``DataConfig`` implies: generated sources take their size and seed from it
+    (MNIST-1D is drawn with ``split_seed``, the one data seed of a run); file sources take none."""
+    if data_cfg.name == "mnist1d":
+        return {"num_samples": data_cfg.num_samples, "seed": data_cfg.split_seed}
+    return {}
 
 
 def load_dataset(name: str, path: str | Path | None = None, **kw: Any) -> ArrayDataset:
-    """Load a named source; every source except ``digits`` reads ``path``. ``kw`` goes to the loader."""
+    """Load a named source; every source except ``digits`` and ``mnist1d`` (generated) reads ``path``.
+    ``kw`` goes to the loader (``mnist1d``: ``num_samples``, ``seed``, ``cache_dir``)."""
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(SOURCES)}")
     if name == "digits":
         return load_digits_dataset(**kw)
+    if name == "mnist1d":
+        return load_mnist1d(**kw)
     if path is None:
         raise DataError(f"dataset {name!r} needs a path (data.path; see the README's data table)")
     if name in ("mnist", "fmnist"):
