@@ -163,6 +163,11 @@ def test_augmentation_kinds_follow_the_input_shape():
     with pytest.raises(ValueError, match="needs images"):
         augmentation_kind(OptimConfig(augment="crop"), (1, 40))
     assert augmenter(OptimConfig(), (3, 32, 32)) is None
+    assert augmenter(OptimConfig(augment="shift", augment_pad=0), (1, 40)) is None
+    x = torch.rand(64, 1, 4, 4)
+    flip_only = augmenter(OptimConfig(augment="crop-flip", augment_pad=0), (1, 4, 4))(x, 0, 0)
+    flipped = [torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in zip(flip_only, x)]
+    assert 10 < sum(flipped) < 54 and all(f or torch.equal(a, b) for f, a, b in zip(flipped, flip_only, x))
 
 
 def test_crop_flip_shapes_content_and_seeded_determinism():

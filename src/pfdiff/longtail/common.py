@@ -253,16 +253,19 @@ def augmenter(o: OptimConfig, input_shape: tuple[int, ...]) -> Callable[[torch.T
     """``augment(x, seed, step)`` of the configured kind (None: no augmentation). Tensor ops on x's device, the
     draws of batch ``step`` from a generator of their own, so a resumed stage repeats them exactly."""
     kind = augmentation_kind(o, input_shape)
-    if kind == "none" or o.augment_pad == 0 and kind != "flip":
+    crop = kind in ("crop-flip", "crop") and o.augment_pad > 0
+    flip = kind in ("crop-flip", "flip")
+    shift = kind == "shift" and o.augment_pad > 0
+    if not (crop or flip or shift):
         return None
 
     def augment(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
         g = generator(x.device, seed, "augment", step)
-        if kind in ("crop-flip", "crop"):
+        if crop:
             x = random_crop(x, o.augment_pad, g)
-        if kind in ("crop-flip", "flip"):
+        if flip:
             x = random_flip(x, g)
-        if kind == "shift":
+        if shift:
             x = random_shift(x, o.augment_pad, g, o.shift_mode)
         return x
 
