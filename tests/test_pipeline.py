@@ -44,12 +44,18 @@ def test_run_writes_everything(tiny_run):
     assert len(set(split["test_counts"])) == 1  # exactly balanced test set
     diag = results["per_seed"][0]["diagnostics"]["ldmlr"]
     assert diag["generated_per_class"][0] == 0 and diag["generated_per_class"][-1] > 0
+    # the protocol: a balanced validation split (default 10 per class), τ of logit_adjust chosen on it
+    assert split["val_counts"] == [10] * 10 and results["protocol"]["val_per_class"] == 10
+    (choice,) = results["choices"]["logit_adjust"]
+    assert choice["on"] == "validation" and choice["tau"] in results["protocol"]["la_tau_grid"]
+    assert results["run_keys"] == ["seed0"] and results["pairs"] == [[0, 0]]
 
 
 def test_report_has_table_and_plots(tiny_run):
     run, _ = tiny_run
     text = render_report(run).read_text()
     assert "| ldmlr |" in text and "few" in text and "not private" in text
+    assert "| few | balanced |" in text and "rule used: thresholds" in text and "## Protocol" in text
     for png in ("per_class_accuracy.png", "training_curves.png", "feature_projection.png"):
         assert (run.plots / png).stat().st_size > 1000
 
