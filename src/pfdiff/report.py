@@ -173,6 +173,11 @@ def _g(v) -> str:
     return "–" if v is None else f"{v:g}"
 
 
+def _per_run(values: list) -> str:
+    """One value per run, or the value once when every run has it."""
+    return _g(values[0]) if len(set(values)) == 1 else ", ".join(_g(v) for v in values)
+
+
 def protocol_lines(results: dict) -> list[str]:
     """How the numbers were obtained: (split seed, seed) pairs, the validation split and what was chosen on it."""
     proto, split = results.get("protocol"), results["split"]
@@ -197,9 +202,9 @@ def protocol_lines(results: dict) -> list[str]:
             continue
         val = [c["val_balanced"] for c in picks if c.get("val_balanced") is not None]
         fixed = not any("pseudo_weight" in c.get("chosen_on_validation", ["pseudo_weight"]) for c in picks)
-        weights = ", ".join(_g(c.get("pseudo_weight")) for c in picks) + (" (fixed)" if fixed and picks[0].get(
-            "pseudo_weight") is not None else "")
-        rows.append([method, ", ".join(_g(c.get("tau")) for c in picks), weights,
+        rows.append([method, _per_run([c.get("tau") for c in picks]),
+                     _per_run([c.get("pseudo_weight") for c in picks]) + (" (fixed)" if fixed and picks[0].get(
+                         "pseudo_weight") is not None else ""),
                      f"{np.mean(val):.3f}" if val else "–"])
     if rows:
         pairs = ", ".join(f"({a}, {b})" for a, b in results.get("pairs", []))
@@ -342,8 +347,9 @@ def render_report(run: RunDir) -> Path:
     g = split["groups"]
     md = [f"# pfdiff run: {run.path.name}", "",
           f"Dataset **{split['dataset']}**: {split['train_size']} long-tailed training examples, "
-          f"{split['test_size']} balanced test examples, {split['num_classes']} classes; "
-          f"seeds {results['seeds']}; device {results['device']}.", "",
+          f"{split['test_size']} balanced test examples, {split['num_classes']} classes; " +
+          (f"split seeds {results['protocol']['split_seeds']} × seeds {results['protocol']['seeds']}"
+           if "protocol" in results else f"seeds {results['seeds']}") + f"; device {results['device']}.", "",
           (f"Training counts per class: {split['train_counts']}" if "train_counts" in split else
            f"Private run: {split['n_public']} public and {split['n_private']} private training examples (both sizes "
            f"declared public); public counts per class: {split['public_counts']} (the private part's counts are "
@@ -354,7 +360,7 @@ def render_report(run: RunDir) -> Path:
     md += verdict(results)
     md += protocol_lines(results) + [""]
     md += ["Methods:", ""] + [f"- `{m}`: {d}" for m, d in results["method_names"].items()] + [""]
-    md += ["## Wall time per stage (s, mean ± std over seeds)", "",
+    md += [f"## Wall time per stage (s, mean ± std over {len(results['per_seed'])} run(s))", "",
            markdown_table(["stage", "seconds"], [(k, _fmt(v)) for k, v in results["timings"].items()])]
     diag = results["per_seed"][0]["diagnostics"].get("ldmlr")
     if diag:
