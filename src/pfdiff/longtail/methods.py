@@ -11,7 +11,9 @@ Grammar: ``BASE[@LOSS][+la]``
   mass its classifier was fitted on: the stage-1 training counts, or real counts plus weighted
   pseudo-features after LDMLR's stage 3, uniform after cRT); τ is chosen on the validation split from
   ``la_tau_grid`` (``logit_adjust_tau`` without one). On a base whose loss already corrects for the prior
-  (``la-loss``, ``bsce``) the training prior double-corrects, and validation then picks τ ≈ 0.
+  (``la-loss``, ``bsce``) the training prior would double-correct, so τ is left to validation: 0 where the
+  loss's correction holds; on digits-LT, where stage 1 drives the training loss to ≈ 0 and the correction
+  fades, it picks 0.5–1 (docs/longtail_protocol.md).
 
 Aliases: ``logit_adjust`` = ``ce+la``; a stage-1 loss alone names its stage-1 classifier: ``bsce`` = ``ce@bsce``,
 ``la-loss`` = ``ce@la-loss``, ``ldam-drw`` = ``ce@ldam-drw`` (also with ``+la``: ``bsce+la``).
