@@ -287,7 +287,7 @@ def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, 
     def engine(rate: float) -> DPSGD:
         return DPSGD(model, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(u),
                      sample_rate=rate, max_physical_batch_size=p.max_physical_batch_size, noise=noise,
-                     secure_mode=p.secure_mode, track_norms=False)
+                     secure_mode=p.secure_mode, track_norms=False, tune_allocator=True)
 
     def per_example(loss):  # K draws averaged per example before clipping (DPDM)
         return lambda m, z, labels: loss(m, z, labels, noise_multiplicity=p.noise_multiplicity).loss

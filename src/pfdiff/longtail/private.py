@@ -193,7 +193,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     def engine(rate: float) -> DPSGD:
         return DPSGD(denoiser, opt, noise_multiplier=plan.sigma, max_grad_norm=p.max_grad_norm, dataset_size=len(u),
                      sample_rate=rate, max_physical_batch_size=p.max_physical_batch_size, noise=noise, ema=ema,
-                     secure_mode=p.secure_mode, track_norms=False)
+                     secure_mode=p.secure_mode, track_norms=False, tune_allocator=True)
 
     phase2, phase2_loss = engine(plan.sample_rate), feature_loss(d, schedule, num_classes, t_max=S)
     phase1 = engine(plan.phase1_rate) if plan.phase1_steps else None
@@ -244,7 +244,8 @@ def train_private_stage1(x: torch.Tensor, y: torch.Tensor, num_classes: int, inp
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.stage1.lr, weight_decay=0.0)
     engine = DPSGD(net, opt, noise_multiplier=event.noise_multiplier, max_grad_norm=p.max_grad_norm,
                    dataset_size=len(y), sample_rate=event.sample_rate, max_physical_batch_size=p.max_physical_batch_size,
-                   noise=noise, secure_mode=p.secure_mode, method="vmap", track_norms=False)
+                   noise=noise, secure_mode=p.secure_mode, method="vmap", track_norms=False,
+                   tune_allocator=True)
 
     def per_example_ce(model, xb, yb):
         return nn.functional.cross_entropy(model(xb), yb, reduction="none")
