@@ -30,3 +30,21 @@ def test_logit_adjustment_survives_a_class_without_training_examples():
     adjusted = logit_adjusted(logits, [50, 10, 0], tau=1.0)  # the absent class counts as one example
     expected = logits - torch.log(torch.tensor([50.0, 10.0, 1.0]) / 61.0)
     assert torch.isfinite(adjusted).all() and torch.allclose(adjusted, expected)
+
+
+def test_ldmlr_paper_runs_beside_fill_to_max_on_the_same_denoiser(tmp_path):
+    from test_pipeline import TINY
+
+    from pfdiff.config import load_config
+    from pfdiff.longtail.pipeline import run_experiment
+    from pfdiff.runs import RunDir
+
+    cfg = load_config(None, TINY + ["methods=[ldmlr,ldmlr-paper,ldmlr-paper+la]"])
+    run = RunDir.create(cfg, tmp_path)
+    results = run_experiment(cfg, run)
+    diag = results["per_seed"][0]["diagnostics"]
+    counts = np.asarray(results["split"]["train_counts"])
+    assert diag["ldmlr-paper"]["generated_per_class"] == np.maximum(np.round(0.2 * counts), 5).astype(int).tolist()
+    assert diag["ldmlr"]["generated_per_class"] == (counts.max() - counts).tolist()
+    assert set(results["methods"]) == {"ldmlr", "ldmlr-paper", "ldmlr-paper+la"}
+    assert len(list((run.checkpoints / "seed0").glob("stage2*.safetensors"))) == 1  # one denoiser for both

@@ -2,7 +2,7 @@
 
 Grammar: ``BASE[@LOSS][+la]``
 
-- ``BASE`` is one of ``ce``, ``resample``, ``ldmlr``, ``ldmlr-aid``, ``ldmlr-ft``, ``dp-ldmlr`` or an end-to-end
+- ``BASE`` is one of ``ce``, ``resample``, ``ldmlr``, ``ldmlr-aid``, ``ldmlr-ft``, ``ldmlr-paper``, ``dp-ldmlr`` or an end-to-end
   variant ``e2e-{A,B,C}[-{proto,cov,rad}][-aid]``.
 - ``@LOSS`` selects the stage-1 loss the base is built on: ``ce`` (default), ``la-loss``, ``bsce``,
   ``ldam-drw`` (longtail/losses.py), so every method stacks on every stage-1 encoder, as in LDMLR's table:
@@ -32,6 +32,8 @@ BASES = {
     "ldmlr": "LDMLR: frozen E, pseudo-features from feature diffusion fill every class to n_max (Han et al. 2024)",
     "ldmlr-aid": "LDMLR with AID/OOD-filtered pseudo-features (Mahalanobis, tied covariance)",
     "ldmlr-ft": "LDMLR, then E fine-tuned with G on real images + the fixed pseudo-features",
+    "ldmlr-paper": "LDMLR as its authors' code runs stage 3: proportional pseudo counts max(round(0.2·n_c), 5), "
+                   "fc-only fine-tune (Adam 1e-3, batch 1024), LSC = +la with the real prior",
     "dp-ldmlr": "DP-LDMLR: ε_θ trained on the private part under DP (privacy.mechanism), noisy class counts, "
                 "G fine-tuned on public features + pseudo-features",
 }

@@ -51,7 +51,7 @@ class Timer:
         return out
 
 
-PSEUDO_WEIGHTED = ("ldmlr", "ldmlr-aid", "ldmlr-ft", "dp-ldmlr")  # bases whose stage 3 has a pseudo-feature weight
+PSEUDO_WEIGHTED = ("ldmlr", "ldmlr-aid", "ldmlr-ft", "ldmlr-paper", "dp-ldmlr")  # bases whose stage 3 has a pseudo-feature weight
 
 
 def split_seeds(cfg: RunConfig) -> list[int]:
@@ -149,6 +149,7 @@ class SeedRun:
         self.y_val = None if split.val is None else split.val.y
         self._stage1: dict[str, tuple] = {}
         self._pseudo: dict[str, tuple] = {}
+        self._denoisers: dict[str, tuple] = {}  # stage-1 loss → (scaler, stage-2 denoiser, schedule)
         self._dp_pseudo: dict[str, tuple] = {}
         self._fits: dict[tuple, Fitted] = {}
         self._features: dict[tuple[int, str], torch.Tensor] = {}
@@ -257,6 +258,19 @@ class SeedRun:
             self._stage1[loss] = (enc, g, encode(enc, self.x))
         return self._stage1[loss]
 
+    def paper_pseudo(self, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+        """``ldmlr-paper``: pseudo-features of the same stage-2 denoiser in LDMLR's proportional counts."""
+        key = f"paper@{loss}"
+        if key not in self._pseudo:
+            self.pseudo(loss)  # trains (or loads) the stage-2 denoiser of this stage 1
+            scaler, denoiser, schedule = self._denoisers[loss]
+            n_gen = pseudo_counts(self.split.counts, paper_protocol(self.cfg).pseudo)
+            u_hat, y_hat = sample_features(denoiser, schedule, n_gen, self.cfg.diffusion, self.seed, self.device,
+                                           tag="paper-pseudo")
+            self._pseudo[key] = (scaler.inverse(u_hat), y_hat)
+            self.diagnostics[f"ldmlr-paper{'' if loss == 'ce' else '@' + loss}"] = {"generated_per_class": n_gen.tolist()}
+        return self._pseudo[key]
+
     def pseudo(self, loss: str = "ce"):
         """LDMLR stage 2 on the features of stage 1 (``loss``) and its pseudo-features (raw feature space)."""
         if loss not in self._pseudo:
@@ -266,6 +280,7 @@ class SeedRun:
             denoiser, schedule = self.timer(f"stage2{tag}", lambda: train_feature_diffusion(
                 scaler.transform(z), self.y, self.split.num_classes, self.cfg, self.seed,
                 self.ck / f"stage2{fs}.safetensors", self.log))
+            self._denoisers[loss] = (scaler, denoiser, schedule)
             n_gen = pseudo_counts(self.split.counts, self.cfg.pseudo)
             u_hat, y_hat = self.timer(f"sampling{tag}", lambda: sample_features(
                 denoiser, schedule, n_gen, self.cfg.diffusion, self.seed, self.device))
@@ -362,6 +377,9 @@ class SeedRun:
         enc, g, z = self.stage1(loss)
         z_hat, y_hat, z_drift, y_drift = self.pseudo(loss)
         cfg = self.with_weight(w)
+        if base == "ldmlr-paper":  # the authors' stage 3 on the same denoiser: proportional counts, fc-only, LSC
+            z_hat, y_hat = self.paper_pseudo(loss)
+            cfg = paper_protocol(cfg)
         tag, fs = ("", "") if loss == "ce" else (f"@{loss}", f"-{loss}")
         ws = "" if w is None else f"-w{w:g}"
         spec = f"{base}{tag}"
@@ -447,6 +465,17 @@ class SeedRun:
         encoder.train()
         self.log({"event": "drift", "method": method, "step": step,
                   **drift_distances(z, self.y, z_hat, y_hat)})
+
+
+def paper_protocol(cfg: RunConfig) -> RunConfig:
+    """LDMLR's stage 3 as the authors' code runs it (``ldmlr-paper``): max(round(0.2·n_c), 5) pseudo-features
+    per class (the imbalance kept), only the fc layer fine-tuned from stage 1 with Adam (lr 1e-3, batch 1024,
+    no weight decay), and LSC — post-hoc adjustment by the *real* training prior (``stage3_prior``), applied
+    by ``+la`` with τ chosen on validation. Their 400 epochs are ``pseudo.finetune_epochs`` here (shorter;
+    the authors also pick the best epoch on the test set, which pfdiff does not copy)."""
+    p = cfg.pseudo.model_copy(update={"fill": "proportional", "proportion": 0.2, "min_per_class": 5,
+                                      "finetune_lr": 1e-3, "finetune_batch_size": 1024, "finetune_weight_decay": 0.0})
+    return cfg.model_copy(update={"pseudo": p})
 
 
 def declared_public(cfg: RunConfig) -> list[str]:
