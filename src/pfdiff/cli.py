@@ -254,8 +254,11 @@ def presets():
 def print_table(results: dict) -> None:
     from pfdiff.evaluation import GROUPS
 
-    cols = ("top1", "balanced", *GROUPS)
-    table = Table(title=f"test accuracy, mean ± std over seeds {results['seeds']}")
+    cols = ("top1", *GROUPS, "balanced")  # balanced beside few, as in report.md
+    proto = results.get("protocol") or {}
+    over = (f"split seeds {proto['split_seeds']} × seeds {proto['seeds']}" if proto.get("split_seeds")
+            else f"seeds {results['seeds']}")
+    table = Table(title=f"test accuracy, mean ± std over {over}")
     table.add_column("method")
     for c in cols:
         table.add_column(c, justify="right")
