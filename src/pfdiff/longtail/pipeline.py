@@ -30,7 +30,7 @@ from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, stage3_prior, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
-from pfdiff.longtail.private import (clip_rows, noisy_counts, preflight, public_private_split,
+from pfdiff.longtail.private import (clip_rows, count_event, noisy_counts, preflight, public_private_split,
                                      train_private_denoiser, train_private_stage1)
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.privacy.noise import noise_source
@@ -312,13 +312,15 @@ class SeedRun:
         of drawing (and paying for) a new one."""
         if self._private_counts is None:
             path = self.ck / "noisy-counts.json"
-            exact = class_counts(self.y[self.private_idx].cpu().numpy(), self.split.num_classes)
-            counts, event = noisy_counts(exact, self.cfg.privacy, self.noise)
-            if event is not None:
-                if path.exists():
-                    counts = np.asarray(self.run_dir.read_json(path.relative_to(self.run_dir.path))["counts"])
-                else:
-                    self.ledger().record_release(event)  # accounted before it is written anywhere
+            event = count_event(self.cfg.privacy)
+            if event is not None and path.exists():  # the saved release: reused, nothing drawn
+                counts = np.asarray(self.run_dir.read_json(path.relative_to(self.run_dir.path))["counts"])
+            else:
+                if event is not None:
+                    self.ledger().record_release(event)  # accounted before the noise is drawn
+                exact = class_counts(self.y[self.private_idx].cpu().numpy(), self.split.num_classes)
+                counts, _ = noisy_counts(exact, self.cfg.privacy, self.noise)
+                if event is not None:
                     atomic_write_json(path, {"counts": counts.tolist()})
             self._private_counts = (counts, event)
         return self._private_counts
