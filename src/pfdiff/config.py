@@ -105,32 +105,44 @@ class PseudoConfig(Section):
 class E2EConfig(Section):
     """End-to-end E, G, ε_θ training (strategies A/B/C) and its AID filter; see longtail/end_to_end.py."""
 
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
+    # None: the budget of stage 1 — as many encoder steps (stage1.epochs × ⌈N/B⌉) with its batch size, lr,
+    # schedule and augmentation, so E2E and the two-stage methods are compared at equal encoder steps
+    steps: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=2)
+    lr: float = Field(1e-3, gt=0)  # ε_θ's AdamW lr (E and G use stage1.lr and its schedule)
+    weight_decay: float = Field(5e-4, ge=0)  # ε_θ's; E and G use stage1.weight_decay
     lambda_sem: float = Field(1.0, ge=0)  # λ_sem: weight of L_LDM^sem
     eta_proto: float = Field(0.1, ge=0)  # η_p
     eta_cov: float = Field(0.1, ge=0)  # η_c
     eta_rad: float = Field(0.1, ge=0)  # η_r
-    gamma_ge: float = Field(0.5, ge=0)  # γ_ge: weight of L_ge
+    gamma_ge: float = Field(0.5, ge=0)  # γ_ge: weight of L_ge (A, B; C uses its pseudo share instead)
     ge_every: int = Field(5, ge=1)  # A: a fast DDIM sample drives L_ge every k steps
     ge_batch: int = Field(64, ge=1)  # pseudo-features per L_ge term (A, B)
     ge_steps: int = Field(5, ge=1)  # DDIM steps of on-the-fly generation
-    ge_grad_to_denoiser: bool = False  # L_ge's gradient flows back through the sampler into θ
-    ldm_grad_to_encoder: bool = False  # L_LDM^sem's gradient flows into E (else z is detached for θ)
-    warmup_steps: int = Field(300, ge=0)  # semantic-weight warm-up (A, B); L_ge starts after it
+    # gradient routing of the coupled objective (research note 001: L_total minimised over {E, G, θ} together);
+    # the method suffix -detached turns all three off (the pre-issue-15 ablation: E trained by CE alone)
+    ldm_grad_to_encoder: bool = True  # L_LDM^sem's gradient flows into E (else θ sees z detached)
+    ge_grad_to_denoiser: bool = True  # L_ge's gradient flows back through the few-step sampler into θ
+    ge_grad_to_encoder: bool = True  # L_ge reaches E through the scaler's statistics of the real batch
+    warm_start: Literal["none", "stage1", "stage2"] = "none"  # -ws1 / -ws2: E, G from stage 1 (+ ε_θ, scaler from stage 2)
+    warmup_steps: int = Field(300, ge=0)  # semantic-weight warm-up (A, B; at most 20 % of the run); L_ge starts after it
     alternate: tuple[int, int] = (1, 1)  # B: θ-steps : E,G-steps
     progressive_phases: tuple[float, float] = (0.3, 0.5)  # C: L_sem from 30 %, L_ge from 50 % of steps
-    pseudo_share: tuple[float, float] = (0.1, 0.3)  # C: pseudo share of G's batch rises from → to
+    pseudo_share: tuple[float, float] = (0.1, 0.3)  # C: pseudo share of G's loss mass (and rows) rises from → to
     tail_power: float = Field(1.0, ge=0)  # classes for L_ge drawn ∝ n_c^(−power)
+    wide_temperature: float = Field(1.5, gt=0)  # -wide: the sampler's initial noise × this (a widened class spread)
     proto_momentum: float = Field(0.1, gt=0, le=1)  # λ of the EMA prototypes
     pseudo_proto_weight: float = Field(0.3, ge=0, le=1)  # pseudo-features' weight in the prototype EMA
     radius_scale: float = Field(1.0, gt=0)  # r_y = scale·√tr(Σ_y)
-    cov_min_count: int = Field(4, ge=2)  # classes with fewer rows in a batch are not covariance-matched
+    cov_min_count: int = Field(4, ge=2)  # batch-only L_cov (cov_shrink = 0): classes with fewer rows are skipped
+    # L_cov's estimate of Σ̂_y(z̃0) borrows k pseudo-rows of its EMA over earlier steps, and its target is Σ_y
+    # shrunk towards the pooled covariance with the same k: every class in the batch, tail included, is matched
+    cov_shrink: float = Field(4.0, ge=0)
     aid_quantile: float = Field(0.95, gt=0, le=1)  # AID threshold: quantile of real features' scores
-    drift_every: int = Field(100, ge=1)  # steps between drift measurements / AID scorer refits
-    drift_per_class: int = Field(50, ge=2)  # pseudo-features per class for the drift FD
+    boundary_quantile: float = Field(0.5, gt=0, le=1)  # -bnd: of the AID-kept, keep margins up to this quantile
+    drift_every: int = Field(100, ge=1)  # steps between drift measurements / AID scorer refits (on the current E)
+    drift_per_class: int = Field(50, ge=2)  # pseudo-features per class for the drift FD and the coverage metric
+    coverage_k: int = Field(3, ge=1)  # k of the k-NN manifolds of the coverage metric (Kynkäänniemi et al. 2019)
 
 
 class PrivacyConfig(Section):

@@ -139,10 +139,91 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 TABLE_COLUMNS = ("top1", *GROUPS, "balanced")
 
 
+def _label(method: str, results: dict) -> str:
+    """The method's name, marked where its generation branch produced nothing (every sample filtered out):
+    such a row is not a test of generation."""
+    f = results.get("e2e", {}).get(method.partition("+")[0], {}).get("filter")
+    if f and f.get("no_generation_runs"):
+        return f"{method} (no generation in {f['no_generation_runs']} run(s))"
+    return method
+
+
 def results_table(results: dict) -> str:
-    rows = [[method, *(_fmt(row[c]) for c in TABLE_COLUMNS), f"{row['seconds']['mean']:.1f}" if "seconds" in row else "–"]
+    """Accuracy per group with balanced beside few, and the budget: encoder optimiser steps and wall seconds."""
+    rows = [[_label(method, results), *(_fmt(row[c]) for c in TABLE_COLUMNS),
+             f"{row['encoder_steps']['mean']:.0f}" if "encoder_steps" in row else "–",
+             f"{row['seconds']['mean']:.1f}" if "seconds" in row else "–"]
             for method, row in results["methods"].items()]
-    return markdown_table(["method", *TABLE_COLUMNS, "seconds"], rows)
+    return markdown_table(["method", *TABLE_COLUMNS, "E steps", "seconds"], rows)
+
+
+def e2e_section(results: dict) -> list[str]:
+    """Per E2E variant: gradient routing, warm start, steps, each term's share of L_total, filter kept fraction."""
+    e2e = results.get("e2e")
+    if not e2e:
+        return []
+    rows = []
+    for name, d in e2e.items():
+        r = d["routing"]
+        routing = "coupled" if all(r.values()) else ("detached" if not any(r.values()) else
+                                                     ", ".join(k for k, v in r.items() if v))
+        f = d.get("filter")
+        kept = "–" if not f else ("–" if f["kept_fraction"] is None else f"{f['kept_fraction']:.2f}")
+        rows.append([name, routing, d.get("warm_start") or "none", d["steps"],
+                     *(f"{d['loss_shares'].get(k, 0.0):.3f}" for k in ("real", "ldm", "proto", "shape", "ge")), kept])
+    return ["", "## End-to-end variants", "",
+            "Routing: which gradients of the coupled objective were on (L_LDM → E, L_ge → θ through the sampler, "
+            "L_ge → E through the scaler's batch statistics). Shares: Σ|weighted term| over the run's steps / Σ of "
+            "all terms (mean over runs). Kept: fraction of on-the-fly pseudo-features the filter kept.", "",
+            markdown_table(["variant", "routing", "warm start", "steps", "real", "ldm", "proto", "shape", "ge", "kept"],
+                           rows)]
+
+
+def coverage_section(results: dict) -> list[str]:
+    """Coverage of held-out features per group: recall of the pseudo-features vs that of the training features."""
+    cov = results.get("coverage")
+    if not cov:
+        return []
+    from pfdiff.evaluation.coverage import group_mean
+
+    g = results["split"]["groups"]
+    rows = []
+    for name, c in cov.items():
+        cells = []
+        for group in ("many", "few"):
+            classes = g[group]
+            vals = [group_mean(c[k], classes) for k in ("precision", "recall", "recall_train")]
+            cells += ["–" if v is None else f"{v:.2f}" for v in vals]
+        rows.append([name, *cells])
+    return ["", "## Coverage of held-out (validation) features", "",
+            "Improved precision / recall (Kynkäänniemi et al. 2019, k-NN manifolds) of each method's class-balanced "
+            "pseudo-features against the validation features of the same class and encoder; `train recall` is the "
+            "recall of the class's own training features — what copying them would give. A generator adds coverage "
+            "only where its recall exceeds it. Means over the classes of each group and over runs.", "",
+            markdown_table(["method", "many precision", "many recall", "many train recall",
+                            "few precision", "few recall", "few train recall"], rows)]
+
+
+def plot_coverage(results: dict, path: Path) -> Path | None:
+    """Per-class recall of held-out features by each method's pseudo-features, and by the training features."""
+    cov = results.get("coverage")
+    if not cov:
+        return None
+    C = results["split"]["num_classes"]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * C), 3.8))
+    x = np.arange(C)
+    for name, c in cov.items():
+        ax.plot(x, [np.nan if v is None else v for v in c["recall"]], marker="o", label=f"{name} pseudo")
+    first = next(iter(cov.values()))
+    ax.plot(x, [np.nan if v is None else v for v in first["recall_train"]], "k--", marker="x",
+            label=f"training features ({next(iter(cov))}'s encoder)")
+    ax.set_xlabel("class (by training count, head → tail)")
+    ax.set_ylabel("recall of validation features")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Coverage: how much of each class's held-out features the generator reaches", fontsize=9)
+    return save_fig(fig, path)
 
 
 BASELINES = ("ce", "logit_adjust", "ce+la", "resample")  # results written before results["baselines"] existed
@@ -342,7 +423,8 @@ def render_report(run: RunDir) -> Path:
              plot_training_curves(metrics, seed, run.plots / "training_curves.png"),
              plot_projection(run.checkpoints / key / "features.safetensors",
                              run.plots / "feature_projection.png"),
-             plot_drift(run.metrics(), run.plots / "drift.png")]
+             plot_drift(run.metrics(), run.plots / "drift.png"),
+             plot_coverage(results, run.plots / "coverage.png")]
     split = results["split"]
     g = split["groups"]
     md = [f"# pfdiff run: {run.path.name}", "",
@@ -374,6 +456,8 @@ def render_report(run: RunDir) -> Path:
                 for m, a in aid.items()]
         md += ["", f"## AID/OOD filter: kept fraction per class ({key})", "",
                markdown_table(["method", *range(split["num_classes"])], rows)]
+    md += e2e_section(results)
+    md += coverage_section(results)
     md += privacy_section(results)
     md += membership_section(run)
     md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]

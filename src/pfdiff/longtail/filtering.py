@@ -30,8 +30,13 @@ class FilterResult:
     def kept_fraction_per_class(self) -> list[float | None]:
         return [k / g if g else None for k, g in zip(self.kept_per_class, self.generated_per_class)]
 
+    @property
+    def no_generation(self) -> bool:
+        """Every generated sample was rejected: the filtered branch produced nothing."""
+        return sum(self.generated_per_class) > 0 and sum(self.kept_per_class) == 0
+
     def summary(self) -> dict:
-        return {"threshold": self.threshold, "kept_per_class": self.kept_per_class,
+        return {"threshold": self.threshold, "no_generation": self.no_generation, "kept_per_class": self.kept_per_class,
                 "generated_per_class": self.generated_per_class,
                 "kept_fraction_per_class": self.kept_fraction_per_class}
 
@@ -81,3 +86,28 @@ def aid_filter(scorer: MahalanobisScorer, z_pseudo: torch.Tensor, y_pseudo: torc
     gen = torch.bincount(y_pseudo, minlength=num_classes).tolist()
     kept = torch.bincount(y_pseudo[keep], minlength=num_classes).tolist()
     return FilterResult(keep, scores.float(), threshold, kept, gen)
+
+
+@torch.no_grad()
+def margins(classifier: torch.nn.Module, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """G's margin of each labelled feature: logit_y − max_{j≠y} logit_j (negative: on the wrong side)."""
+    logits = classifier(z.detach())
+    own = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return own - others
+
+
+def boundary_filter(scorer: MahalanobisScorer, classifier: torch.nn.Module, z_pseudo: torch.Tensor,
+                    y_pseudo: torch.Tensor, num_classes: int, quantile: float = 0.95,
+                    boundary_quantile: float = 0.5) -> FilterResult:
+    """In distribution *and* near G's decision boundary: of the AID-kept samples, those whose margin is at most
+    the ``boundary_quantile`` of the kept samples' margins (pooled). Why: a pseudo-feature deep inside its
+    class's blob is already classified right and barely moves a CE boundary; an in-distribution one with a
+    small (or negative) margin is where the class's unseen examples are misclassified."""
+    aid = aid_filter(scorer, z_pseudo, y_pseudo, num_classes, quantile)
+    keep = aid.keep.clone()
+    if keep.any():
+        m = margins(classifier, z_pseudo, y_pseudo)
+        keep &= m <= torch.quantile(m[keep].float(), boundary_quantile)
+    kept = torch.bincount(y_pseudo[keep], minlength=num_classes).tolist()
+    return FilterResult(keep, aid.scores, aid.threshold, kept, aid.generated_per_class)

@@ -3,7 +3,8 @@
 Grammar: ``BASE[@LOSS][+la]``
 
 - ``BASE`` is one of ``ce``, ``resample``, ``ldmlr``, ``ldmlr-aid``, ``ldmlr-ft``, ``ldmlr-paper``, ``dp-ldmlr`` or an end-to-end
-  variant ``e2e-{A,B,C}[-{proto,cov,rad}][-aid]``.
+  variant ``e2e-{A,B,C}`` with options (longtail/end_to_end.py): ``-{proto,cov,rad}``, ``-{aid,bnd}``, ``-bal``,
+  ``-wide``, ``-detached``, ``-{ws1,ws2}``.
 - ``@LOSS`` selects the stage-1 loss the base is built on: ``ce`` (default), ``la-loss``, ``bsce``,
   ``ldam-drw`` (longtail/losses.py), so every method stacks on every stage-1 encoder, as in LDMLR's table:
   ``ldmlr@bsce``, ``resample@ldam-drw``. End-to-end variants train their own E and take no ``@LOSS``.
@@ -38,8 +39,10 @@ BASES = {
                 "G fine-tuned on public features + pseudo-features",
 }
 ALIASES = {"logit_adjust": "ce+la"}
-E2E_HELP = "end-to-end E, G, ε_θ, strategy {A: synchronous, B: alternating, C: progressive}, shape term, ±AID"
-GRAMMAR = ("BASE[@LOSS][+la] with BASE in {bases} or e2e-{{A,B,C}}[-{{proto,cov,rad}}][-aid] (no @LOSS), "
+E2E_HELP = ("end-to-end E, G, ε_θ (coupled gradients unless -detached), strategy {A: synchronous, B: alternating, "
+            "C: progressive}, shape term, filter, G's loss, sampler width, warm start")
+GRAMMAR = ("BASE[@LOSS][+la] with BASE in {bases} or e2e-{{A,B,C}} with options "
+           "[-{{proto,cov,rad}}][-{{aid,bnd}}][-bal][-wide][-detached][-{{ws1,ws2}}] (no @LOSS), "
            "LOSS in {losses} (default ce); aliases: logit_adjust = ce+la, a loss alone = ce@LOSS (e.g. bsce+la)")
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from pfdiff.config import RunConfig
 from pfdiff.data import class_counts
 from pfdiff.evaluation import GROUPS, recognition_metrics
+from pfdiff.evaluation.coverage import class_coverage
 from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
 from pfdiff.longtail.common import LongTailSplit, augmentation_kind, encode, make_split, predict_logits
 from pfdiff.longtail.end_to_end import drift_distances, parse_e2e, per_class_frechet, train_end_to_end
@@ -153,6 +154,7 @@ class SeedRun:
         self._dp_pseudo: dict[str, tuple] = {}
         self._fits: dict[tuple, Fitted] = {}
         self._features: dict[tuple[int, str], torch.Tensor] = {}
+        self.encoder_steps: dict[str, int] = {}  # "stage1[@loss]" / E2E base → optimiser steps of its encoder
         # private mode (a dp-… method is asked for): E and the stage-1 G see only the declared public part
         self.private_mode = any(parse_method(m).base.startswith("dp-") for m in cfg.methods)
         self.public_idx = self.private_idx = None
@@ -182,6 +184,7 @@ class SeedRun:
                 m = recognition_metrics(logits.argmax(1).cpu().numpy(), y_test, self.split.num_classes,
                                         self.split.groups)
                 m["seconds"] = self.method_seconds(method)
+                m["encoder_steps"] = self.method_encoder_steps(method)
                 m["chosen"], m["validation"] = choice, val
                 metrics[method.name] = m
                 self.log({"event": "test", "method": method.name, **{k: m[k] for k in ("top1", "balanced", *GROUPS)}})
@@ -236,7 +239,21 @@ class SeedRun:
         if stages is None:
             stages = (stage1 + [f"stage2{sfx}", f"sampling{sfx}", method.spec] if method.base.startswith("ldmlr")
                       else [method.spec])
+            variant = parse_e2e(method.base)
+            warm = None if variant is None else (variant.warm or self.cfg.e2e.warm_start)
+            if warm in ("stage1", "stage2"):  # a warm start pays for the stages it starts from
+                stages += stage1 + (["stage2", "sampling"] if warm == "stage2" else [])
         return sum(self.timer.seconds.get(s, 0.0) for s in stages)
+
+    def method_encoder_steps(self, method: Method) -> int | None:
+        """Optimiser steps the method's encoder E received: stage 1's for the two-stage methods, the E2E run's
+        (plus stage 1's when warm-started); None where E was trained further in a way not counted (ldmlr-ft,
+        a DP encoder)."""
+        if parse_e2e(method.base) is not None:
+            return self.encoder_steps.get(method.base)
+        if method.base == "ldmlr-ft" or (self.private_mode and self.cfg.privacy.encoder == "dp"):
+            return None
+        return self.encoder_steps.get("stage1" if method.stage1 == "ce" else f"stage1@{method.stage1}")
 
     # --- shared stages ----------------------------------------------------------------------------
     def stage1(self, loss: str = "ce"):
@@ -256,6 +273,8 @@ class SeedRun:
                 enc, g = self.timer(f"stage1{tag}", lambda: train_stage1(
                     split, self.cfg, self.seed, self.device, self.ck / f"{name}.safetensors", self.log, loss))
             self._stage1[loss] = (enc, g, encode(enc, self.x))
+            n = len(self.public_idx) if self.private_mode else len(self.y)
+            self.encoder_steps[f"stage1{tag}"] = self.cfg.stage1.epochs * max(1, -(-n // self.cfg.stage1.batch_size))
         return self._stage1[loss]
 
     def paper_pseudo(self, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,6 +308,7 @@ class SeedRun:
             u_d, y_d = sample_features(denoiser, schedule, np.full(self.split.num_classes, self.cfg.e2e.drift_per_class),
                                        self.cfg.diffusion, self.seed, self.device, tag="drift")
             self._pseudo[loss] = (z_hat, y_hat, scaler.inverse(u_d), y_d)
+            self.coverage(f"ldmlr{tag}", self.stage1(loss)[0], scaler.inverse(u_d), y_d)
             self.log({"event": "drift", "method": f"ldmlr{tag}", "step": 0,
                       **drift_distances(z, self.y, scaler.inverse(u_d), y_d)})
             save_file({"z_real": z.cpu().contiguous(), "y_real": self.y.cpu().contiguous(),
@@ -368,12 +388,40 @@ class SeedRun:
             return self.ldmlr(base, loss, w)
         if base == "dp-ldmlr":
             return self.dp_ldmlr(loss, w)
+        return self.end_to_end(base)
+
+    def end_to_end(self, base: str) -> Fitted:
+        """An E2E variant, warm-started from stage 1 (E, G) or stages 1 and 2 (+ ε_θ, scaler) if asked."""
         variant = parse_e2e(base)
+        warm = variant.warm or self.cfg.e2e.warm_start
+        init = None
+        if warm != "none":
+            enc, g, _ = self.stage1("ce")
+            init = {"encoder": enc, "classifier": g}
+            if warm == "stage2":
+                self.pseudo("ce")
+                scaler, denoiser, _ = self._denoisers["ce"]
+                init.update(denoiser=denoiser, scaler=(scaler.mean, scaler.std))
         e2e = self.timer(base, lambda: train_end_to_end(self.split, self.cfg, variant, self.seed, self.device,
-                                                        self.ck / f"{base}.safetensors", self.log, base))
-        if variant.aid and e2e.filter_stats:
-            self.diagnostics.setdefault("aid", {})[base] = e2e.filter_stats[-1]
+                                                        self.ck / f"{base}.safetensors", self.log, base, init))
+        diag = {**e2e.diagnostics(), "warm_start": warm}
+        self.diagnostics.setdefault("e2e", {})[base] = diag
+        if "filter" in diag:
+            self.diagnostics.setdefault("aid", {})[base] = diag["filter"]
+        self.encoder_steps[base] = e2e.steps + (self.encoder_steps.get("stage1", 0) if warm != "none" else 0)
+        self.coverage(base, e2e.encoder, *e2e.last_samples)
         return Fitted(e2e.encoder, e2e.classifier, e2e.effective_prior())
+
+    def coverage(self, name: str, encoder: nn.Module, z_fake: torch.Tensor, y_fake: torch.Tensor) -> None:
+        """Per-class precision / recall of pseudo-features against the validation features of the same encoder
+        (evaluation/coverage.py), beside the recall of the training features themselves. Needs a validation
+        split; not computed for private runs (the training-feature reference would describe private data)."""
+        if self.x_val is None or self.private_mode:
+            return
+        z_val, z_train = encode(encoder, self.x_val), encode(encoder, self.x)
+        encoder.train()
+        self.diagnostics.setdefault("coverage", {})[name] = class_coverage(
+            z_val, self.y_val, z_fake, y_fake, z_train, self.y, self.split.num_classes, self.cfg.e2e.coverage_k)
 
     def ldmlr(self, base: str, loss: str = "ce", w: float | None = None) -> Fitted:
         enc, g, z = self.stage1(loss)
@@ -526,6 +574,9 @@ def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit,
     for method in methods:
         rows = [s["methods"][method.name] for s in per_seed]
         table[method.name] = {k: _mean_std([r[k] for r in rows]) for k in ("top1", "balanced", *GROUPS, "seconds")}
+        steps = [r.get("encoder_steps") for r in rows]
+        if all(v is not None for v in steps):
+            table[method.name]["encoder_steps"] = _mean_std(steps)
         per_class = np.array([[np.nan if a is None else a for a in r["per_class"]] for r in rows], dtype=float)
         table[method.name]["per_class"] = np.nanmean(per_class, axis=0).tolist()
         choices[method.name] = [{"split_seed": s.get("split_seed"), "seed": s["seed"], **r.get("chosen", {}),
@@ -545,8 +596,49 @@ def aggregate(per_seed: list[dict], methods: list[Method], split: LongTailSplit,
                            "val_per_class": cfg.data.val_per_class, "la_tau_grid": list(cfg.la_tau_grid),
                            "pseudo_weight_grid": list(cfg.pseudo_weight_grid),
                            "logit_adjust_tau": cfg.logit_adjust_tau}
+    coverage = _mean_coverage(per_seed)
+    if coverage:
+        out["coverage"] = coverage
+    e2e = {name: [s["diagnostics"]["e2e"][name] for s in per_seed if name in s["diagnostics"].get("e2e", {})]
+           for name in dict.fromkeys(k for s in per_seed for k in s["diagnostics"].get("e2e", {}))}
+    if e2e:
+        out["e2e"] = {name: _mean_e2e(runs) for name, runs in e2e.items()}
     private = [s["diagnostics"]["privacy"] for s in per_seed if "privacy" in s["diagnostics"]]
     if private:  # the seeds' releases compose: ε of publishing all of them together
         events = [GaussianEvent(**e) for p in private for e in p["entries"]]
         out["all_seeds_epsilon"] = epsilon_all(events, private[0]["delta"])
+    return out
+
+
+def _nanmean_lists(lists: list[list]) -> list[float | None]:
+    arr = np.array([[np.nan if v is None else v for v in row] for row in lists], dtype=float)
+    with np.errstate(all="ignore"):
+        means = np.nanmean(arr, axis=0) if len(arr) else arr
+    return [None if np.isnan(v) else float(v) for v in means]
+
+
+def _mean_coverage(per_seed: list[dict]) -> dict[str, dict[str, list]]:
+    """Per generating method: each coverage list (precision, recall, recall_train) averaged over the runs."""
+    names = dict.fromkeys(k for s in per_seed for k in s["diagnostics"].get("coverage", {}))
+    out = {}
+    for name in names:
+        runs = [s["diagnostics"]["coverage"][name] for s in per_seed if name in s["diagnostics"].get("coverage", {})]
+        out[name] = {k: _nanmean_lists([r[k] for r in runs]) for k in ("precision", "recall", "recall_train")}
+        out[name]["runs"] = len(runs)
+    return out
+
+
+def _mean_e2e(runs: list[dict]) -> dict[str, Any]:
+    """An E2E variant over its runs: mean loss shares and kept fraction, routing, warm start, steps, and
+    whether any run's generation branch produced nothing."""
+    out: dict[str, Any] = {"routing": runs[0]["routing"], "warm_start": runs[0].get("warm_start"),
+                           "steps": runs[0]["steps"], "batch_size": runs[0]["batch_size"], "runs": len(runs),
+                           "loss_shares": {k: float(np.mean([r["loss_shares"][k] for r in runs]))
+                                           for k in runs[0]["loss_shares"]}}
+    filters = [r["filter"] for r in runs if "filter" in r]
+    if filters:
+        out["filter"] = {"kind": filters[0]["kind"],
+                         "kept_fraction": _nanmean_lists([[f["kept_fraction"]] for f in filters])[0],
+                         "kept_fraction_per_class": _nanmean_lists([f["kept_fraction_per_class"] for f in filters]),
+                         "no_generation_runs": sum(bool(f["no_generation"]) for f in filters)}
     return out

@@ -50,6 +50,20 @@ class PrototypeBank(nn.Module):
         cov = self.second - self.mean[:, :, None] * self.mean[:, None, :]
         return 0.5 * (cov + cov.transpose(1, 2))
 
+    def scatter_about(self, centre: torch.Tensor) -> torch.Tensor:
+        """E[(z − c)(z − c)ᵀ] per class about other centres c (e.g. the real prototypes), from the moments."""
+        c, m = centre.to(self.mean.dtype), self.mean
+        out = self.second - c[:, :, None] * m[:, None, :] - m[:, :, None] * c[:, None, :] + c[:, :, None] * c[:, None, :]
+        return 0.5 * (out + out.transpose(1, 2))
+
+    def shrunk_covariance(self, counts: torch.Tensor, prior_strength: float = 4.0) -> torch.Tensor:
+        """Σ_y shrunk towards the pooled covariance of the seen classes, (n_y·Σ_y + k·Σ̄)/(n_y + k): the
+        target a tail class with a handful of examples can be matched to (its own Σ_y has rank < n_y)."""
+        cov = self.covariance
+        pooled = cov[self.seen].mean(0) if self.seen.any() else torch.zeros_like(cov[0])
+        n = torch.as_tensor(counts, dtype=cov.dtype, device=cov.device)[:, None, None]
+        return (n * cov + prior_strength * pooled) / (n + prior_strength)
+
     def radius(self, scale: float = 1.0, counts: torch.Tensor | None = None, prior_strength: float = 4.0):
         """r_y = scale·√tr(Σ_y): for a Gaussian class, E‖z − μ_y‖ ≈ √tr(Σ_y) in high dimension.
 
@@ -77,22 +91,36 @@ def radius_loss(z0_hat: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, radiu
     return (dist - radius[y].to(z0_hat.dtype)) ** 2 / z0_hat.shape[-1]
 
 
-def covariance_loss(z0_hat: torch.Tensor, y: torch.Tensor, cov: torch.Tensor,
-                    min_count: int = 4) -> tuple[torch.Tensor, int]:
-    """L_cov = Σ_y ‖Σ̂_y(z̃0) − Σ_y‖_F / D over classes with at least ``min_count`` rows in the batch.
+def covariance_loss(z0_hat: torch.Tensor, y: torch.Tensor, cov: torch.Tensor, min_count: int = 4, *,
+                    centre: torch.Tensor | None = None, running: torch.Tensor | None = None,
+                    shrink: float = 0.0) -> tuple[torch.Tensor, int]:
+    """L_cov = Σ_y ‖Σ̂_y(z̃0) − Σ_y‖_F / D over the classes present in the batch.
 
-    A covariance estimated from fewer rows is mostly noise (rank < min_count), so such classes are
-    skipped rather than matched; returns (loss, number of classes matched). Couples the batch:
-    it cannot be clipped per example (DP runs must use ``radius_loss``).
+    Batch-only (``running`` None): Σ̂_y is the unbiased batch covariance of the class's rows, and classes with
+    fewer than ``min_count`` rows are skipped (rank < min_count: mostly noise). A tail class then never
+    appears, since it rarely has 4 rows in a batch.
+
+    Accumulated (``running`` = the detached EMA covariance of z̃0 per class, ``centre`` = the class
+    prototypes): Σ̂_y = (m·S_y + k·R_y)/(m + k) with S_y = mean of (z̃0 − μ_y)(z̃0 − μ_y)ᵀ over the m rows of
+    the batch and k = ``shrink``. Every class with at least one row is matched — its estimate borrows the
+    steps before it — while the gradient still reaches the rows of this batch. Returns (loss, classes
+    matched). Couples the batch: it cannot be clipped per example (DP runs must use ``radius_loss``).
     """
     total = z0_hat.new_zeros(())
     matched = 0
     for c in torch.unique(y).tolist():
         zc = z0_hat[y == c]
-        if len(zc) < min_count:
+        m = len(zc)
+        if running is None and m < min_count:
             continue
-        centred = zc - zc.mean(0)
-        est = centred.T @ centred / (len(zc) - 1)
+        if centre is None:
+            centred = zc - zc.mean(0)
+            est = centred.T @ centred / max(1, m - 1)
+        else:
+            centred = zc - centre[c].to(zc.dtype)
+            est = centred.T @ centred / m
+        if running is not None:
+            est = (m * est + shrink * running[c].to(est.dtype)) / (m + shrink)
         total = total + torch.linalg.matrix_norm(est - cov[c].to(est.dtype), ord="fro") / zc.shape[-1]
         matched += 1
     return total, matched
