@@ -68,3 +68,21 @@ def test_mahalanobis_filter_keeps_in_distribution_and_drops_outliers():
     assert res.generated_per_class == [400, 0] and res.kept_fraction_per_class[1] is None
     with pytest.raises(ValueError, match="quantile"):
         aid_filter(scorer, good, y[:200], 2, quantile=0.0)
+
+
+def test_shrunk_covariance_and_scatter_about():
+    from pfdiff.longtail.semantic import PrototypeBank
+
+    bank = PrototypeBank(2, 2, momentum=1.0)
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 3.0], [0.0, -3.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    bank.fit(z, y)
+    cov = bank.covariance  # class 0: diag(1, 0); class 1: diag(0, 9)
+    torch.testing.assert_close(cov[0], torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64)))
+    pooled = (cov[0] + cov[1]) / 2
+    shrunk = bank.shrunk_covariance(torch.tensor([2, 2]), prior_strength=2.0)
+    torch.testing.assert_close(shrunk[0], (2 * cov[0] + 2 * pooled) / 4)
+    # about its own mean the scatter is the covariance; about another centre it adds the offset's outer product
+    torch.testing.assert_close(bank.scatter_about(bank.mean), cov)
+    centre = bank.mean + torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(bank.scatter_about(centre)[0], cov[0] + torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64)))

@@ -166,8 +166,21 @@ def verdict(label: str, res: dict[str, Any]) -> list[str]:
     best = _lowest_fd(methods)
     lines = [f"- **{label}**: lowest FD: " + (f"`{best}` ({methods[best]['fd']:.2f})." if best else "none recorded.")]
     lines += [f"  - {_pair_sentence(methods, a, b)}" for a, b in PAIRS if a in methods and b in methods]
-    lines += [f"  - {s}" for s in (_savings_sentence(methods), _few_sentence(res)) if s]
+    lines += [f"  - {s}" for s in (_savings_sentence(methods), _few_sentence(res), _filter_sentence(methods)) if s]
     return lines
+
+
+def _filter_sentence(methods: dict[str, Any]) -> str | None:
+    """The repair's AID filter: its kept fraction, and where it was not used because a class kept nothing."""
+    parts = []
+    for name, m in methods.items():
+        f = m.get("repair_filter")
+        if not f:
+            continue
+        gen, kept = sum(f["generated_per_class"]), sum(f["kept_per_class"])
+        note = "" if f["used"] else " — a class kept nothing, so the repair used the unfiltered samples"
+        parts.append(f"`{name}` kept {kept}/{gen}{note}")
+    return ("Repair filter (AID on the pool scorer): " + "; ".join(parts) + ".") if parts else None
 
 
 def _fd_reference_line(res: dict[str, Any]) -> list[str]:

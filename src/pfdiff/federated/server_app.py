@@ -404,11 +404,15 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
     per_class = np.full(srv.C, cfg.fed.repair_per_class)
     u, y = sample_features(model, srv.loss_fn.schedule, per_class, cfg.diffusion, srv.seed, torch.device("cpu"),
                            tag="fed-repair")
-    kept = len(y)
-    if pool_scorer is not None:
+    kept, filter_info = len(y), None
+    if pool_scorer is not None:  # the same AID filter and per-class bookkeeping as the centralised E2E runs
         res = aid_filter(pool_scorer, u, y, srv.C, cfg.e2e.aid_quantile)
-        if all(k > 0 for k in res.kept_per_class):
+        used = all(k > 0 for k in res.kept_per_class)
+        if used:
             u, y = u[res.keep], y[res.keep]
+        # a class left without any pseudo-feature would be repaired by nothing: then the unfiltered set is used,
+        # and the report says so (never silently)
+        filter_info = {**res.summary(), "used": used}
         kept = len(y)
     g = train_classifier_on_features(copy.deepcopy(enc_clf["classifier"]), scaler.inverse(u), y,
                                      epochs=cfg.fed.repair_epochs, batch_size=cfg.stage1.batch_size,
@@ -418,6 +422,7 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
     f = cfg.fed
     rounds_run = st["round"]  # a FedDDPM+ stop ends the loop in the round it stopped
     return {"fd": fd, "repair": accuracy(srv, g, z_test, y_test), "repair_pseudo_kept": kept,
+            "repair_filter": filter_info,
             "rounds": rounds_run, "rounds_saved": f.rounds - rounds_run,
             "client_steps": rounds_run * f.local_steps * len(srv.nodes),
             "server_steps": comp.steps, "server_generated": comp.generated, "server_seconds": comp.seconds,
