@@ -344,7 +344,7 @@ def test_split_seeds_times_seeds_are_aggregated(onehot_npz, tmp_path):
     a, b = make_split(cfg.model_copy(update={"data": cfg.data.model_copy(update={"split_seed": 1})})), make_split(cfg)
     assert not np.array_equal(a.train.x, b.train.x)  # another split, not the same one twice
     text = render_report(run).read_text()
-    assert "| method | top1 | many | medium | few | balanced | seconds |" in text  # balanced beside few
+    assert "| method | top1 | many | medium | few | balanced | E steps | seconds |" in text  # balanced beside few
     assert "rule used:" in text and "split seeds [0, 1] × training seeds [0, 1]" in text
     assert "Chosen per run" in text and "| ce+la |" in text
     with pytest.raises(ConfigError, match="distinct"):
@@ -393,3 +393,28 @@ def test_private_runs_refuse_a_stage1_loss_under_a_dp_encoder():
     cfg = load_config("dp", ["methods=[dp-ldmlr@bsce]", "privacy.encoder=dp"])
     with pytest.raises(ValueError, match="privacy.encoder=dp"):
         prepare(cfg)
+
+
+def test_e2e_rows_report_budget_shares_filter_and_coverage(onehot_npz, tmp_path):
+    """A run with LDMLR and two E2E variants: equal encoder steps by default (stage 1's), loss shares and filter
+    totals per variant, per-class coverage of validation features for every generator, all in the report."""
+    cfg = _cfg(onehot_npz, "methods=[ce,ldmlr,e2e-A-aid,e2e-C-rad-ws2+la]", "diffusion.steps=20", "diffusion.T=50",
+               "diffusion.sample_steps=3", "model.denoiser_hidden=16", "model.denoiser_depth=1", "model.time_dim=8",
+               "e2e.drift_per_class=6", "e2e.drift_every=10", "e2e.ge_steps=2", "e2e.ge_every=1")
+    run = RunDir.create(cfg, tmp_path)
+    results = run_experiment(cfg, run)
+    table = results["methods"]
+    stage1_steps = table["ce"]["encoder_steps"]["mean"]
+    assert table["e2e-A-aid"]["encoder_steps"]["mean"] == stage1_steps  # equal encoder steps by default
+    assert table["e2e-C-rad-ws2+la"]["encoder_steps"]["mean"] == 2 * stage1_steps  # warm start: stage 1 + E2E
+    e2e = results["e2e"]
+    assert e2e["e2e-A-aid"]["routing"] == {"ldm_to_encoder": True, "ge_to_denoiser": True, "ge_to_encoder": True}
+    assert e2e["e2e-C-rad-ws2"]["warm_start"] == "stage2"
+    assert sum(e2e["e2e-A-aid"]["loss_shares"].values()) == pytest.approx(1.0)
+    assert "filter" in e2e["e2e-A-aid"] and "filter" not in e2e["e2e-C-rad-ws2"]
+    cov = results["coverage"]
+    assert set(cov) == {"ldmlr", "e2e-A-aid", "e2e-C-rad-ws2"}
+    assert len(cov["ldmlr"]["recall"]) == C and all(0 <= v <= 1 for v in cov["ldmlr"]["recall_train"] if v is not None)
+    text = render_report(run).read_text()
+    assert "## End-to-end variants" in text and "## Coverage of held-out (validation) features" in text
+    assert (run.plots / "coverage.png").exists()
