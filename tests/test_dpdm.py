@@ -147,3 +147,22 @@ def test_dpdm_releases_at_two_epsilons_compose():
     both = composed_epsilon([*models, {"private": False}], 1e-5)["pld"]
     alone = [epsilon([GaussianEvent(m["sigma"], 0.2, 50)], 1e-5) for m in models]
     assert both > max(alone) and both == pytest.approx(epsilon([GaussianEvent(3.0, 0.2, 50), GaussianEvent(1.0, 0.2, 50)], 1e-5))
+
+
+def test_frechet_trace_term_matches_the_matrix_square_root():
+    """tr((Σ_a Σ_b)^½) from eigenvalues equals the trace of scipy's matrix square root (real part), and the
+    closed form for commuting (diagonal) covariances."""
+    from scipy import linalg
+
+    from pfdiff.evaluation.fid import trace_sqrt_product
+
+    rng = np.random.default_rng(0)
+    for d in (2, 8, 32):
+        xa, xb = rng.standard_normal((3 * d, d)), rng.standard_normal((3 * d, d)) @ rng.standard_normal((d, d))
+        ca, cb = np.cov(xa, rowvar=False), np.cov(xb, rowvar=False)
+        ref = np.trace(linalg.sqrtm(ca @ cb)).real
+        assert trace_sqrt_product(ca, cb) == pytest.approx(ref, rel=1e-6)
+    assert trace_sqrt_product(np.diag([4.0, 1.0]), np.diag([9.0, 16.0])) == pytest.approx(6.0 + 4.0)
+    # rank-deficient covariances (fewer samples than dimensions) stay finite and non-negative
+    few = rng.standard_normal((3, 16))
+    assert trace_sqrt_product(np.cov(few, rowvar=False), np.cov(few + 1, rowvar=False)) >= 0
