@@ -3,7 +3,6 @@ t distribution, feature FID and CAS, and a tiny end-to-end run_dpdm."""
 
 import json
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -73,7 +72,7 @@ def test_unet_under_dpsgd_two_steps_finite_loss():
 
 def test_train_denoiser_private_and_not_and_sampling():
     x, y = _images()
-    cfg = replace(TINY, noise_multiplier=None)  # σ calibrated by PLD to ε = 10 (q = 0.5, 2 steps)
+    cfg = TINY.model_copy(update={"noise_multiplier": None})  # σ calibrated by PLD to ε = 10 (q = 0.5, 2 steps)
     for eps in (10.0, None):
         model, info = train_denoiser(x, y, 3, eps, cfg, seed=0)
         assert info["private"] == (eps is not None)
@@ -166,3 +165,24 @@ def test_frechet_trace_term_matches_the_matrix_square_root():
     # rank-deficient covariances (fewer samples than dimensions) stay finite and non-negative
     few = rng.standard_normal((3, 16))
     assert trace_sqrt_product(np.cov(few, rowvar=False), np.cov(few + 1, rowvar=False)) >= 0
+
+
+def test_cli_takes_config_and_set_and_saves_config(tmp_path):
+    """`pfdiff dpdm --set dpdm.…` drives DPDM from the one config and saves the resolved config.yaml."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    tiny = [f"dpdm.{k}={v}" for k, v in TINY.model_dump(mode="json").items()
+            if k not in ("epsilons", "extra") and v != DPDMConfig().model_dump(mode="json")[k]]
+    args = ["dpdm", "--out", str(tmp_path / "d"), "--epsilon", "inf", "--steps", "2"]
+    for t in tiny:
+        args += ["--set", t.replace("(", "[").replace(")", "]")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())["dpdm"]
+    assert saved["epsilons"] == [None] and saved["steps"] == 2 and saved["base_channels"] == 8
+    assert (tmp_path / "d" / "dpdm_results.json").exists()
+    bad = CliRunner().invoke(app, ["dpdm", "--out", str(tmp_path / "e"), "--set", "dpdm.stepz=3"])
+    assert bad.exit_code == 2 and not (tmp_path / "e").exists()  # refused before anything is written

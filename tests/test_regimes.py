@@ -196,3 +196,14 @@ def test_cli_rejects_unknown_analysis(tmp_path):
 
     res = CliRunner().invoke(app, ["regimes", "--what", "bogus", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "unknown analyses" in res.output
+
+
+def test_cli_validates_the_regimes_section_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+    from pfdiff.config import load_config
+
+    assert load_config(None, ["regimes.grid_points=8"]).regimes.grid_points == 8
+    res = CliRunner().invoke(app, ["regimes", "--set", "regimes.grid_pointz=8", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "grid_pointz" in res.output and not (tmp_path / "r").exists()

@@ -84,17 +84,33 @@ def make_data(out: Path = typer.Argument(..., help="the .npz file to write"),
 
 
 @app.command()
-def dpdm(out: Path = typer.Option(Path("runs/dpdm"), help="output folder (results JSON and sample grids)"),
-         epsilon: list[str] = typer.Option(["1", "10", "inf"], help="target ε per model; 'inf' = non-private"),
-         seed: int = typer.Option(0), steps: Optional[int] = typer.Option(None, help="training steps per model")):
+def dpdm(config: Optional[str] = typer.Argument(None, help="preset name or YAML file whose `dpdm:` section is used"),
+         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set dpdm.steps=300 --set dpdm.lr=1e-3"),
+         out: Path = typer.Option(Path("runs/dpdm"), help="output folder (config.yaml, results JSON, sample grids)"),
+         epsilon: list[str] = typer.Option([], help="target ε per model ('inf' = non-private); default dpdm.epsilons"),
+         seed: Optional[int] = typer.Option(None, help="default dpdm.seed"),
+         steps: Optional[int] = typer.Option(None, help="training steps per model (default dpdm.steps)")):
     """Image-space reference: DPDM (DP-SGD U-Net on digits images) at each ε; feature-FID, CAS, grids."""
+    from pfdiff.config import ConfigError, dump_config, load_config
     from pfdiff.imagespace import run_dpdm
+    from pfdiff.runs import atomic_write_text
 
+    overrides = list(set_)
     try:
-        eps = tuple(None if e in ("inf", "none") else float(e) for e in epsilon)
+        if epsilon:
+            eps = [None if e in ("inf", "none") else float(e) for e in epsilon]
+            overrides.append(f"dpdm.epsilons={[('null' if e is None else e) for e in eps]}".replace("'", ""))
     except ValueError:
         _fail(f"--epsilon takes numbers or 'inf', got {epsilon}")
-    results = run_dpdm(out, eps, seed=seed, steps=steps)
+    overrides += [f"dpdm.{k}={v}" for k, v in (("seed", seed), ("steps", steps)) if v is not None]
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    d = cfg.dpdm
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))  # the resolved config, saved with every run
+    results = run_dpdm(out, tuple(d.epsilons), seed=d.seed, config=d)
     console.print_json(data={k: v for k, v in results.items() if k != "models"})
     console.print(f"results: [bold]{out / 'dpdm_results.json'}[/]")
 
@@ -214,29 +230,44 @@ def evidence(out: Path = typer.Option(Path("runs/evidence"), help="root folder; 
 
 
 @app.command()
-def regimes(out: Path = typer.Option(Path("runs/regimes"), help="output folder (regimes.json, plots, regimes.md)"),
+def regimes(config: Optional[str] = typer.Argument(None, help="preset or YAML of the feature pipeline (default "
+                                                               "quickstart); its `regimes:` section sizes the measurements"),
+            set_: list[str] = typer.Option([], "--set", help="override: regimes.* sizes the measurements "
+                                           "(e.g. regimes.grid_points=8), any other key the feature pipeline"),
+            out: Path = typer.Option(Path("runs/regimes"), help="output folder (config.yaml, regimes.json, plots, regimes.md)"),
             data: str = typer.Option("digits", help="data source (digits, mnist, fmnist, cifar10, cifar100, npz)"),
             path: Optional[str] = typer.Option(None, help="path of a user-supplied data source"),
             run_dir: Optional[Path] = typer.Option(None, help="reuse the stage-1 encoder and LDMLR denoiser of a run"),
             what: list[str] = typer.Option(["features", "images"], "--what", help="features | images (repeatable)"),
-            set_: list[str] = typer.Option([], "--set", help="override of the feature pipeline's preset (quickstart)"),
-            seed: int = typer.Option(0),
+            seed: Optional[int] = typer.Option(None, help="default regimes.seed"),
             threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest for digits)"),
-            feature_steps: int = typer.Option(3000, help="feature denoiser steps (without --run-dir)"),
-            image_steps: int = typer.Option(400, help="U-Net steps"),
+            feature_steps: Optional[int] = typer.Option(None, help="feature denoiser steps without --run-dir "
+                                                        "(default regimes.feature_steps)"),
+            image_steps: Optional[int] = typer.Option(None, help="U-Net steps (default regimes.image_steps)"),
             max_train: Optional[int] = typer.Option(None, help="subsample large image sets to this many examples"),
-            sweep_n: list[int] = typer.Option([4, 8, 16, 32], "--sweep-n", help="members per class of the "
-                                              "collapse-vs-n sweep (repeatable; 0 = no sweep)")):
+            sweep_n: list[int] = typer.Option([], "--sweep-n", help="members per class of the collapse-vs-n sweep "
+                                              "(repeatable; 0 = no sweep; default regimes.sweep_n)")):
     """Dynamical regimes of diffusion (Biroli et al. 2024): speciation t_S and collapse t_C, theory vs cloning
     and collapse measurements, dp-promise's S, few-step DDIM around t_S, collapse vs membership AUC."""
     from pfdiff.analysis.regimes_run import run_regimes
-    from pfdiff.config import ConfigError
+    from pfdiff.config import ConfigError, dump_config, load_config
     from pfdiff.data import DataError
+    from pfdiff.runs import atomic_write_text
 
+    options = {"seed": seed, "feature_steps": feature_steps, "image_steps": image_steps, "max_train": max_train,
+               "sweep_n": tuple(n for n in sweep_n if n > 0) if sweep_n else None}
     try:
-        run_regimes(out, tuple(what), data, path, run_dir, threads=threads, seed=seed, overrides=tuple(set_),
-                    feature_steps=feature_steps, image_steps=image_steps, max_train=max_train,
-                    sweep_n=tuple(n for n in sweep_n if n > 0))
+        cfg = load_config(config, set_)  # validates every key (regimes.* and the pipeline's) before any work
+        pipeline = tuple(s for s in set_ if not s.strip().startswith("regimes."))
+        rc = cfg.regimes.model_validate({**cfg.regimes.model_dump(), "preset": config or "quickstart",
+                                         "overrides": pipeline, **{k: v for k, v in options.items() if v is not None}})
+        cfg = cfg.model_copy(update={"regimes": rc})
+        unknown = set(what) - {"features", "images"}
+        if unknown:
+            raise ValueError(f"unknown analyses {sorted(unknown)}; choose from features, images")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        run_regimes(out, tuple(what), data, path, run_dir, config=rc, threads=threads)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     console.print(f"regimes: [bold]{out / 'regimes.md'}[/] (regimes.json, regimes_*.png)")

@@ -231,6 +231,92 @@ class FederatedConfig(Section):
     num_cpus: int = Field(2, ge=1)  # Ray simulation
 
 
+class DPDMConfig(Section):
+    """Image-space DPDM reference (``pfdiff dpdm``; imagespace/dpdm.py): every knob of ``run_dpdm``; defaults
+    fit 3 models on 8×8 digits in ≈ 8 min on 2 CPU cores."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epsilons: tuple[float | None, ...] = (1.0, 10.0, None)  # target ε per model; null = non-private
+    seed: int = 0
+
+    # data: a stratified split of the (balanced) digits; the test part is FID reference and CAS test set
+    dataset: str = "digits"
+    data_path: str | None = None
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    balanced_train: bool = True
+    # diffusion: discrete VP cosine schedule, v-prediction with unit weight (the discrete analogue of the
+    # EDM loss DPDM uses), t drawn from a log-normal in σ that favours high noise (HighNoiseDiffusionLoss)
+    schedule: str = "cosine"
+    T: int = 1000
+    prediction: str = "v"
+    t_distribution: str = "lognormal"
+    p_mean: float = 0.5
+    p_std: float = 1.2
+    cond_drop_prob: float = 0.1  # DPDM's label_unconditioning_prob (enables CFG at sampling)
+    # U-Net (small: DP-SGD's noise grows with the parameter count)
+    base_channels: int = 16
+    channel_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    # training (the same for the private and the non-private models)
+    steps: int = 300
+    batch_size: int = 256  # expected (Poisson) logical batch; q = batch_size / N ≈ 0.19 on digits
+    noise_multiplicity: int = 4  # K
+    lr: float = 2e-3
+    ema_decay: float = 0.99
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrated (PLD) to each target ε; a number: used as is
+    reproducible_noise: bool = False  # debugging only: DP noise from the seed; the results are then NOT PRIVATE
+    max_physical_batch_size: int = 256
+    num_threads: int | None = None  # torch intra-op threads during run_dpdm (None: leave as is); 1 on a busy CPU
+    tune_allocator: bool = True  # DPSGD's glibc tuning (process-wide): ~2× faster vmap DP steps on CPU
+    # sampling
+    sampler: str = "ddim"
+    sampler_steps: int = 20
+    spacing: str = "trailing"
+    guidance_scale: float = 1.0  # 1 = plain conditional model
+    n_per_class: int = 100
+    # evaluator / CAS classifier: SmallCNN + linear head, Adam
+    clf_feature_dim: int = 64
+    clf_width: int = 32
+    clf_steps: int = 400
+    clf_batch_size: int = 128
+    clf_lr: float = 1e-3
+    extra: dict[str, Any] = {}  # free-form notes recorded in the results
+
+
+class RegimesConfig(Section):
+    """Sizes of every measurement; defaults run digits features + images in ≈ 5 min on one CPU thread (small
+    matrices: one thread is faster than two here)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    preset: str = "quickstart"  # run config of the feature pipeline (data, encoder, denoiser, schedule)
+    overrides: tuple[str, ...] = ()
+    feature_steps: int = 3000  # feature denoiser optimisation steps (ignored with a run directory)
+    image_steps: int = 400  # U-Net steps (DPDM recipe, non-private)
+    max_train: int | None = None  # subsample large user-supplied image sets (per split)
+    grid_points: int = 14  # OU times measured (cloning, collapse)
+    t_min: float = 0.05
+    t_max: float = 4.5
+    starts: int = 200  # cloning: data points noised to each t
+    clones: int = 4
+    probes: int = 150  # collapse: held-out probes per t
+    sampler_steps: int = 40  # backward steps from a time k (η = 1)
+    entropy_points: int = 60  # OU grid of f^e(t)
+    entropy_queries: int = 400
+    few_steps: tuple[int, ...] = (3, 5, 10)
+    reference_steps: int = 100
+    samples_per_class: int = 100
+    sweep_n: tuple[int, ...] = (4, 8, 16, 32)  # collapse vs n: members per class (features)
+    sweep_steps: int = 2000
+    sweep_grid_points: int = 8
+    promise_candidates: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 850, 900, 950, 980)
+    promise_eps_share: float = 0.1
+
+
 class RunConfig(Section):
     name: str = "quickstart"
     methods: list[str] = ["ce", "logit_adjust", "resample", "ldmlr"]
@@ -255,6 +341,8 @@ class RunConfig(Section):
     e2e: E2EConfig = E2EConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     fed: FederatedConfig = FederatedConfig()
+    dpdm: DPDMConfig = DPDMConfig()
+    regimes: RegimesConfig = RegimesConfig()
 
     @field_validator("seeds")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,41 +21,12 @@ import torch
 from torch import nn
 
 from pfdiff.analysis import regimes as R
+from pfdiff.config import RegimesConfig
 from pfdiff.diffusion import NoiseSchedule, make_schedule, sample_ddim
 from pfdiff.runs import atomic_write_json, atomic_write_text
 from pfdiff.training import derive_seed
 
 Quality = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class RegimesConfig:
-    """Sizes of every measurement; defaults run digits features + images in ≈ 5 min on one CPU thread (small
-    matrices: one thread is faster than two here)."""
-
-    seed: int = 0
-    preset: str = "quickstart"  # run config of the feature pipeline (data, encoder, denoiser, schedule)
-    overrides: tuple[str, ...] = ()
-    feature_steps: int = 3000  # feature denoiser optimisation steps (ignored with a run directory)
-    image_steps: int = 400  # U-Net steps (DPDM recipe, non-private)
-    max_train: int | None = None  # subsample large user-supplied image sets (per split)
-    grid_points: int = 14  # OU times measured (cloning, collapse)
-    t_min: float = 0.05
-    t_max: float = 4.5
-    starts: int = 200  # cloning: data points noised to each t
-    clones: int = 4
-    probes: int = 150  # collapse: held-out probes per t
-    sampler_steps: int = 40  # backward steps from a time k (η = 1)
-    entropy_points: int = 60  # OU grid of f^e(t)
-    entropy_queries: int = 400
-    few_steps: tuple[int, ...] = (3, 5, 10)
-    reference_steps: int = 100
-    samples_per_class: int = 100
-    sweep_n: tuple[int, ...] = (4, 8, 16, 32)  # collapse vs n: members per class (features)
-    sweep_steps: int = 2000
-    sweep_grid_points: int = 8
-    promise_candidates: tuple[int, ...] = (100, 200, 300, 400, 500, 600, 700, 800, 850, 900, 950, 980)
-    promise_eps_share: float = 0.1
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -409,7 +380,7 @@ def run_regimes(out_dir: Path, what: tuple[str, ...] = ("features", "images"), d
     """Run the analyses, write ``regimes.json``, the plots and ``regimes.md`` into ``out_dir``; return results."""
     from pfdiff.analysis.regimes_report import render
 
-    rc = replace(config or RegimesConfig(), **overrides)
+    rc = RegimesConfig.model_validate({**(config or RegimesConfig()).model_dump(), **overrides})
     unknown = set(what) - {"features", "images"}
     if unknown:
         raise ValueError(f"unknown analyses {sorted(unknown)}; choose from features, images")
@@ -420,7 +391,7 @@ def run_regimes(out_dir: Path, what: tuple[str, ...] = ("features", "images"), d
     t0 = time.perf_counter()
     results: dict[str, Any] = {"paper": "Biroli, Bonnaire, de Bortoli & Mézard 2024, Dynamical regimes of diffusion "
                                         "models (arXiv:2402.18491)",
-                               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(rc).items()},
+                               "config": rc.model_dump(mode="json"),
                                "threads": torch.get_num_threads(), "datasets": {}}
     try:
         for kind in what:

@@ -27,7 +27,7 @@ import inspect
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pfdiff.config import DPDMConfig
 from pfdiff.data import balanced_indices, load_dataset, stratified_split
 from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
 from pfdiff.evaluation.fid import frechet_distance
@@ -54,57 +55,6 @@ DPSGD_EVENT = "dpdm denoiser DP-SGD"
 
 
 # ---------------------------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class DPDMConfig:
-    """Every knob of :func:`run_dpdm`; defaults fit 3 models on 8×8 digits in ≈ 8 min on 2 CPU cores."""
-
-    # data: a stratified split of the (balanced) digits; the test part is FID reference and CAS test set
-    dataset: str = "digits"
-    data_path: str | None = None
-    test_fraction: float = 0.25
-    split_seed: int = 0
-    balanced_train: bool = True
-    # diffusion: discrete VP cosine schedule, v-prediction with unit weight (the discrete analogue of the
-    # EDM loss DPDM uses), t drawn from a log-normal in σ that favours high noise (HighNoiseDiffusionLoss)
-    schedule: str = "cosine"
-    T: int = 1000
-    prediction: str = "v"
-    t_distribution: str = "lognormal"
-    p_mean: float = 0.5
-    p_std: float = 1.2
-    cond_drop_prob: float = 0.1  # DPDM's label_unconditioning_prob (enables CFG at sampling)
-    # U-Net (small: DP-SGD's noise grows with the parameter count)
-    base_channels: int = 16
-    channel_mults: tuple[int, ...] = (1, 2)
-    num_res_blocks: int = 1
-    # training (the same for the private and the non-private models)
-    steps: int = 300
-    batch_size: int = 256  # expected (Poisson) logical batch; q = batch_size / N ≈ 0.19 on digits
-    noise_multiplicity: int = 4  # K
-    lr: float = 2e-3
-    ema_decay: float = 0.99
-    max_grad_norm: float = 1.0
-    delta: float = 1e-5
-    noise_multiplier: float | None = None  # None: calibrated (PLD) to each target ε; a number: used as is
-    reproducible_noise: bool = False  # debugging only: DP noise from the seed; the results are then NOT PRIVATE
-    max_physical_batch_size: int = 256
-    num_threads: int | None = None  # torch intra-op threads during run_dpdm (None: leave as is); 1 on a busy CPU
-    tune_allocator: bool = True  # DPSGD's glibc tuning (process-wide): ~2× faster vmap DP steps on CPU
-    # sampling
-    sampler: str = "ddim"
-    sampler_steps: int = 20
-    spacing: str = "trailing"
-    guidance_scale: float = 1.0  # 1 = plain conditional model
-    n_per_class: int = 100
-    # evaluator / CAS classifier: SmallCNN + linear head, Adam
-    clf_feature_dim: int = 64
-    clf_width: int = 32
-    clf_steps: int = 400
-    clf_batch_size: int = 128
-    clf_lr: float = 1e-3
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded in the results
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -444,7 +394,8 @@ def run_dpdm(out_dir: Path, epsilons: tuple[float | None, ...] = (1.0, 10.0, Non
 
     ``steps`` and any ``DPDMConfig`` field given as keyword override ``config`` (default ``DPDMConfig()``).
     """
-    cfg = replace(config or DPDMConfig(), **overrides, **({} if steps is None else {"steps": steps}))
+    update = {**overrides, **({} if steps is None else {"steps": steps})}
+    cfg = DPDMConfig.model_validate({**(config or DPDMConfig()).model_dump(), **update})
     if cfg.t_distribution not in T_DISTRIBUTIONS:
         raise ValueError(f"unknown t distribution {cfg.t_distribution!r}")
     out_dir = Path(out_dir)
@@ -474,7 +425,7 @@ def _run(out_dir: Path, epsilons: tuple[float | None, ...], seed: int, cfg: DPDM
     results: dict[str, Any] = {
         "method": "DPDM (Dockhorn et al. 2022): U-Net, DP-SGD with noise multiplicity, high-noise t distribution",
         "seed": seed,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "config": cfg.model_dump(mode="json"),
         "data": {"name": data.name, "shape": list(data.shape), "num_classes": C, "n_train": len(data.x_train),
                  "n_test": len(data.x_test), "n_evaluator_fit": len(fit_idx), "n_reference": len(ref_idx)},
         "noise": NoiseSource(cfg.reproducible_noise).label,
