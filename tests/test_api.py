@@ -29,3 +29,14 @@ def test_run_refuses_before_writing(tmp_path):
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "pfdiff", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "run" in out.stdout
+
+
+def test_every_run_records_its_environment(tmp_path):
+    import json
+
+    from pfdiff.runs import RunDir
+
+    run = RunDir.create(load_config("quickstart", TINY), tmp_path)
+    env = json.loads((run.path / "environment.json").read_text())
+    assert env["pfdiff"] == pfdiff.__version__ and env["packages"]["torch"] and env["device"] == "cpu"
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40

@@ -111,6 +111,7 @@ class RunDir:
         run = cls(path)
         path.mkdir(parents=True)
         atomic_write_text(run.config_path, dump_config(cfg))
+        atomic_write_json(path / "environment.json", environment(cfg.device))
         return run
 
     @classmethod
@@ -152,3 +153,42 @@ class RunDir:
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
+
+
+PACKAGES = ("torch", "opacus", "dp-accounting", "flwr", "numpy", "scipy", "scikit-learn", "pydantic", "mnist1d")
+
+
+def environment(device: str = "auto") -> dict[str, Any]:
+    """What produced a run: pfdiff's version and git commit (None outside a checkout; ``dirty`` when the work
+    tree differs from it), Python, the versions of the libraries the numbers depend on, and the device."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    import pfdiff
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(pfdiff.__file__).parent, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    try:
+        from pfdiff.training import resolve_device
+
+        resolved = str(resolve_device(device))
+    except Exception as e:  # noqa: BLE001 — recorded, not raised: prepare() has already checked the device
+        resolved = f"unresolved ({e})"
+    return {"pfdiff": pfdiff.__version__, "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": None if status is None else bool(status), "python": platform.python_version(),
+            "platform": platform.platform(), "packages": versions, "device": resolved,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
