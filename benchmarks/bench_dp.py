@@ -7,11 +7,13 @@ Both steps: a batch of 256 examples, the diffusion loss with K = 4 noise draws p
 The two are timed in alternating rounds (the machine may be shared; adjacent steps see the same load);
 we report the mean of N rounds (and median / min) and ratio = dp_ms / nonprivate_ms. Target: ≤ 1.5×.
 Candidates (DPSGD's ``method``), in this order (allocator tuning cannot be undone in-process):
-- ``ghost`` (the headline: DPSGD's defaults): Opacus ghost clipping on the [B, K, …] model call, per-example
-  norms from activations × backprops, a second backward of Σ_b c_b ℓ_b; no per-example gradients;
-- ``hooks``: Opacus grad-sample hooks on the [B, K, …] call, [B, …] per-example gradients (735 MB);
-- ``vmap``: torch.func vmap(grad) per example (the previous engine), [B, …] per-example gradients;
+- ``bk`` (production for Linear/LayerNorm/Embedding models): book-keeping on the [B, K, …] model call,
+  per-example norms from Gram matrices, the clipped sum in one contraction; no per-example gradients;
+- ``vmap``: torch.func vmap(grad) per example (production for conv models, the tests' reference), [B, …]
+  per-example gradients (735 MB);
 - ``*_tuned_allocator``: the same after ``tune_cpu_allocator()`` (DPSGD(tune_allocator=True), opt-in).
+Opacus' ghost clipping and grad-sample hooks were engines until issue 16 (2.4× and 17× here, see the git
+history of benchmarks/results/dp.json); they are gone from DPSGD.
 Writes benchmarks/results/dp.json. Run: .venv/bin/python benchmarks/bench_dp.py [--rounds 15]
 One function per model: add e.g. ``bench_unet`` to MODELS returning the same keys.
 """

@@ -92,16 +92,16 @@ def test_models_are_opacus_valid_and_batchnorm_is_refused():
 # (a) B per-example gradient units reach DPOptimizer, not B·K, and each is clipped to ≤ C
 def _spy_units(engine):
     """Per micro-batch: (number of clipping units, their pre-clip norms, norm of what was added to
-    summed_grad). Ghost clipping has no grad samples: its units are the norms it clips by."""
+    summed_grad). Book-keeping has no grad samples: its units are the norms it clips by."""
     seen, units = [], []
-    if engine.method in ("ghost", "bk"):
+    if engine.method == "bk":
         name = f"_{engine.method}_microbatch"
         clip = getattr(engine, name)
         setattr(engine, name, lambda *a: (units.append(clip(*a).clone()), units[-1])[1])
     original = engine.optimizer.pre_step
 
     def spy(*args):
-        if engine.method not in ("ghost", "bk"):
+        if engine.method != "bk":
             units.append(per_sample_norms(engine.optimizer.grad_samples))
         before = [None if p.summed_grad is None else p.summed_grad.clone() for p in engine.optimizer.params]
         out = original(*args)
@@ -136,22 +136,22 @@ def test_dpoptimizer_clips_B_units_not_B_times_K(method):
                      method=method)
     seen = _spy_units(engine)
     shapes = []
-    if method not in ("ghost", "bk"):
+    if method != "bk":
         original2 = engine.optimizer.clip_and_accumulate
         engine.optimizer.clip_and_accumulate = lambda: (
             shapes.append([g.shape for g in engine.optimizer.grad_samples]), original2())
     engine.step(_fixed_loss(), _data(B, K), step=0)
     assert len(seen) == 1 and seen[0][0] == B
-    if method not in ("ghost", "bk"):  # p.grad_sample has B rows
+    if method != "bk":  # p.grad_sample has B rows
         assert all(s[0] == B for s in shapes[0])
         assert [s[1:] for s in shapes[0]] == [p.shape for p in engine.optimizer.params]
-    else:  # ghost clipping and book-keeping never materialise per-example gradients
+    else:  # book-keeping never materialises per-example gradients
         assert all(getattr(p, "grad_sample", None) is None for p in engine.optimizer.params)
 
 
-# the hook paths against the vmap reference: same per-example gradients / norms / clipped sum
+# book-keeping against the vmap reference: same per-example norms and clipped sum
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_hook_paths_match_vmap_reference(prediction):
+def test_bk_matches_vmap_reference(prediction):
     B, K = 7, 3
     data, loss_fn = _data(B, K), _fixed_loss(prediction=prediction)
     ref = per_example_grads(_model(), loss_fn, *data)
@@ -160,28 +160,29 @@ def test_hook_paths_match_vmap_reference(prediction):
     assert (ref_norms > C).any() and (ref_norms < C).any()
 
     model = _model()
-    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method="hooks")
-    grads = engine._hooks_microbatch(loss_fn, data)
-    for (n, _), g in zip(engine._params, grads):
-        torch.testing.assert_close(g, ref[n], atol=1e-5, rtol=1e-5)
-    engine.optimizer.zero_grad(set_to_none=True)
-
-    for method in ("ghost", "bk"):
-        model = _model()
-        engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method=method)
-        norms = getattr(engine, f"_{method}_microbatch")(loss_fn, data)
-        torch.testing.assert_close(norms, ref_norms, atol=1e-5, rtol=1e-5)
-        factor = (C / (ref_norms + 1e-6)).clamp(max=1.0)
-        for n, p in engine._params:  # p.grad = Σ_b min(1, C/‖g_b‖)·g_b
-            expected = (factor.view(-1, *[1] * p.dim()) * ref[n]).sum(0)
-            torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-5)
-            assert p.requires_grad
+    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method="bk")
+    norms = engine._bk_microbatch(loss_fn, data)
+    torch.testing.assert_close(norms, ref_norms, atol=1e-5, rtol=1e-5)
+    factor = (C / (ref_norms + 1e-6)).clamp(max=1.0)
+    for n, p in engine._params:  # p.grad = Σ_b min(1, C/‖g_b‖)·g_b
+        expected = (factor.view(-1, *[1] * p.dim()) * ref[n]).sum(0)
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-5)
+        assert p.requires_grad
 
 
-@pytest.mark.parametrize("method", ["bk", "ghost", "hooks"])
-def test_hook_paths_refuse_a_model_call_that_is_not_per_example(method):
-    """A loss that calls the model on B·K flat rows, or a model in eval mode (no hooks), would clip the
-    wrong units: refused, not silently mis-clipped."""
+def test_bk_rules_cover_exactly_the_layers_auto_sends_to_bk():
+    from pfdiff.privacy.dpsgd import BK_RULES, INNER_DIM_LAYERS
+
+    assert set(INNER_DIM_LAYERS) == set(BK_RULES) == {torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding}
+    conv = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3))
+    with pytest.raises(ValueError, match="Conv1d"):
+        _engine(conv, torch.optim.SGD(conv.parameters(), lr=0.1), method="bk")
+
+
+@pytest.mark.parametrize("method", ["bk"])
+def test_bk_refuses_a_model_call_that_is_not_per_example(method):
+    """A loss that calls the model on B·K flat rows, or a model in eval mode, would clip the wrong units:
+    refused, not silently mis-clipped."""
     B, K = 4, 3
     model = _model()
     engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), dataset_size=B, method=method)

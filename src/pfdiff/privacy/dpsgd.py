@@ -8,35 +8,32 @@ update by K·C: wrong. Here the engine clips the B per-example gradients of the 
 (Opacus' machinery with the K draws as an inner dimension, or its own vmap), and Opacus' optimizer adds
 N(0, σ²C²) noise, divides by the expected batch size and steps.
 
-Per-example clipping, four ways (``DPSGD(method=…)``; default ``"auto"``: bk for models made of
+Per-example clipping, two engines (``DPSGD(method=…)``; default ``"auto"``: bk for models made of
 Linear / LayerNorm / Embedding such as ``FeatureDenoiser``, vmap otherwise, e.g. the conv U-Net):
-- ``"ghost"``: Opacus' ghost clipping (``GradSampleModuleFastGradientClipping`` hooks, norm samplers, and
-  ``DPOptimizerFastGradientClipping``). The engine hands the loss the model behind a proxy with
+- ``"bk"``: book-keeping (Bu et al. 2023). The engine hands the loss the model behind a proxy with
   ``inner_multiplicity = True``, so ``DiffusionLoss`` calls it on z_t [B, K, …] with t, y [B, K]: the K
-  draws are an *inner* dimension and the hooks see B examples. Opacus' Linear norm sampler then computes
-  exactly the norm of the K-summed per-example gradient, ‖Σ_k g_k a_kᵀ‖²_F = Σ_{k,k'} (g_k·g_k')(a_k·a_k'),
-  LayerNorm's grad sampler and Embedding's norm sampler likewise sum over K. A first backward of Σ_b ℓ_b
-  gives the norms ‖∇ℓ_b‖ from activations × backprops; a second one of Σ_b c_b ℓ_b with
-  c_b = min(1, C/(‖∇ℓ_b‖ + 1e-6)) (DPOptimizer's factor) gives Σ_b clip(∇ℓ_b) in ``p.grad``. No
-  per-example gradient is materialised. The two passes are run here rather than by Opacus'
-  ``DPLossFastGradientClipping`` (see ``_ghost_microbatch`` for why).
-- ``"hooks"``: Opacus' ``GradSampleModule`` on the same [B, K, …] call: grad samplers (Linear's einsum over
-  all inner dims) give [B, …] per-example gradients summed over K; ``DPOptimizer`` clips them.
+  draws are an *inner* dimension and row b of every layer's input and output gradient belongs to example
+  b alone. One backward with the parameters frozen keeps each layer's input and output gradient (forward
+  hooks); per-example squared norms come from [B, K, K] Gram matrices — for a Linear layer
+  ‖Σ_k g_k a_kᵀ‖²_F = Σ_{k,k'} (g_k·g_k')(a_k·a_k') — and the clipped sum Σ_b c_b g_b with
+  c_b = min(1, C/(‖g_b‖ + 1e-6)) (DPOptimizer's factor) is one contraction per layer. No per-example
+  gradient is materialised. The per-layer formulas are a registry (``BK_RULES``: Linear, LayerNorm,
+  Embedding); a model with any other parameterised layer is refused (use vmap). Opacus'
+  ``DPOptimizerFastGradientClipping`` then adds the noise and scales.
 - ``"vmap"``: ``torch.func`` — ``vmap`` over examples of ``grad`` of the example's loss (the model through
-  ``functional_call``), ``randomness="different"``; any loss and model; ``DPOptimizer`` clips.
-The hook paths trust, as Opacus does, that ℓ_b depends on example b's rows alone (the per-example loss
-contract); vmap enforces it structurally. They check that the hooks saw exactly B rows (a loss calling
-the model on B·K flat rows, or a model in eval mode, is refused rather than mis-clipped).
+  ``functional_call``), ``randomness="different"``; any loss and model; ``DPOptimizer`` clips. It is also
+  the reference the tests check bk against.
+bk trusts, as Opacus' hooks do, that ℓ_b depends on example b's rows alone (the per-example loss
+contract); vmap enforces it structurally. bk checks that every layer saw exactly B rows (a loss calling
+the model on B·K flat rows is refused rather than mis-clipped).
 Cost (DP step / non-private step; FeatureDenoiser hidden 256 / depth 3 = 718k parameters, batch 256,
-K = 4, AdamW, 2 threads, quiet machine, benchmarks/bench_dp.py → benchmarks/results/dp.json):
-**bk 1.49×**, ghost 2.4×, vmap 8.7×, hooks 17× — so "auto" = bk for Linear/LayerNorm/Embedding models
-(vmap otherwise, e.g. the conv U-Net: 2.6×).
-- ``"bk"``: book-keeping (Bu et al. 2023): one backward with the parameters frozen, the layers' inputs
-  and output gradients kept by forward hooks, per-example norms from [B, K, K] Gram matrices, the
-  clipped sum as one contraction per layer; Opacus' ``DPOptimizerFastGradientClipping`` then adds the
-  noise and scales, exactly as for ghost clipping.
-The vmap and hooks paths write B × 718k floats = 735 MB of per-example gradients per 256 examples and read
-them for the norms and the weighted sum; ghost clipping's cost is a second backward pass instead.
+K = 4, AdamW, 2 threads, benchmarks/bench_dp.py → benchmarks/results/dp.json): **bk 1.47×** (tuned
+allocator), vmap 8.7×; the conv U-Net (vmap) 2.6×. Opacus' ghost clipping (2.4×) and grad-sample hooks
+(17×) were offered as engines until issue 16 and removed: slower than bk, used by nothing but tests, and
+they reset Opacus-private attributes (``_norm_sample``, ``_forward_counter``, ``activations``) between
+steps, which breaks across Opacus versions.
+The vmap path writes B × 718k floats = 735 MB of per-example gradients per 256 examples and reads them for
+the norms and the weighted sum.
 
 Poisson sampling: every logical step includes each example independently with probability q, exactly
 as Opacus' ``UniformWithReplacementSampler`` (``torch.rand(N) < q``), but drawn from a generator seeded
@@ -58,11 +55,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -157,9 +153,9 @@ def poisson_batch(num_samples: int, sample_rate: float, generator: torch.Generat
 
 
 class _InnerMultiplicity:
-    """The model as the hook paths hand it to the loss: it declares that it takes [B, K, …] inputs
-    (``DiffusionLoss`` then calls it on the K draws as an inner dimension); calls and attributes pass
-    through to ``module``, whose Opacus hooks see B examples."""
+    """The model as bk hands it to the loss: it declares that it takes [B, K, …] inputs (``DiffusionLoss``
+    then calls it on the K draws as an inner dimension); calls and attributes pass through to ``module``,
+    whose layers then see B examples."""
 
     inner_multiplicity = True
 
@@ -186,22 +182,87 @@ def _frozen(params: list[nn.Parameter]):
             p.requires_grad_(f)
 
 
+@dataclass(frozen=True)
+class LayerRule:
+    """Book-keeping for one layer type, on the rows of one call on [B, K, …] inputs: ``keep`` maps the layer's
+    input to what its weight gradient needs (the input itself, the normalised input for LayerNorm, the
+    indices for Embedding); ``sq_norms(layer, a, g)`` gives the per-example squared norms of its parameters'
+    gradients ([B] each) and ``write(layer, a, gc)`` sets ``p.grad`` to the sum over examples and rows with
+    the output gradients gc already scaled by each example's clip factor. a: [B, R, in] (indices: [B, R]),
+    g: [B, R, out]; with the loss Σ_b ℓ_b, row b of both belongs to example b alone."""
+
+    keep: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    sq_norms: Callable[[nn.Module, torch.Tensor, torch.Tensor], list[torch.Tensor]]
+    write: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+    flat_inputs: bool = False  # the kept input has no feature dimension (Embedding's indices)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def _bias_sq(layer: nn.Module, g: torch.Tensor) -> list[torch.Tensor]:
+    return [] if layer.bias is None else [g.sum(1).pow(2).sum(1)]
+
+
+def _linear_write(layer: nn.Linear, a: torch.Tensor, gc: torch.Tensor) -> None:
+    layer.weight.grad = torch.einsum("bro,bri->oi", gc, a)
+    if layer.bias is not None:
+        layer.bias.grad = gc.sum((0, 1))
+
+
+def _layernorm_write(layer: nn.LayerNorm, a: torch.Tensor, gc: torch.Tensor) -> None:
+    if layer.weight is not None:
+        layer.weight.grad = (gc * a).sum((0, 1))
+    if layer.bias is not None:
+        layer.bias.grad = gc.sum((0, 1))
+
+
+def _embedding_write(layer: nn.Embedding, a: torch.Tensor, gc: torch.Tensor) -> None:
+    layer.weight.grad = torch.zeros_like(layer.weight).index_add_(0, a.reshape(-1), gc.reshape(-1, gc.shape[-1]))
+
+
+#: Per-layer book-keeping rules (Linear W: g_b = Σ_r G_br A_brᵀ, ‖g_b‖² = Σ_rr' (G_br·G_br')(A_br·A_br'),
+#: bias Σ_r G_br; LayerNorm: weight Σ_r G_br ⊙ x̂_br, bias Σ_r G_br; Embedding: row idx_br += G_br,
+#: ‖g_b‖² = Σ_rr' [idx_br = idx_br'] (G_br·G_br')). A layer type not listed here makes "auto" pick vmap.
+BK_RULES: dict[type[nn.Module], LayerRule] = {
+    nn.Linear: LayerRule(
+        keep=lambda layer, x: x,
+        sq_norms=lambda layer, a, g: [(_gram(g) * _gram(a)).sum((1, 2)), *_bias_sq(layer, g)],
+        write=_linear_write),
+    nn.LayerNorm: LayerRule(
+        keep=lambda layer, x: nn.functional.layer_norm(x, layer.normalized_shape, None, None, layer.eps),
+        sq_norms=lambda layer, a, g: ([] if layer.weight is None else [(g * a).sum(1).pow(2).sum(1)])
+        + _bias_sq(layer, g),
+        write=_layernorm_write),
+    nn.Embedding: LayerRule(
+        keep=lambda layer, x: x,
+        sq_norms=lambda layer, a, g: [(_gram(g) * (a.unsqueeze(2) == a.unsqueeze(1)).to(g.dtype)).sum((1, 2))],
+        write=_embedding_write, flat_inputs=True),
+}
+#: Layers with a book-keeping rule: a call on [B, K, …] gives per-example quantities summed over K.
+INNER_DIM_LAYERS = tuple(BK_RULES)
+
+
+def _rule(layer: nn.Module) -> LayerRule | None:
+    return next((r for cls, r in BK_RULES.items() if isinstance(layer, cls)), None)
+
+
+def _holds_parameters(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False))
+
+
 class _BookKeeper:
-    """Keeps, for each Linear / LayerNorm / Embedding layer, the input (normalised input for LayerNorm,
-    indices for Embedding) and the output gradient of one call on [B, K, …] inputs. With the loss Σ_b ℓ_b,
-    row b of both belongs to example b alone, so per-example gradients are sums over the inner rows r:
-    Linear W: g_b = Σ_r G_br A_brᵀ, ‖g_b‖² = Σ_rr' (G_br·G_br')(A_br·A_br'); bias: Σ_r G_br.
-    LayerNorm: weight Σ_r G_br ⊙ x̂_br, bias Σ_r G_br. Embedding: row idx_br += G_br,
-    ‖g_b‖² = Σ_rr' [idx_br = idx_br'] (G_br·G_br')."""
+    """Keeps, for each layer with a ``BK_RULES`` entry, what its rule needs of the input and the output
+    gradient of one call on [B, K, …] inputs, and applies the rule (norms, clipped sum)."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, INNER_DIM_LAYERS)
-                       and any(True for _ in m.parameters(recurse=False))]
-        others = [type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))
-                  and not isinstance(m, INNER_DIM_LAYERS)]
+        holders = [m for m in model.modules() if _holds_parameters(m)]
+        others = [type(m).__name__ for m in holders if _rule(m) is None]
         if others:
-            raise ValueError(f"method='bk' supports Linear, LayerNorm and Embedding layers only, found {others}; "
+            raise ValueError(f"method='bk' supports {[c.__name__ for c in BK_RULES]} layers only, found {others}; "
                              "use method='vmap'")
+        self.layers = holders
         self.store: dict[nn.Module, dict[str, torch.Tensor]] = {}
         self._handles: list = []
 
@@ -219,10 +280,7 @@ class _BookKeeper:
     def _forward(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if module in self.store:
             raise ValueError(f"method='bk': layer {module} is called twice in one forward; use method='vmap'")
-        x = inputs[0].detach()
-        if isinstance(module, nn.LayerNorm):
-            x = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        entry = self.store[module] = {"a": x}
+        entry = self.store[module] = {"a": _rule(module).keep(module, inputs[0].detach())}
         out = output if output.requires_grad else output.detach().requires_grad_(True)
         out.register_hook(lambda g: entry.__setitem__("g", g.detach()))
         return out
@@ -235,62 +293,21 @@ class _BookKeeper:
         if len(g) != size:
             raise ValueError(f"method='bk': layer {layer} saw {len(g)} rows but the micro-batch has {size} "
                              "examples; the loss must call the model on [B, K, …] inputs; otherwise use method='vmap'")
-        if isinstance(layer, nn.Embedding):
-            return a.reshape(size, -1), g.reshape(size, -1, g.shape[-1])
-        return a.reshape(size, -1, a.shape[-1]), g.reshape(size, -1, g.shape[-1])
+        a = a.reshape(size, -1) if _rule(layer).flat_inputs else a.reshape(size, -1, a.shape[-1])
+        return a, g.reshape(size, -1, g.shape[-1])
 
     def per_example_sq_norms(self, layer: nn.Module, size: int) -> list[torch.Tensor]:
         a, g = self._rows(layer, size)
-        if g is None:
-            return []
-        out = []
-        if isinstance(layer, nn.Linear):
-            gram_g = torch.bmm(g, g.transpose(1, 2))
-            out.append((gram_g * torch.bmm(a, a.transpose(1, 2))).sum((1, 2)))
-            if layer.bias is not None:
-                out.append(g.sum(1).pow(2).sum(1))
-        elif isinstance(layer, nn.LayerNorm):
-            if layer.weight is not None:
-                out.append((g * a).sum(1).pow(2).sum(1))
-            if layer.bias is not None:
-                out.append(g.sum(1).pow(2).sum(1))
-        else:  # Embedding
-            same = (a.unsqueeze(2) == a.unsqueeze(1)).to(g.dtype)
-            out.append((torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2)))
-        return [o.float() for o in out]
+        return [] if g is None else [o.float() for o in _rule(layer).sq_norms(layer, a, g)]
 
     def write_clipped_sum(self, layer: nn.Module, coef: torch.Tensor) -> None:
         a, g = self._rows(layer, len(coef))
-        if g is None:
-            return
-        gc = g * coef.to(g.dtype)[:, None, None]
-        if isinstance(layer, nn.Linear):
-            layer.weight.grad = torch.einsum("bro,bri->oi", gc, a)
-            if layer.bias is not None:
-                layer.bias.grad = gc.sum((0, 1))
-        elif isinstance(layer, nn.LayerNorm):
-            if layer.weight is not None:
-                layer.weight.grad = (gc * a).sum((0, 1))
-            if layer.bias is not None:
-                layer.bias.grad = gc.sum((0, 1))
-        else:
-            layer.weight.grad = torch.zeros_like(layer.weight).index_add_(0, a.reshape(-1), gc.reshape(-1, g.shape[-1]))
+        if g is not None:
+            _rule(layer).write(layer, a, g * coef.to(g.dtype)[:, None, None])
 
 
-@contextlib.contextmanager
-def _quiet_backward_hooks():
-    """Silence torch's notice that the first layers' full backward hooks fire on their outputs (their
-    inputs z_t, t, y do not require grad): expected here, the hooks need only the outputs' gradients."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
-
-
-#: Per-example clipping strategies of ``DPSGD`` (see the module docstring for measurements).
-METHODS = ("bk", "ghost", "hooks", "vmap")
-#: Layers whose Opacus grad/norm samplers treat every inner input dimension as part of the example, so
-#: a call on [B, K, …] gives per-example quantities summed over K ("auto" picks the hook paths for these).
-INNER_DIM_LAYERS = (nn.Linear, nn.LayerNorm, nn.Embedding)
+#: Per-example clipping engines of ``DPSGD`` (see the module docstring for measurements).
+METHODS = ("bk", "vmap")
 
 
 def resolve_method(model: nn.Module, method: str = "auto") -> str:
@@ -310,9 +327,9 @@ class DPSGD:
     Args:
         model: an Opacus-valid module (checked with ``ModuleValidator.validate(strict=True)``).
         optimizer: a plain ``torch.optim`` optimizer over (some of) ``model``'s parameters; it is wrapped
-            in Opacus' ``DPOptimizer`` (``DPOptimizerFastGradientClipping`` for ``method="ghost"``;
-            ``self.optimizer``; its ``state_dict`` is the wrapped one's). With ``"ghost"``/``"hooks"`` it
-            must hold exactly the parameters that require grad (the hooks see all of those).
+            in Opacus' ``DPOptimizer`` (``DPOptimizerFastGradientClipping`` for ``method="bk"``;
+            ``self.optimizer``; its ``state_dict`` is the wrapped one's). With ``"bk"`` it must hold exactly
+            the parameters that require grad (bk clips all of those).
         noise_multiplier: σ; the noise added to the sum of clipped gradients has std σ·C.
         max_grad_norm: C, the per-example clipping norm.
         dataset_size: N, the number of examples (rows of the data tensors given to ``step``).
@@ -326,19 +343,16 @@ class DPSGD:
         secure_mode: Opacus' floating-point-attack-resistant noise (Σ of 4 normals / 2 per coordinate;
             ``privacy/noise.py``), at the cost of four normal draws instead of one.
         method: how per-example gradients are clipped (module docstring): ``"auto"`` (default; see
-            ``resolve_method``: ``"ghost"`` for Linear/LayerNorm/Embedding models, else ``"vmap"``; the
-            resolved one is ``self.method``), ``"ghost"`` (Opacus ghost clipping: per-example norms
-            without per-example gradients, two backward passes),
-            ``"hooks"`` (Opacus grad-sample hooks, [B, …] per-example gradients) — both need the loss to
-            call the model on [B, K, …] (``DiffusionLoss`` does so for the model ``step`` hands it) and a
-            model that maps leading dims [B, K] — or ``"vmap"`` (``torch.func``, any loss and model).
-            The hook methods attach Opacus' hooks to ``model`` only inside ``step``.
+            ``resolve_method``: ``"bk"`` for Linear/LayerNorm/Embedding models, else ``"vmap"``; the resolved
+            one is ``self.method``), ``"bk"`` (book-keeping: needs the loss to call the model on [B, K, …] —
+            ``DiffusionLoss`` does so for the model ``step`` hands it — and a model that maps leading dims
+            [B, K]) or ``"vmap"`` (``torch.func``, any loss and model).
         chunk_size: ``vmap`` chunk inside a micro-batch (``"vmap"`` only; None = whole micro-batch).
         tune_allocator: on CPU, call ``tune_cpu_allocator()`` (process-wide and irreversible, so opt-in:
-            default False). Worth ~2× only for ``"vmap"``/``"hooks"``, whose [B, …] per-example gradients
-            are re-allocated every micro-batch; not for ``"ghost"``.
-        track_norms: compute the pre-clip norm statistics ``step`` returns (free for ``"ghost"``, which
-            computes the norms anyway; one extra read of the per-example gradients otherwise). They
+            default False). Worth ~2× for ``"vmap"``, whose [B, …] per-example gradients are re-allocated
+            every micro-batch; a few per cent for ``"bk"``.
+        track_norms: compute the pre-clip norm statistics ``step`` returns (free for ``"bk"``, which
+            computes the norms anyway; one extra read of the per-example gradients for ``"vmap"``). They
             describe private data and are not differentially private: for monitoring only.
     """
 
@@ -360,7 +374,7 @@ class DPSGD:
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if method == "auto" and trainable != optimized:
-            method = "vmap"  # the hooks clip every trainable parameter's gradient (see below)
+            method = "vmap"  # bk clips every trainable parameter's gradient (see below)
         method = resolve_method(model, method)
         self.model, self.ema, self.secure_mode = model, ema, secure_mode
         self.noise = noise if noise is not None else NoiseSource()
@@ -372,7 +386,7 @@ class DPSGD:
         if tune_allocator and device.type == "cpu":
             tune_cpu_allocator()
         self._noise_generator = torch.Generator(device=device)
-        opt_cls = DPOptimizerFastGradientClipping if method in ("ghost", "bk") else DPOptimizer
+        opt_cls = DPOptimizerFastGradientClipping if method == "bk" else DPOptimizer
         self.optimizer = opt_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                  expected_batch_size=self.expected_batch_size, loss_reduction="mean",
                                  generator=self._noise_generator, secure_mode=secure_mode)
@@ -381,29 +395,11 @@ class DPSGD:
         if missing:
             raise ValueError(f"the optimizer holds {len(missing)} parameter(s) that are not parameters of the model")
         self._params = [(by_id[id(p)], p) for p in self.optimizer.params]
-        self._gsm = None
         if method == "bk":
             if trainable != optimized:
                 raise ValueError("method='bk' clips the gradient of every parameter that requires grad, so the "
                                  "optimizer must hold exactly those (freeze the others) or use method='vmap'")
             self._keeper = _BookKeeper(model)
-            self._proxy = _InnerMultiplicity(model)
-        elif method != "vmap":
-            if trainable != optimized:
-                raise ValueError(f"method={method!r} clips the gradient of every parameter that requires grad, "
-                                 "so the optimizer must hold exactly those (freeze the others) or use "
-                                 "method='vmap'")
-            # loss_reduction="sum": the engine backpropagates Σ_b ℓ_b, so the hooks' backprops are the
-            # per-example ones unscaled; the optimizer's "mean" then divides the noised sum by q·N.
-            if method == "ghost":
-                self._gsm = GradSampleModuleFastGradientClipping(
-                    model, batch_first=True, loss_reduction="sum", max_grad_norm=max_grad_norm,
-                    use_ghost_clipping=True)
-            else:
-                self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-            # Attached only inside ``step`` (``_hooked_loss_backward``): other forward/backward passes of
-            # the model (e.g. non-private phase-I steps, sampling) run without Opacus' hooks.
-            self._gsm.remove_hooks()
             self._proxy = _InnerMultiplicity(model)
 
     noise_multiplier = property(lambda self: self.optimizer.noise_multiplier)
@@ -424,77 +420,6 @@ class DPSGD:
         if not self.noise.reproducible:
             raise RuntimeError("private noise is drawn from OS entropy; its seeds are not reproducible")
         return self._seed("dpsgd-noise", step)
-
-    # --- the hook paths -------------------------------------------------------------------------------
-
-    def _hooked_loss_backward(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...],
-                              retain_graph: bool) -> torch.Tensor:
-        """ℓ = loss(model as [B, K] proxy, *batch), backward of Σ_b ℓ_b with the Opacus hooks on; returns ℓ."""
-        size = len(batch[0])
-        if not all(m.training for m in self.model.modules()):  # Opacus' hooks capture in train mode only
-            raise ValueError(f"method={self.method!r} needs the model in train mode (its per-example hooks do "
-                             "not capture in eval mode); call model.train() or use method='vmap'")
-        for _, p in self._params:
-            p._norm_sample, p.grad_sample, p.grad = None, None, None
-        self._gsm.add_hooks(loss_reduction="sum", batch_first=True)  # also enables them
-        try:
-            loss = per_example_loss_fn(self._proxy, *batch)
-            if loss.shape != (size,):
-                raise ValueError(f"per_example_loss_fn must return one loss per example, shape [{size}]; got "
-                                 f"{tuple(loss.shape)}")
-            with _quiet_backward_hooks():
-                loss.sum().backward(retain_graph=retain_graph)
-        finally:
-            self._gsm.remove_hooks()  # also disables them: the graph's hook nodes (ghost's second pass) no-op
-            for m in self.model.modules():  # an exception must not leave activations for the next step
-                if hasattr(m, "activations"):
-                    m.activations = []
-                if hasattr(m, "max_batch_len"):
-                    del m.max_batch_len
-            for _, p in self._params:
-                p._forward_counter = 0
-        return loss
-
-    def _unit_check(self, name: str, rows: int, size: int) -> None:
-        # The privacy unit check: the hooks produce one row per leading index of the model's input. If
-        # the loss called the model on B·K flat rows (not [B, K, …]), or the model was in eval mode, the
-        # hooks did not see the B examples and clipping them would be wrong.
-        if rows != size:
-            raise ValueError(f"method={self.method!r}: the per-example hooks saw {rows} rows for {name} but the "
-                             f"micro-batch has {size} examples; the loss must call the model on [B, K, …] "
-                             f"inputs (DiffusionLoss does for the model step() hands it) and the model must "
-                             f"map leading dims [B, K] in train mode; otherwise use method='vmap'")
-
-    def _ghost_microbatch(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...]
-                          ) -> torch.Tensor:
-        """p.grad = Σ_b min(1, C/‖g_b‖)·g_b by ghost clipping; returns the norms ‖g_b‖ [B].
-
-        Opacus' ``DPLossFastGradientClipping`` runs the same two passes but is not used: it needs the
-        module's and the optimizer's loss_reduction equal (here "sum" for the hooks, "mean" for the
-        division by q·N) and it does not check that the norms have one entry per example before
-        reweighting (a flat [B·K] model call would broadcast silently when B = 1)."""
-        size = len(batch[0])
-        loss = self._hooked_loss_backward(per_example_loss_fn, batch, retain_graph=True)
-        sq = torch.zeros(size, device=loss.device, dtype=loss.dtype)
-        for name, p in self._params:  # ‖g_b‖² = Σ_params ‖g_b,p‖², per parameter from the norm samplers
-            ns = p._norm_sample
-            if ns is None:
-                if p.grad is None:  # not used by this forward: zero gradient
-                    continue
-                self._unit_check(name, -1, size)
-            self._unit_check(name, len(ns), size)
-            sq += ns.to(sq.dtype) ** 2
-            p._norm_sample = None
-        norms = sq.sqrt()
-        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # DPOptimizer's clip factor
-        for _, p in self._params:
-            p.grad = None
-        with _quiet_backward_hooks():
-            (coef.detach() * loss).sum().backward()  # hooks off: only Σ_b c_b ∇ℓ_b
-        for _, p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return norms
 
     def _bk_microbatch(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """p.grad = Σ_b min(1, C/‖g_b‖)·g_b by book-keeping (Bu et al. 2023, "Differentially private
@@ -528,29 +453,12 @@ class DPSGD:
                 p.grad = torch.zeros_like(p)
         return norms
 
-    def _hooks_microbatch(self, per_example_loss_fn: PerExampleLoss, batch: tuple[torch.Tensor, ...]
-                          ) -> list[torch.Tensor]:
-        """p.grad_sample [B, …] from Opacus' grad samplers on the [B, K, …] call (summed over K)."""
-        size = len(batch[0])
-        self._hooked_loss_backward(per_example_loss_fn, batch, retain_graph=False)
-        grads = []
-        for name, p in self._params:
-            gs = p.grad_sample
-            if gs is None:
-                if p.grad is None:
-                    gs = p.grad_sample = torch.zeros((size, *p.shape), dtype=p.dtype, device=p.device)
-                else:
-                    self._unit_check(name, -1, size)
-            self._unit_check(name, len(gs), size)
-            grads.append(gs)
-        return grads
-
     def step(self, per_example_loss_fn: PerExampleLoss, data_tensors: tuple[torch.Tensor, ...], step: int
              ) -> dict[str, float]:
         """One logical DP-SGD step: Poisson batch → per-example clipping (micro-batched) → Opacus noise,
         ÷ q·N → optimizer step → EMA. ``per_example_loss_fn(model, *batch) -> Tensor[B]`` (see
-        ``per_example_grads``; on the hook methods it is called once per micro-batch with a model that
-        asks ``DiffusionLoss`` for the [B, K, …] layout); ``data_tensors`` all have ``dataset_size``
+        ``per_example_grads``; with bk it is called once per micro-batch with a model that asks
+        ``DiffusionLoss`` for the [B, K, …] layout); ``data_tensors`` all have ``dataset_size``
         rows. Returns ``batch_size`` (realised), ``grad_norm`` (mean pre-clip per-example gradient norm)
         and ``clip_frac`` (fraction of examples with norm > C); norms 0 for an empty batch and NaN
         without ``track_norms``."""
@@ -570,19 +478,12 @@ class DPSGD:
             batch = tuple(t[chunk.to(t.device)] for t in data_tensors)
             if len(chunk) == 0:  # empty logical batch: a noise-only step
                 for _, p in self._params:
-                    if self.method in ("ghost", "bk"):
+                    if self.method == "bk":
                         p.grad = torch.zeros_like(p)
                     else:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            elif self.method == "ghost":
-                norms.append(self._ghost_microbatch(per_example_loss_fn, batch).detach())
             elif self.method == "bk":
                 norms.append(self._bk_microbatch(per_example_loss_fn, batch))
-            elif self.method == "hooks":
-                grads = self._hooks_microbatch(per_example_loss_fn, batch)
-                if self.track_norms:
-                    norms.append(per_sample_norms(grads))
-                del grads
             else:
                 grads = per_example_grads(self.model, per_example_loss_fn, *batch, names=names,
                                           chunk_size=self.chunk_size)
@@ -613,10 +514,10 @@ class DPSGD:
 def tune_cpu_allocator() -> bool:
     """Keep freed memory in the process (glibc ``mallopt``) instead of returning it to the OS.
 
-    Per-example gradients (``method="vmap"``/``"hooks"``) are large (B × #params floats, 735 MB for the
+    Per-example gradients (``method="vmap"``) are large (B × #params floats, 735 MB for the
     FeatureDenoiser at B = 256) and freshly allocated every micro-batch; with glibc's defaults each
     allocation is a new ``mmap`` whose pages are faulted in again, which more than doubled those DP steps
-    on CPU. Ghost clipping allocates nothing that large and does not need it (dp.json). Process-wide and
+    on CPU. Book-keeping allocates nothing that large and gains a few per cent (dp.json). Process-wide and
     irreversible, so opt-in: ``DPSGD(tune_allocator=True)`` or a direct call by the application
     (preloading jemalloc/tcmalloc is the alternative). The cost: the process keeps its peak heap instead of returning
     freed memory to the OS. Returns whether the settings were applied (glibc only).
