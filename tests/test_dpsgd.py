@@ -420,3 +420,29 @@ def test_default_noise_is_not_reproducible_from_any_seed(secure_mode):
     assert not torch.equal(params[0], params[1])
     with pytest.raises(RuntimeError, match="OS entropy"):
         engine.noise_seed(0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_diffusion_step_is_the_k_averaged_step_and_leaves_the_rng_alone(method):
+    """The one DP closure: diffusion_step = step(k_averaged(loss, K)) with the loss's draws seeded, and the
+    caller's global RNG is where it was."""
+    from pfdiff.privacy.dpsgd import k_averaged
+
+    B, K = 6, 3
+    z, y = _data(B, K)[:2]
+    lf = DiffusionLoss(SCHEDULE, prediction="v")
+    out = []
+    for use_helper in (True, False):
+        model = _model()
+        engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), dataset_size=B, method=method,
+                         noise_multiplier=0.5)
+        torch.manual_seed(123)
+        before = torch.random.get_rng_state()
+        if use_helper:
+            engine.diffusion_step(lf, K, (z, y), 0, draw_seed=7)
+            assert torch.equal(torch.random.get_rng_state(), before)
+        else:
+            torch.manual_seed(7)
+            engine.step(k_averaged(lf, K), (z, y), 0)
+        out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(out[0], out[1])

@@ -289,9 +289,6 @@ def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, 
                      sample_rate=rate, max_physical_batch_size=p.max_physical_batch_size, noise=noise,
                      secure_mode=p.secure_mode, track_norms=False, tune_allocator=True)
 
-    def per_example(loss):  # K draws averaged per example before clipping (DPDM)
-        return lambda m, z, labels: loss(m, z, labels, noise_multiplicity=p.noise_multiplicity).loss
-
     model.train()
     dp_loss = loss_fn
     if p.mechanism == "dp-promise":
@@ -300,13 +297,12 @@ def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, 
         y1 = y if p.promise_conditional_phase1 else torch.full_like(y, null)
         phase1, loss1 = engine(plan.phase1_rate), feature_loss(cfg.diffusion, loss_fn.schedule, null, t_min=S)
         for s in range(first_phase1_step, first_phase1_step + plan.phase1_steps_for(steps)):
-            torch.manual_seed(derive_seed(seed, "fed-p1-draws", partition_id, s))
-            phase1.step(per_example(loss1), (u, y1), s)
+            phase1.diffusion_step(loss1, p.noise_multiplicity, (u, y1), s,
+                                  derive_seed(seed, "fed-p1-draws", partition_id, s))
         dp_loss = feature_loss(cfg.diffusion, loss_fn.schedule, null, t_max=S)
     phase2 = engine(plan.sample_rate)
-    for s in range(first_step, first_step + steps):
-        torch.manual_seed(derive_seed(seed, "fed-dp-draws", partition_id, s))  # the loss's (t, ε): need not be secret
-        phase2.step(per_example(dp_loss), (u, y), s)
+    for s in range(first_step, first_step + steps):  # the loss's (t, ε) draws are seeded: need not be secret
+        phase2.diffusion_step(dp_loss, p.noise_multiplicity, (u, y), s, derive_seed(seed, "fed-dp-draws", partition_id, s))
     return float("nan")  # the private loss is not released
 
 

@@ -223,18 +223,14 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
     plan = dp_plan(cfg, target_epsilon, len(x))
     K = cfg.noise_multiplicity
     stats: list[dict[str, float]] = []
-    with torch.random.fork_rng(devices=[]):  # the per-step torch.manual_seed below stays inside
+    with torch.random.fork_rng(devices=[]):  # nothing below moves the caller's RNG
         if plan["private"]:
             # OS entropy (each target ε is an independent release); the debug switch derives it per target
             noise = NoiseSource(cfg.reproducible_noise, derive_seed(seed, "dpdm-dpsgd", target_epsilon))
             engine = make_engine(model, opt, plan["sigma"], len(x), plan["sample_rate"], cfg, noise, ema)
 
-            def per_example_loss(m, xb, yb):  # K draws averaged per example before clipping (DPDM §3.2)
-                return loss_fn(m, xb, yb, noise_multiplicity=K).loss
-
-            for step in range(cfg.steps):
-                torch.manual_seed(derive_seed(seed, "dpdm-draws", step))  # the (t, ε, drop) draws inside vmap
-                engine.step(per_example_loss, (x, y), step)  # its statistics describe private batches: dropped
+            for step in range(cfg.steps):  # its statistics describe private batches: dropped
+                engine.diffusion_step(loss_fn, K, (x, y), step, derive_seed(seed, "dpdm-draws", step))
         else:
             for step in range(cfg.steps):
                 idx = shuffled_batch(len(x), min(cfg.batch_size, len(x)), step, derive_seed(seed, "dpdm-batches"))

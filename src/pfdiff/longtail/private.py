@@ -201,19 +201,14 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     y1 = y if p.promise_conditional_phase1 else torch.full_like(y, num_classes)
     phase1_loss = feature_loss(d, schedule, num_classes, t_min=S) if phase1 else None
 
-    def per_example(loss_fn):  # K draws averaged per example *before* clipping (DPDM)
-        return lambda model, z, labels: loss_fn(model, z, labels, noise_multiplicity=p.noise_multiplicity).loss
-
     def update(step: int) -> dict[str, float]:
-        # The (t, ε) draws of the loss are seeded: DP-SGD's guarantee holds for any data-independent draws
-        # inside the clipped per-example loss; only the engine's batches and Gaussian noise must be secret.
-        torch.manual_seed(derive_seed(seed, "dp-draws", step))
+        draws = derive_seed(seed, "dp-draws", step)  # the loss's (t, ε): seeded, need not be secret
         if step < plan.phase1_steps:
             ledger.record_progress(PHASE1, plan.sigma, plan.phase1_rate, step + 1)  # before the draw
-            return phase1.step(per_example(phase1_loss), (u, y1), step)
+            return phase1.diffusion_step(phase1_loss, p.noise_multiplicity, (u, y1), step, draws)
         s2 = step - plan.phase1_steps
         ledger.record_progress(DPSGD_EVENT, plan.sigma, plan.sample_rate, s2 + 1)
-        return phase2.step(per_example(phase2_loss), (u, y), s2)
+        return phase2.diffusion_step(phase2_loss, p.noise_multiplicity, (u, y), s2, draws)
 
     run_steps({"denoiser": denoiser}, phase2.optimizer, update, plan.phase1_steps + p.steps,
               description=f"seed {seed} · DP stage 2: ε_θ ({p.mechanism}, σ={plan.sigma:.3f})", ema=ema,

@@ -76,6 +76,12 @@ PER_EXAMPLE_LOSSES = {"ldm": "diffusion loss (K-averaged per example)", "proto":
 BATCH_COUPLED_LOSSES = {"cov": "rad"}
 
 
+def k_averaged(loss_fn: Callable[..., object], noise_multiplicity: int) -> PerExampleLoss:
+    """The per-example loss DP-SGD clips for a diffusion loss: ``loss_fn(model, *batch,
+    noise_multiplicity=K).loss``, the K draws of (t, ε) averaged per example *before* clipping (DPDM §3.2)."""
+    return lambda model, *batch: loss_fn(model, *batch, noise_multiplicity=noise_multiplicity).loss
+
+
 class DPIncompatibleLoss(ValueError):
     """A loss couples the examples of a batch, so its gradient cannot be clipped per example."""
 
@@ -452,6 +458,18 @@ class DPSGD:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         return norms
+
+    def diffusion_step(self, loss_fn: Callable[..., object], noise_multiplicity: int,
+                       data_tensors: tuple[torch.Tensor, ...], step: int, draw_seed: int) -> dict[str, float]:
+        """``step`` of the K-averaged diffusion loss (``k_averaged``): the one DP closure of every DP training
+        loop. The loss's own draws (t, ε, label drop, inside vmap) come from the global RNG seeded with
+        ``draw_seed`` under ``fork_rng``, so the caller's RNG is left as it was. They need not be secret:
+        DP-SGD's guarantee holds for any data-independent draws inside the clipped per-example loss; only
+        the engine's batches and Gaussian noise (the noise source) must be."""
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(draw_seed)
+            return self.step(k_averaged(loss_fn, noise_multiplicity), data_tensors, step)
 
     def step(self, per_example_loss_fn: PerExampleLoss, data_tensors: tuple[torch.Tensor, ...], step: int
              ) -> dict[str, float]:
