@@ -279,9 +279,6 @@ class EndToEnd:
                 "bank": self.bank, "z0_bank": self.z0_bank, "scaler": self.scaler, "mass": self.mass,
                 "totals": self.totals}
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for k in ("encoder", "classifier", "denoiser") for p in self.modules()[k].parameters()]
-
     def param_groups(self) -> list[dict]:
         """E and G with stage 1's lr and weight decay, θ with e2e.lr and e2e.weight_decay (AdamW)."""
         o = self.cfg.stage1
