@@ -41,6 +41,11 @@ def generator(device: torch.device | str, *parts: int | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch: ⌈n / batch_size⌉, at least 1."""
+    return max(1, -(-n // batch_size))
+
+
 def shuffled_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     """Indices of batch ``step`` of an epoch-wise shuffle (stateless: depends only on its arguments)."""
     per_epoch = max(1, math.ceil(n / batch_size))

@@ -26,7 +26,7 @@ from pfdiff.longtail.common import (LongTailSplit, augmenter, init_encoder_class
 from pfdiff.longtail.losses import STAGE1_LOSSES, stage1_loss
 from pfdiff.models import create_classifier
 from pfdiff.models.classifiers import CosineClassifier
-from pfdiff.training import balanced_batch, make_scheduler, shuffled_batch, train
+from pfdiff.training import balanced_batch, make_scheduler, shuffled_batch, steps_per_epoch, train
 
 
 def stage1_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
@@ -62,7 +62,7 @@ def train_stage1(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.
             encoder.feature_dim, split.num_classes, scale=o.ldam_scale), device)
     x = torch.as_tensor(split.train.x, device=device)
     y = torch.as_tensor(split.train.y, device=device)
-    per_epoch = max(1, -(-len(y) // o.batch_size))
+    per_epoch = steps_per_epoch(len(y), o.batch_size)
     criterion = stage1_loss(loss, class_counts(split.train.y, split.num_classes), o, per_epoch)
     augment = augmenter(o, split.train.input_shape)
     params = list(encoder.parameters()) + list(classifier.parameters())

@@ -19,7 +19,7 @@ from pfdiff.data import (ArrayDataset, ClassGroups, DataError, balanced_indices,
                          load_dataset, longtail_indices, stratified_split)
 from pfdiff.longtail.losses import log_prior  # noqa: F401  (re-exported: the pipelines' prior helper)
 from pfdiff.models import create_classifier, create_encoder
-from pfdiff.training import generator, shuffled_batch, train
+from pfdiff.training import generator, shuffled_batch, steps_per_epoch, train
 
 
 class PrematureTestAccess(RuntimeError):
@@ -165,7 +165,7 @@ def train_classifier_on_features(classifier: nn.Module, z: torch.Tensor, y: torc
                                  log: Callable[[dict], None] | None = None,
                                  batch_fn: Callable[[int], torch.Tensor] | None = None) -> nn.Module:
     """Fit G on fixed features with (optionally per-example weighted) cross-entropy."""
-    steps = epochs * max(1, -(-len(y) // batch_size))
+    steps = epochs * steps_per_epoch(len(y), batch_size)
     opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     w = torch.ones(len(y), device=z.device) if weights is None else weights
 

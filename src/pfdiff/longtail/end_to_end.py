@@ -45,7 +45,7 @@ from pfdiff.longtail.filtering import FilterResult, MahalanobisScorer, aid_filte
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.longtail.losses import balanced_softmax, log_prior
 from pfdiff.longtail.semantic import PrototypeBank, covariance_loss, prototype_loss, radius_loss
-from pfdiff.training import generator, make_scheduler, shuffled_batch, train
+from pfdiff.training import generator, make_scheduler, shuffled_batch, steps_per_epoch, train
 
 _METHOD = re.compile(r"^e2e-(?P<strategy>[ABC])(?P<options>(?:-[a-z0-9]+)*)$")
 OPTIONS = {"proto": ("shape", "proto"), "cov": ("shape", "cov"), "rad": ("shape", "rad"),
@@ -103,7 +103,7 @@ def e2e_budget(cfg: RunConfig, n_train: int) -> tuple[int, int]:
     """(steps, batch size) of an E2E run: ``e2e.steps`` / ``e2e.batch_size``, else stage 1's — as many
     encoder steps (epochs × ⌈N/B⌉) at its batch size, so E2E and stage 1 are compared at equal encoder steps."""
     o, e = cfg.stage1, cfg.e2e
-    steps = e.steps if e.steps is not None else o.epochs * max(1, -(-n_train // o.batch_size))
+    steps = e.steps if e.steps is not None else o.epochs * steps_per_epoch(n_train, o.batch_size)
     return steps, e.batch_size if e.batch_size is not None else o.batch_size
 
 
@@ -478,7 +478,7 @@ def train_end_to_end(split: LongTailSplit, cfg: RunConfig, variant: E2EVariant, 
     e, o = cfg.e2e, cfg.stage1
     run = EndToEnd(split, cfg, variant, seed, device, log, name, init)
     opt = torch.optim.AdamW(run.param_groups())
-    per_epoch = max(1, -(-len(split.train.y) // o.batch_size))
+    per_epoch = steps_per_epoch(len(split.train.y), o.batch_size)
     scheduler = make_scheduler(opt, o.schedule, run.steps, round(o.warmup_epochs * per_epoch),
                                tuple(round(f * run.steps) for f in o.step_milestones), o.step_gamma)
     every = e.drift_every * max(1, round(cfg.checkpoint_every / e.drift_every))

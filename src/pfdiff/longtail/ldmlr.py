@@ -20,7 +20,7 @@ from pfdiff.config import DiffusionConfig, PseudoConfig, RunConfig
 from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
 from pfdiff.longtail.common import seeded_init, train_classifier_on_features
 from pfdiff.models import FeatureDenoiser
-from pfdiff.training import EMA, generator, shuffled_batch, train
+from pfdiff.training import EMA, generator, shuffled_batch, steps_per_epoch, train
 
 
 @dataclass
@@ -147,7 +147,7 @@ def finetune_encoder_with_pseudo(encoder: nn.Module, classifier: nn.Module, x: t
     opt = torch.optim.AdamW(list(enc.parameters()) + list(g.parameters()), lr=p.finetune_lr,
                            weight_decay=cfg.stage1.weight_decay)
     bs = cfg.stage1.batch_size
-    steps = p.finetune_epochs * max(1, -(-len(y) // bs))
+    steps = p.finetune_epochs * steps_per_epoch(len(y), bs)
 
     def step_fn(step: int):
         if step % cfg.e2e.drift_every == 0:

@@ -36,7 +36,7 @@ from pfdiff.longtail.private import (clip_rows, count_event, noisy_counts, prefl
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.privacy.noise import noise_source
 from pfdiff.runs import RunDir, atomic_write_json
-from pfdiff.training import resolve_device
+from pfdiff.training import resolve_device, steps_per_epoch
 
 
 class Timer:
@@ -274,7 +274,7 @@ class SeedRun:
                     split, self.cfg, self.seed, self.device, self.ck / f"{name}.safetensors", self.log, loss))
             self._stage1[loss] = (enc, g, encode(enc, self.x))
             n = len(self.public_idx) if self.private_mode else len(self.y)
-            self.encoder_steps[f"stage1{tag}"] = self.cfg.stage1.epochs * max(1, -(-n // self.cfg.stage1.batch_size))
+            self.encoder_steps[f"stage1{tag}"] = self.cfg.stage1.epochs * steps_per_epoch(n, self.cfg.stage1.batch_size)
         return self._stage1[loss]
 
     def paper_pseudo(self, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,7 +308,7 @@ class SeedRun:
             u_d, y_d = sample_features(denoiser, schedule, np.full(self.split.num_classes, self.cfg.e2e.drift_per_class),
                                        self.cfg.diffusion, self.seed, self.device, tag="drift")
             self._pseudo[loss] = (z_hat, y_hat, scaler.inverse(u_d), y_d)
-            self.coverage(f"ldmlr{tag}", self.stage1(loss)[0], scaler.inverse(u_d), y_d)
+            self.coverage(f"ldmlr{tag}", self.stage1(loss)[0], scaler.inverse(u_d), y_d, z)
             self.log({"event": "drift", "method": f"ldmlr{tag}", "step": 0,
                       **drift_distances(z, self.y, scaler.inverse(u_d), y_d)})
             save_file({"z_real": z.cpu().contiguous(), "y_real": self.y.cpu().contiguous(),
@@ -412,13 +412,17 @@ class SeedRun:
         self.coverage(base, e2e.encoder, *e2e.last_samples)
         return Fitted(e2e.encoder, e2e.classifier, e2e.effective_prior())
 
-    def coverage(self, name: str, encoder: nn.Module, z_fake: torch.Tensor, y_fake: torch.Tensor) -> None:
+    def coverage(self, name: str, encoder: nn.Module, z_fake: torch.Tensor, y_fake: torch.Tensor,
+                 z_train: torch.Tensor | None = None) -> None:
         """Per-class precision / recall of pseudo-features against the validation features of the same encoder
         (evaluation/coverage.py), beside the recall of the training features themselves. Needs a validation
-        split; not computed for private runs (the training-feature reference would describe private data)."""
+        split; not computed for private runs (the training-feature reference would describe private data).
+        ``z_train``: the encoder's training features when the caller already has them."""
         if self.x_val is None or self.private_mode:
             return
-        z_val, z_train = encode(encoder, self.x_val), encode(encoder, self.x)
+        z_val = encode(encoder, self.x_val)
+        if z_train is None:
+            z_train = encode(encoder, self.x)
         encoder.train()
         self.diagnostics.setdefault("coverage", {})[name] = class_coverage(
             z_val, self.y_val, z_fake, y_fake, z_train, self.y, self.split.num_classes, self.cfg.e2e.coverage_k)
