@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pfdiff.config import load_config
-from pfdiff.diffusion import DiffusionLoss, generate, make_schedule
+from pfdiff.diffusion import Denoiser, DiffusionLoss, generate, make_schedule
 from pfdiff.longtail.pipeline import run_experiment
 from pfdiff.models import FeatureDenoiser
 from pfdiff.runs import RunDir, atomic_write_json
@@ -60,8 +60,8 @@ def bench_sampling(device, dim=64, classes=10, n=2000, hidden=256) -> dict:
     y = torch.arange(classes, device=device).repeat_interleave(n // classes)
     out = {}
     for steps in (10, 50):
-        sec = _timed(lambda: generate("ddim", model, torch.randn(len(y), dim, device=device), schedule, y,
-                                      steps=steps), 3)
+        sec = _timed(lambda: generate("ddim", Denoiser(model, schedule), torch.randn(len(y), dim, device=device), y,
+                                      steps), 3)
         out[f"ddim_{steps}_steps"] = {"n": len(y), "seconds": sec, "features_per_s": len(y) / sec}
     return out
 

@@ -117,7 +117,7 @@ def bench_feature_denoiser(device: torch.device, rounds: int, tune_allocator: bo
     cfg = RunConfig()
     d = cfg.diffusion
     schedule = make_schedule(d.schedule, d.T).to(device)
-    loss_fn = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting,
+    loss_fn = DiffusionLoss(schedule, **d.loss_options(),
                             cond_drop_prob=d.cond_drop_prob, null_label=classes)
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(batch, dim, generator=g).to(device),

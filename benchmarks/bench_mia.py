@@ -51,7 +51,7 @@ def train_briefly(cfg: RunConfig, members, steps: int, device):
     schedule = make_schedule(d.schedule, d.T).to(device)
     torch.manual_seed(0)
     model = build_denoiser(cfg, 64, 10).to(device)
-    loss_fn = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting)
+    loss_fn = DiffusionLoss(schedule, **d.loss_options())
     opt = torch.optim.Adam(model.parameters(), lr=d.lr)
     x, y = members
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def main() -> None:
     members, nonmembers = digits_split(device)
     model, schedule, train_s = train_briefly(cfg, members, args.steps, device)
     settings = attack_settings(schedule.T)
-    metrics, _ = run_attacks(model, schedule, cfg.diffusion.prediction, *members, *nonmembers,
+    metrics, _ = run_attacks(cfg.diffusion.denoiser(model, schedule), *members, *nonmembers,
                              attacks=tuple(ATTACK_FNS), attack_kwargs=settings, groups={})
     attacks = {name: {**{k: v for k, v in m.items() if k != "per_class"}, "under_target": m["seconds"] < TARGET_S}
                for name, m in metrics.items()}

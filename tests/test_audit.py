@@ -211,6 +211,13 @@ def _schedule():
     return make_schedule("linear", 1000)
 
 
+def _loss(t_min: int = 900, t_max: int = 1000):
+    """dp-promise Phase I's loss: v-prediction, uniform weight, t ∈ [t_min, t_max)."""
+    from pfdiff.diffusion import DiffusionLoss
+
+    return DiffusionLoss(_schedule(), "v", t_min=t_min, t_max=t_max)
+
+
 def test_clopper_pearson_and_the_zero_error_bound():
     from pfdiff.privacy.promise_attack import clopper_pearson_upper, replace_one_lower_bound
 
@@ -249,13 +256,13 @@ def test_promise_attack_refuses_bad_input():
     with pytest.raises(ValueError, match="FPR"):
         replace_one_lower_bound(0.0, 0.1, 1e-5)
     with pytest.raises(ValueError, match="t_min"):
-        PaperPhase1(_schedule(), 900, 1001, 10)
+        PaperPhase1(_loss(900, 1001), 10)
     with pytest.raises(ValueError, match="optimizer"):
-        PaperPhase1(_schedule(), 900, 1000, 10, optimizer="lbfgs")
+        PaperPhase1(_loss(), 10, optimizer="lbfgs")
     with pytest.raises(ValueError, match=">= 1"):
-        distinguish(_tiny_denoiser(), PaperPhase1(_schedule(), 900, 1000, 10), unit_canary(64, 8.0, 0), trials=0)
+        distinguish(_tiny_denoiser(), PaperPhase1(_loss(), 10), unit_canary(64, 8.0, 0), trials=0)
     with pytest.raises(ValueError, match="noise"):
-        ClippedNoisyStep(_schedule(), 900, 1000, 10).gradients(None, {}, None, True, None)
+        ClippedNoisyStep(_loss(), 10).gradients(None, {}, None, True, None)
 
 
 def test_functional_phase1_matches_torch_adam_with_empty_poisson_batches():
@@ -266,7 +273,7 @@ def test_functional_phase1_matches_torch_adam_with_empty_poisson_batches():
     from pfdiff.privacy.promise_attack import PaperPhase1, _release
 
     model, data = _tiny_denoiser(), 4.0 * torch.randn(2, 64)
-    mech = PaperPhase1(_schedule(), 900, 1000, 10, lr=1e-2, sample_rate=0.5)
+    mech = PaperPhase1(_loss(), 10, lr=1e-2, sample_rate=0.5)
     theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     got = _release(model, theta0, mech, data, trials=3, steps=4, g=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
@@ -296,9 +303,9 @@ def test_noise_free_unclipped_dpsgd_step_is_the_phase1_step():
     model, data = _tiny_denoiser(), 4.0 * torch.randn(3, 64)
     theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     kw = dict(lr=1e-2, optimizer="sgd")
-    paper = _release(model, theta0, PaperPhase1(_schedule(), 900, 1000, 10, **kw), data, 4, 1,
+    paper = _release(model, theta0, PaperPhase1(_loss(), 10, **kw), data, 4, 1,
                      torch.Generator().manual_seed(3))
-    dp = _release(model, theta0, ClippedNoisyStep(_schedule(), 900, 1000, 10, **kw, clip=1e9, sigma=0.0), data, 4, 1,
+    dp = _release(model, theta0, ClippedNoisyStep(_loss(), 10, **kw, clip=1e9, sigma=0.0), data, 4, 1,
                   torch.Generator().manual_seed(3))
     assert torch.allclose(paper, dp, atol=1e-7) and paper.abs().max() > 0
 
@@ -314,8 +321,8 @@ def test_paper_phase1_is_refuted_by_the_distinguishing_test():
     schedule = _schedule()
     claim = paper_phase1_claim(8.0, float(schedule.alpha_bar[899]), 1e-5)
     assert claim == pytest.approx(0.989, abs=2e-3)
-    r = distinguish(_tiny_denoiser(), PaperPhase1(schedule, 900, 1000, 10), unit_canary(64, 8.0, 0),
-                    trials=4000, calibration=250, delta=1e-5)
+    r = distinguish(_tiny_denoiser(), PaperPhase1(_loss(), 10), unit_canary(64, 8.0, 0), trials=4000, calibration=250,
+                    delta=1e-5)
     assert r["epsilon_lower"] > claim + 3.0
     assert r["epsilon_lower_add_remove"] > claim
     assert r["epsilon_lower"] <= r["epsilon_ceiling"] and r["relation"].startswith("replace-one")
@@ -334,7 +341,7 @@ def test_dpsgd_step_under_the_same_test(sigma, expect):
     from pfdiff.privacy.accounting import GaussianEvent, epsilon
     from pfdiff.privacy.promise_attack import ClippedNoisyStep, distinguish, dpsgd_replace_claim, unit_canary
 
-    mech = ClippedNoisyStep(_schedule(), 900, 1000, 10, optimizer="sgd", clip=1.0, sigma=sigma)
+    mech = ClippedNoisyStep(_loss(), 10, optimizer="sgd", clip=1.0, sigma=sigma)
     r = distinguish(_tiny_denoiser(), mech, unit_canary(64, 8.0, 0), trials=2000, calibration=500, delta=1e-5,
                     calibrate_with=dataclasses.replace(mech, sigma=0.0))
     claimed_sigma = 2.0 if expect == "caught" else sigma

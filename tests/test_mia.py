@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfdiff.diffusion import PREDICTIONS, DiffusionLoss, ddim_step, make_schedule
+from pfdiff.diffusion import PREDICTIONS, Denoiser, DiffusionLoss, ddim_step, make_schedule
 import inspect
 
 from pfdiff.evaluation.mia import (attack_metrics, attack_settings, ddim_inversion_step, grouped_metrics,
@@ -56,7 +56,8 @@ def overfit():
 
 
 def _auc(fn, model, schedule, a, b, prediction="v", **kw) -> float:
-    return attack_metrics(fn(model, schedule, *a, prediction, **kw), fn(model, schedule, *b, prediction, **kw))["auc"]
+    den = Denoiser(model, schedule, prediction)
+    return attack_metrics(fn(den, *a, **kw), fn(den, *b, **kw))["auc"]
 
 
 # SecMI at the paper's / official code's setting (t_sec = 100, k = 10: error at 90) is unreliable on this small
@@ -122,7 +123,7 @@ def test_every_attack_catches_an_ideal_memoriser(prediction):
         # (SecMI: a non-member whose DDIM path falls onto a member's gets a near-zero t-error too)
         assert _auc(fn, model, schedule, (members, y), (nonmembers, y), prediction) > least, fn.__name__
     # the DDIM round trip of SecMI is exact on a memorised point: the ε̂ field is constant along its path
-    assert secmi_scores(model, schedule, members, y, prediction).abs().max() < 1e-6
+    assert secmi_scores(Denoiser(model, schedule, prediction), members, y).abs().max() < 1e-6
 
 
 class TimestepSpy(torch.nn.Module):
@@ -146,7 +147,7 @@ def test_secmi_defaults_are_the_official_timesteps():
     grid, t_a, t_b = secmi_timesteps(100, 10)
     assert grid == list(range(0, 100, 10)) and (t_a, t_b) == (90, 100)
     spy = TimestepSpy()
-    secmi_scores(spy, make_schedule("linear", 1000), torch.randn(3, DIM), torch.zeros(3, dtype=torch.long), "eps")
+    secmi_scores(Denoiser(spy, make_schedule("linear", 1000)), torch.randn(3, DIM), torch.zeros(3, dtype=torch.long))
     # inversion 0 → … → 90 (the model at 0 … 80), the step 90 → 100, the step back from 100
     assert spy.calls == [*range(0, 90, 10), 90, 100]
     with pytest.raises(ValueError, match="t_sec > k"):
@@ -159,25 +160,27 @@ def test_ddim_inversion_step_is_undone_by_ddim_step():
     gen = torch.Generator().manual_seed(2)
     z, eps = torch.randn(5, 3, 4, 4, generator=gen, dtype=torch.float64), torch.randn(5, 3, 4, 4, generator=gen,
                                                                                       dtype=torch.float64)
+    const_eps = Denoiser(lambda zz, t, y: eps, schedule, "eps")  # ε̂ = eps wherever it is asked
     for t, t_next in [(0, 10), (100, 150), (400, 900)]:
-        up = ddim_inversion_step(eps, t, t_next, z, schedule, "eps")
-        torch.testing.assert_close(ddim_step(eps, t_next, t, up, schedule, "eps"), z)
+        up = ddim_inversion_step(const_eps, z, t, t_next, None)
+        torch.testing.assert_close(ddim_step(*const_eps(up, t_next, None), t_next, t, up, schedule), z)
     # the same move expressed in v: v = √ᾱ·ε − √(1−ᾱ)·ẑ0 at (z, t)
     tt = torch.full((5,), 100)
     a, b = schedule.sqrt_alpha_bar(tt, 4, z.dtype), schedule.sqrt_one_minus_alpha_bar(tt, 4, z.dtype)
     v = a * eps - b * (z - b * eps) / a
-    torch.testing.assert_close(ddim_inversion_step(v, 100, 150, z, schedule, "v"),
-                               ddim_inversion_step(eps, 100, 150, z, schedule, "eps"))
+    torch.testing.assert_close(ddim_inversion_step(Denoiser(lambda zz, t, y: v, schedule, "v"), z, 100, 150, None),
+                               ddim_inversion_step(const_eps, z, 100, 150, None))
 
 
 def test_scores_are_deterministic_and_independent_of_batching(overfit):
     model, schedule, (x, y), _, _ = overfit
+    den = Denoiser(model, schedule, "v")
     for fn, kw in [(loss_scores, {"seed": 3}), (secmi_scores, {}), (pia_scores, {})]:
-        full = fn(model, schedule, x, y, "v", **kw)
+        full = fn(den, x, y, **kw)
         assert full.shape == (N,) and full.dtype == torch.float32
-        torch.testing.assert_close(fn(model, schedule, x, y, "v", batch_size=7, **kw), full)
-        torch.testing.assert_close(fn(model, schedule, x[:10], y[:10], "v", **kw), full[:10])
-    assert not torch.equal(loss_scores(model, schedule, x, y, "v", seed=4), loss_scores(model, schedule, x, y, "v"))
+        torch.testing.assert_close(fn(den, x, y, batch_size=7, **kw), full)
+        torch.testing.assert_close(fn(den, x[:10], y[:10], **kw), full[:10])
+    assert not torch.equal(loss_scores(den, x, y, seed=4), loss_scores(den, x, y))
 
 
 def test_attacks_accept_image_shaped_input():
@@ -185,10 +188,11 @@ def test_attacks_accept_image_shaped_input():
     model = UNet(in_channels=1, num_classes=3, base_channels=8, channel_mults=(1, 2), time_dim=16).eval()
     schedule = make_schedule("linear", 1000)
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    den = Denoiser(model, schedule, "eps")
     for fn in (loss_scores, secmi_scores, pia_scores):
-        s = fn(model, schedule, x, y, "eps", batch_size=4)
+        s = fn(den, x, y, batch_size=4)
         assert s.shape == (6,) and torch.isfinite(s).all(), fn.__name__
-    metrics, scores = run_attacks(model, schedule, "eps", x[:3], y[:3], x[3:], y[3:])
+    metrics, scores = run_attacks(den, x[:3], y[:3], x[3:], y[3:])
     assert set(metrics) == set(scores) == {"loss", "secmi", "pia"}
 
 
@@ -228,14 +232,14 @@ def test_grouped_metrics_on_a_hand_made_case():
 
 def test_run_attacks_reports_per_class_and_per_group_figures(overfit):
     model, schedule, members, nonmembers, _ = overfit
-    metrics, _ = run_attacks(model, schedule, "v", *members, *nonmembers, attacks=("loss",),
+    metrics, _ = run_attacks(Denoiser(model, schedule, "v"), *members, *nonmembers, attacks=("loss",),
                              groups={"a": [0], "b": [1]})
     loss = metrics["loss"]
     assert set(loss["per_class"]) == {0, 1} and set(loss["per_group"]) == {"a", "b"}
     assert loss["per_group"]["a"]["auc"] == loss["per_class"][0]["auc"]
     assert loss["per_group"]["a"]["n_members"] + loss["per_group"]["b"]["n_members"] == N
     json.dumps(metrics)
-    plain, _ = run_attacks(model, schedule, "v", *members, *nonmembers, attacks=("loss",))
+    plain, _ = run_attacks(Denoiser(model, schedule, "v"), *members, *nonmembers, attacks=("loss",))
     assert "per_class" not in plain["loss"] and plain["loss"]["auc"] == loss["auc"]
 
 
@@ -249,14 +253,14 @@ def test_plot_roc_writes_a_png(tmp_path):
 
 def test_run_attacks_metrics_are_json_ready(overfit):
     model, schedule, members, nonmembers, _ = overfit
-    metrics, scores = run_attacks(model, schedule, "v", *members, *nonmembers, attacks=("loss", "pia"),
-                                  attack_kwargs={"pia": {"t": 100}})
+    den = Denoiser(model, schedule, "v")
+    metrics, scores = run_attacks(den, *members, *nonmembers, attacks=("loss", "pia"), attack_kwargs={"pia": {"t": 100}})
     json.dumps(metrics)
     assert metrics["loss"]["seconds"] > 0 and metrics["pia"]["auc"] > 0.9
     assert scores["pia"][0].shape == (N,)
-    torch.testing.assert_close(torch.from_numpy(scores["pia"][0]), pia_scores(model, schedule, *members, "v", t=100))
+    torch.testing.assert_close(torch.from_numpy(scores["pia"][0]), pia_scores(den, *members, t=100))
     with pytest.raises(ValueError, match="unknown attacks"):
-        run_attacks(model, schedule, "v", *members, *nonmembers, attacks=("lira",))
+        run_attacks(den, *members, *nonmembers, attacks=("lira",))
 
 
 def test_nearest_neighbour_check_flags_copies_and_passes_fresh_samples():

@@ -10,7 +10,7 @@ import torch
 
 from pfdiff.analysis import regimes as R
 from pfdiff.diffusion import make_schedule
-from pfdiff.diffusion.targets import split_prediction
+from pfdiff.diffusion import Denoiser, training_target
 
 # Two-Gaussian mixture with its exact score: |measured t_S − ½ log Λ| in OU time. The exact midpoint sits
 # +0.06 above ½ log Λ there, the 10 % → 90 % speciation window spans ≈ 1.7, seed-to-seed spread ≈ 0.03.
@@ -26,9 +26,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _mixture(schedule, prediction="eps", d=32, m2=24.0, sigma2=1.0):
+def _mixture(schedule, d=32, m2=24.0, sigma2=1.0):
     m = torch.full((d,), math.sqrt(m2 / d), dtype=torch.float64)
-    return R.GaussianMixtureDenoiser(torch.stack([m, -m]), sigma2, schedule, prediction=prediction)
+    return R.GaussianMixtureDenoiser(torch.stack([m, -m]), sigma2, schedule)
+
+
+def _as_network(mixture, prediction):
+    """The exact mixture as a raw network in ``prediction``, wrapped again: the path a trained model takes."""
+    def net(z, t, y):
+        eps, x0 = mixture(z, t, y)
+        a, b = (c.to(z.dtype) for c in Denoiser(None, mixture.schedule).coefficients(t, z))
+        return training_target(prediction, x0, eps, a, b)
+    return Denoiser(net, mixture.schedule, prediction)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -53,29 +62,30 @@ def test_mixture_denoiser_is_the_gaussian_posterior(prediction):
     """One component: E[a|z_t] = μ + √ᾱσ²/(ᾱσ² + 1 − ᾱ)·(z_t − √ᾱμ); every parameterisation agrees."""
     s = make_schedule("linear", 100)
     mu = torch.randn(1, 5, dtype=torch.float64)
-    model = R.GaussianMixtureDenoiser(mu, 0.7, s, prediction=prediction)
+    model = _as_network(R.GaussianMixtureDenoiser(mu, 0.7, s), prediction)
     z, t = torch.randn(8, 5), torch.randint(0, 100, (8,))
     ab = s.alpha_bar[t].double()[:, None]
     want = mu + ab.sqrt() * 0.7 / (ab * 0.7 + 1 - ab) * (z.double() - ab.sqrt() * mu)
-    _, x0 = split_prediction(model(z, t, torch.full((8,), 1)), z, t, s, prediction)
+    _, x0 = model(z, t, torch.full((8,), 1))
     assert torch.allclose(x0.double(), want, atol=1e-4)
 
 
-@pytest.mark.parametrize("schedule_name,prediction", [("linear", "eps"), ("cosine", "v")])
+@pytest.mark.parametrize("schedule_name,prediction", [("linear", "eps"), ("cosine", "v"), ("cosine", None)])
 def test_cloning_recovers_speciation_time_of_two_gaussians(schedule_name, prediction):
     """Exact score, ±m with ‖m‖² = 24, σ² = 1 in d = 32: Λ = 25, t_S = ½ log 25 = 1.609. The measured cloning
     curve follows the exact φ(t) and crosses the midpoint ¾ of its plateaus (½, 1) within T_S_TOLERANCE of
     ½ log Λ, and within 0.12 of the exact curve's own midpoint (½ log Λ + 0.06)."""
     s = make_schedule(schedule_name, 1000)
-    model = _mixture(s, prediction)
+    model = _mixture(s)  # prediction None: the exact denoiser itself, no parameterisation in between
+    denoiser = model if prediction is None else _as_network(model, prediction)
     x0, y = model.sample(1000, torch.Generator().manual_seed(0))
     spec = R.speciation_time(x0, y)
     t_S = 0.5 * math.log(25.0)
     assert abs(spec.t_S - t_S) < 0.05  # the covariance spectrum of the sample gives Λ
     assert spec.Lambda_between == pytest.approx(24.0, rel=0.1)
     steps = R.ou_grid_steps(s, 12, 0.4, 3.4)
-    cur = R.cloning_curve(model, s, x0, steps, model.classify, torch.full((len(x0),), model.null_label), clones=4,
-                          prediction=prediction, sampler_steps=50, seed=1)
+    cur = R.cloning_curve(denoiser, x0, steps, model.classify, torch.full((len(x0),), model.null_label), clones=4,
+                          sampler_steps=50, seed=1)
     theory = R.two_gaussian_cloning_theory(np.array(cur["t"]), 24.0, 1.0)
     assert (np.abs(np.array(cur["phi"]) - theory) <= 4 * np.array(cur["se"]) + 0.02).all()
     measured = R.speciation_from_cloning(cur["t"], cur["phi"], low=0.5, high=1.0)["t_S"]
@@ -132,14 +142,12 @@ def test_collapse_curve_separates_empirical_from_population_score():
     train, probes, refs = (torch.randn(k, d, generator=g) for k in (n, 30, n))
     s = make_schedule("linear", 1000)
     steps = R.ou_grid_steps(s, 4, 0.05, 3.0)
-    empirical = R.GaussianMixtureDenoiser(train, 1e-8, s, prediction="v")
+    empirical = _as_network(R.GaussianMixtureDenoiser(train, 1e-8, s), "v")
     lab = lambda k, c: torch.full((k,), c)  # noqa: E731 — one class; the null label runs the whole mixture
-    emp = R.collapse_curve(empirical, s, probes, lab(30, n), steps, train, lab(n, n), refs, lab(n, n),
-                           prediction="v", sampler_steps=30)
+    emp = R.collapse_curve(empirical, probes, lab(30, n), steps, train, lab(n, n), refs, lab(n, n), sampler_steps=30)
     assert min(emp["copy_share"]) > 0.9
-    population = R.GaussianMixtureDenoiser(torch.zeros(1, d), 1.0, s, prediction="v")
-    pop = R.collapse_curve(population, s, probes, lab(30, 1), steps, train, lab(n, 1), refs, lab(n, 1),
-                           prediction="v", sampler_steps=30)
+    population = _as_network(R.GaussianMixtureDenoiser(torch.zeros(1, d), 1.0, s), "v")
+    pop = R.collapse_curve(population, probes, lab(30, 1), steps, train, lab(n, 1), refs, lab(n, 1), sampler_steps=30)
     assert pop["copy_share"][0] < 0.1 and max(pop["copy_share"]) < 0.2
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pfdiff.diffusion import (SAMPLERS, DiffusionLoss, cosine_schedule, ddim_step, ddpm_step, generate, get_sampler,
-                              linear_schedule, make_timesteps, sample_ddim, sample_ddpm, sample_heun)
+from pfdiff.diffusion import (SAMPLERS, Denoiser, DiffusionLoss, cosine_schedule, ddim_step, ddpm_step, generate,
+                              get_sampler, linear_schedule, make_timesteps, sample_ddim, sample_ddpm, sample_heun)
 from pfdiff.models import FeatureDenoiser
 
 diffusers = pytest.importorskip("diffusers")
@@ -67,6 +67,15 @@ def test_make_timesteps_equals_diffusers(spacing):
 
 # ---------------------------------------------------------------- single steps vs diffusers
 
+def _given(out):
+    """A "network" whose output is the given tensor (diffusers' steps take the model output itself)."""
+    return lambda z, t, y: out
+
+
+def _x0(out, t, z, schedule, prediction):
+    return Denoiser(_given(out), schedule, prediction)(z, t, None)[1]
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_ddpm_step_equals_diffusers(kind, prediction):
@@ -78,11 +87,11 @@ def test_ddpm_step_equals_diffusers(kind, prediction):
         # diffusers draws its variance noise with torch.randn from the generator: draw the same here
         expected = ref.step(out, t, z, generator=torch.Generator().manual_seed(9)).prev_sample
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-        torch.testing.assert_close(ddpm_step(out, t, z, ours, prediction, noise), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ddpm_step(_x0(out, t, z, ours, prediction), t, z, ours, noise), expected, atol=1e-5, rtol=1e-5)
         # and its deterministic part is the posterior mean
         mean = ref.step(out, t, z, generator=torch.Generator().manual_seed(9)).prev_sample - (
             ref._get_variance(t) ** 0.5 * noise if t > 0 else 0)
-        torch.testing.assert_close(ddpm_step(out, t, z, ours, prediction), mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ddpm_step(_x0(out, t, z, ours, prediction), t, z, ours), mean, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -99,7 +108,7 @@ def test_ddim_step_equals_diffusers(kind, prediction, eta, spacing):
         z, out, noise = (torch.randn(8, 6, generator=g, dtype=torch.float64) for _ in range(3))
         expected = ref.step(out, t, z, eta=eta, variance_noise=noise).prev_sample
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        torch.testing.assert_close(ddim_step(out, t, t_prev, z, ours, prediction, eta, noise), expected,
+        torch.testing.assert_close(ddim_step(*Denoiser(_given(out), ours, prediction)(z, t, None), t, t_prev, z, ours, eta, noise), expected,
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -111,12 +120,12 @@ def test_single_steps_in_float32_against_stock_diffusers(prediction):
     g = torch.Generator().manual_seed(5)
     z, out, noise = (torch.randn(16, 4, generator=g) for _ in range(3))
     expected = ref.step(out, 500, z, eta=0.5, variance_noise=noise).prev_sample
-    torch.testing.assert_close(ddim_step(out, 500, 400, z, ours, prediction, 0.5, noise), expected,
+    torch.testing.assert_close(ddim_step(*Denoiser(_given(out), ours, prediction)(z, 500, None), 500, 400, z, ours, 0.5, noise), expected,
                                atol=1e-5, rtol=1e-5)
     ours, ref = _ddpm_ref("linear", prediction)
     expected = ref.step(out, 300, z, generator=torch.Generator().manual_seed(1)).prev_sample
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(ddpm_step(out, 300, z, ours, prediction, noise), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ddpm_step(_x0(out, 300, z, ours, prediction), 300, z, ours, noise), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_ddim_with_eta_one_on_consecutive_steps_is_ddpm():
@@ -124,7 +133,8 @@ def test_ddim_with_eta_one_on_consecutive_steps_is_ddpm():
     g = torch.Generator().manual_seed(6)
     for t in (99, 50, 1):
         z, out, noise = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
-        torch.testing.assert_close(ddim_step(out, t, t - 1, z, s, "v", 1.0, noise), ddpm_step(out, t, z, s, "v", noise))
+        eps, x0 = Denoiser(_given(out), s, "v")(z, t, None)
+        torch.testing.assert_close(ddim_step(eps, x0, t, t - 1, z, s, 1.0, noise), ddpm_step(x0, t, z, s, noise))
 
 
 # ---------------------------------------------------------------- whole chains vs diffusers
@@ -139,7 +149,7 @@ def test_sample_ddpm_equals_the_diffusers_loop(prediction):
     z = x
     for t in ref.timesteps.tolist():
         z = ref.step(_toy_model(z, torch.full((6,), t), y), t, z, generator=g).prev_sample
-    ours_out = sample_ddpm(_toy_model, x, ours, y, prediction, generator=torch.Generator().manual_seed(7))
+    ours_out = sample_ddpm(Denoiser(_toy_model, ours, prediction), x, y, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(ours_out, z, atol=1e-6, rtol=1e-6)
 
 
@@ -154,14 +164,14 @@ def test_sample_ddim_equals_the_diffusers_loop(eta):
     z = x
     for t in ref.timesteps.tolist():
         z = ref.step(_toy_model(z, torch.full((6,), t), y), t, z, eta=eta, generator=g).prev_sample
-    ours_out = sample_ddim(_toy_model, x, ours, y, steps=8, eta=eta, spacing="trailing", prediction="v",
-                           generator=torch.Generator().manual_seed(8))
+    den = Denoiser(_toy_model, ours, "v")
+    ours_out = sample_ddim(den, x, y, 8, eta=eta, spacing="trailing", generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(ours_out, z, atol=1e-6, rtol=1e-6)
     # an explicit timestep list is the same as the spacing that produced it
-    torch.testing.assert_close(sample_ddim(_toy_model, x, ours, y, steps=make_timesteps(200, 8, "trailing"), eta=eta,
-                                           prediction="v", generator=torch.Generator().manual_seed(8)), ours_out)
+    torch.testing.assert_close(sample_ddim(den, x, y, make_timesteps(200, 8, "trailing"), eta=eta,
+                                           generator=torch.Generator().manual_seed(8)), ours_out)
     with pytest.raises(ValueError, match="descending"):
-        sample_ddim(_toy_model, x, ours, y, steps=[10, 50])
+        sample_ddim(den, x, y, [10, 50])
 
 
 # ---------------------------------------------------------------- exact Gaussian score
@@ -170,11 +180,11 @@ M, S = 1.5, 0.5
 
 
 def _gaussian_oracle(schedule, m: float = M, s: float = S):
-    """The exact ε-predictor for data N(m, s²I): ε̂ = √(1−ᾱ)(z_t − √ᾱ m)/(ᾱ s² + 1 − ᾱ)."""
+    """The exact ε-predictor for data N(m, s²I): ε̂ = √(1−ᾱ)(z_t − √ᾱ m)/(ᾱ s² + 1 − ᾱ), as a denoiser."""
     def model(z, t, y):
         ab = schedule.sqrt_alpha_bar(t, z.ndim, z.dtype) ** 2
         return (1 - ab).sqrt() * (z - ab.sqrt() * m) / (ab * s**2 + 1 - ab)
-    return model
+    return Denoiser(model, schedule, "eps")
 
 
 def _exact_flow(x, schedule, t0: int, m: float = M, s: float = S):
@@ -191,7 +201,7 @@ def test_samplers_recover_a_gaussian_with_the_exact_score(sampler, shape):
     schedule = linear_schedule(1000)
     g = torch.Generator().manual_seed(4)
     y = torch.zeros(shape[0], dtype=torch.long)
-    out = generate(sampler, _gaussian_oracle(schedule), shape, schedule, y, steps=50, generator=g)
+    out = generate(sampler, _gaussian_oracle(schedule), shape, y, 50, generator=g)
     assert out.shape == shape
     assert abs(out.mean().item() - M) < 0.05, out.mean()
     assert abs(out.std().item() - S) < 0.05, out.std()
@@ -203,8 +213,8 @@ def test_a_broken_sampler_fails_the_gaussian_check():
     oracle = _gaussian_oracle(schedule)
     y = torch.zeros(2000, dtype=torch.long)
     for sampler in sorted(SAMPLERS):
-        out = generate(sampler, lambda z, t, yy: -oracle(z, t, yy), (2000, 2), schedule, y, steps=50,
-                       generator=torch.Generator().manual_seed(0))
+        broken = oracle.with_net(lambda z, t, yy: -oracle.net(z, t, yy))
+        out = generate(sampler, broken, (2000, 2), y, 50, generator=torch.Generator().manual_seed(0))
         assert abs(out.mean().item() - M) > 0.5 or abs(out.std().item() - S) > 0.2, sampler
 
 
@@ -217,7 +227,7 @@ def test_heun_and_ddim_follow_the_exact_flow_at_their_orders():
     err = {}
     for name, fn in (("heun", sample_heun), ("ddim", sample_ddim)):
         for steps in (25, 50):
-            out = fn(_gaussian_oracle(schedule), x, schedule, y, steps=steps)
+            out = fn(_gaussian_oracle(schedule), x, y, steps)
             err[name, steps] = (out - _exact_flow(x, schedule, make_timesteps(1000, steps)[0])).abs().max().item()
     assert err["heun", 50] < 0.01 and err["heun", 50] < err["ddim", 50] / 5, err
     assert err["heun", 25] / err["heun", 50] > 3.0, err
@@ -231,7 +241,7 @@ def test_callback_sees_every_step(sampler):
     schedule = linear_schedule(40)
     seen = []
     x = torch.randn(3, 2)
-    generate(sampler, _gaussian_oracle(schedule), x, schedule, torch.zeros(3, dtype=torch.long), steps=8,
+    generate(sampler, _gaussian_oracle(schedule), x, torch.zeros(3, dtype=torch.long), 8,
              callback=lambda i, t, z, x0: seen.append((i, t, z.clone(), x0.clone())))
     ts = list(range(39, -1, -1)) if sampler == "ddpm" else make_timesteps(40, 8)
     assert [s[0] for s in seen] == list(range(len(ts))) and [s[1] for s in seen] == ts
@@ -243,11 +253,11 @@ def test_callback_sees_every_step(sampler):
 
 def test_generate_is_reproducible_with_a_generator_and_gradient_free():
     schedule = linear_schedule(100)
-    model = FeatureDenoiser(2, 2, hidden=16, depth=1)
+    model = Denoiser(FeatureDenoiser(2, 2, hidden=16, depth=1), schedule)
     y = torch.tensor([0, 1, 1])
-    a = generate("ddim", model, (3, 2), schedule, y, steps=5, eta=1.0, generator=torch.Generator().manual_seed(0))
-    b = generate("ddim", model, (3, 2), schedule, y, steps=5, eta=1.0, generator=torch.Generator().manual_seed(0))
-    c = generate("ddim", model, (3, 2), schedule, y, steps=5, eta=1.0, generator=torch.Generator().manual_seed(1))
+    a = generate("ddim", model, (3, 2), y, 5, eta=1.0, generator=torch.Generator().manual_seed(0))
+    b = generate("ddim", model, (3, 2), y, 5, eta=1.0, generator=torch.Generator().manual_seed(0))
+    c = generate("ddim", model, (3, 2), y, 5, eta=1.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, c) and not a.requires_grad
     with pytest.raises(ValueError, match=r"choose one of \['ddim', 'ddpm', 'heun'\]"):
         get_sampler("euler")
@@ -257,8 +267,8 @@ def test_generate_is_reproducible_with_a_generator_and_gradient_free():
 @pytest.mark.parametrize("sampler", ["ddim", "heun"])
 def test_gradients_flow_through_the_sampler_when_enabled(sampler):
     model = FeatureDenoiser(2, 2, hidden=16, depth=1)
-    out = get_sampler(sampler)(model, torch.randn(4, 2), linear_schedule(100), torch.tensor([0, 1, 0, 1]), steps=3,
-                               prediction="v")
+    out = get_sampler(sampler)(Denoiser(model, linear_schedule(100), "v"), torch.randn(4, 2),
+                               torch.tensor([0, 1, 0, 1]), 3)
     out.square().sum().backward()
     assert model.inp.weight.grad.abs().sum() > 0
 
@@ -312,9 +322,10 @@ def test_trained_model_matches_a_known_gaussian_mixture(trained_mixture_model):
     y = torch.arange(3).repeat_interleave(2000)
     noise = torch.randn(len(y), 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ddim = sample_ddim(model, noise, schedule, y, steps=50, prediction="v")
-        heun = sample_heun(model, noise, schedule, y, steps=25, prediction="v")
-        broken = sample_ddim(lambda z, t, yy: -model(z, t, yy), noise, schedule, y, steps=50, prediction="v")
+        den = Denoiser(model, schedule, "v")
+        ddim = sample_ddim(den, noise, y, 50)
+        heun = sample_heun(den, noise, y, 25)
+        broken = sample_ddim(den.with_net(lambda z, t, yy: -model(z, t, yy)), noise, y, 50)
     for name, out, cov_tol in (("ddim", ddim, 0.08), ("heun", heun, 0.04)):
         for c, (mean_err, cov_err, axes_ok) in enumerate(_mixture_errors(out, y)):
             assert mean_err < 0.1 and cov_err < cov_tol and axes_ok, (name, c, mean_err, cov_err)

@@ -15,6 +15,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
 
 
+class DiffusionSpec:
+    """What a section with ``schedule``, ``T`` and ``prediction`` builds: the schedule, the training loss and
+    the denoiser wrapper, so the parameterisation is read here and nowhere above the diffusion core."""
+
+    def make_schedule(self):
+        from pfdiff.diffusion import make_schedule
+        return make_schedule(self.schedule, self.T)
+
+    def denoiser(self, net, schedule=None):
+        """``net`` as ``Denoiser(net, schedule, prediction)``: what samplers, attacks and analyses take."""
+        from pfdiff.diffusion import Denoiser
+        return Denoiser(net, self.make_schedule() if schedule is None else schedule, self.prediction)
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``DiffusionLoss`` this section fixes (the loss class may differ: DPDM's)."""
+        return {"prediction": self.prediction, "weighting": getattr(self, "weighting", "uniform")}
+
+
 class DataConfig(Section):
     name: str = "digits"  # digits | mnist1d | mnist | fmnist | cifar10 | cifar100 | npz
     path: str | None = None  # user path for every source except digits and mnist1d
@@ -67,11 +85,11 @@ class OptimConfig(Section):
     drw_beta: float = Field(0.9999, ge=0, lt=1)  # `@ldam-drw`: effective-number β of the DRW class weights
 
 
-class DiffusionConfig(Section):
+class DiffusionConfig(Section, DiffusionSpec):
     schedule: Literal["linear", "cosine"] = "linear"
     T: int = Field(1000, ge=2)
     # v, not ε: with ε-prediction ẑ0 amplifies errors by 1/√ᾱ_T at high noise and rare trajectories diverge
-    # (see tests/test_diffusion.py::test_trained_model_matches_a_known_gaussian_mixture)
+    # (see tests/test_samplers.py::test_trained_model_matches_a_known_gaussian_mixture)
     prediction: Literal["eps", "v", "x0"] = "v"
     weighting: Literal["uniform", "inv_sqrt", "min_snr"] = "uniform"
     steps: int = Field(4000, ge=1)  # optimisation steps of the denoiser
@@ -231,7 +249,7 @@ class FederatedConfig(Section):
     num_cpus: int = Field(2, ge=1)  # Ray simulation
 
 
-class DPDMConfig(Section):
+class DPDMConfig(Section, DiffusionSpec):
     """Image-space DPDM reference (``pfdiff dpdm``; imagespace/dpdm.py): every knob of ``run_dpdm``; defaults
     fit 3 models on 8×8 digits in ≈ 8 min on 2 CPU cores."""
 

@@ -27,7 +27,7 @@ t_k = −½ log ᾱ_k (``NoiseSchedule.ou_time``). Backward generation crosses, 
 Measurement with a trained model ``model(z_t, t, y)`` (any parameterisation) uses the project's
 samplers: :func:`cloning_curve` (speciation by cloning, the paper's "cloning" experiment) and
 :func:`collapse_curve` (share of trajectories that end on a training point). The validation model
-:class:`GaussianMixtureDenoiser` returns the exact ε/v/x0 of an isotropic Gaussian mixture, and
+:class:`GaussianMixtureDenoiser` returns the exact (ε̂, ẑ0) of an isotropic Gaussian mixture, and
 :func:`two_gaussian_cloning_theory` the exact cloning probability of the symmetric two-class mixture.
 The "use it" analyses: :func:`promise_S_table` (dp-promise's S against t_S),
 :func:`speciation_timesteps` (DDIM steps placed around t_S).
@@ -42,11 +42,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from pfdiff.diffusion.samplers import make_timesteps, sample_ddim
 from pfdiff.diffusion.schedules import NoiseSchedule
-from pfdiff.diffusion.targets import check_prediction, v_target
+from pfdiff.diffusion.denoiser import Denoiser
 from pfdiff.training import derive_seed
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,13 +257,12 @@ def backward_steps(k: int, sampler_steps: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(k, 0, max(1, min(sampler_steps, k + 1)))}, reverse=True)
 
 
-def denoise_from(model, z_k: torch.Tensor, k: int, schedule: NoiseSchedule, y: torch.Tensor, prediction: str,
-                 sampler_steps: int = 40, eta: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def denoise_from(denoiser: Denoiser, z_k: torch.Tensor, k: int, y: torch.Tensor, sampler_steps: int = 40,
+                 eta: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Run the backward process from step k to data: ``sample_ddim`` over ``backward_steps(k)`` with η = 1
     (DDPM's variance; consecutive steps are exactly ancestral DDPM), so two calls from the same z_k are
     independent trajectories."""
-    return sample_ddim(model, z_k, schedule, y, steps=backward_steps(k, sampler_steps), eta=eta,
-                       prediction=prediction, generator=generator)
+    return sample_ddim(denoiser, z_k, y, backward_steps(k, sampler_steps), eta=eta, generator=generator)
 
 
 def _noised(schedule: NoiseSchedule, x0: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
@@ -273,16 +271,16 @@ def _noised(schedule: NoiseSchedule, x0: torch.Tensor, k: int, g: torch.Generato
 
 
 @torch.no_grad()
-def cloning_curve(model, schedule: NoiseSchedule, x0: torch.Tensor, steps: Sequence[int],
+def cloning_curve(denoiser: Denoiser, x0: torch.Tensor, steps: Sequence[int],
                   classify: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, *, clones: int = 4,
-                  prediction: str = "eps", sampler_steps: int = 40, seed: int = 0,
+                  sampler_steps: int = 40, seed: int = 0,
                   batch_size: int = 4096) -> dict[str, list[float]]:
     """Speciation by cloning (Biroli et al. 2024, the "cloning" experiment): noise each data point of ``x0``
     to step k, run ``clones`` independent backward trajectories from that same point (labels ``y``: the
     null label for unconditional generation), let ``classify`` label the endpoints, and estimate
     φ(t_k) = P(two clones end in the same class) = mean over points of Σ_c m_c(m_c − 1)/(K(K − 1))
     (unbiased over the K(K−1) ordered pairs). φ falls from 1 (t ≪ t_S) to Σ_c π_c² (t ≫ t_S)."""
-    check_prediction(prediction)
+    schedule = denoiser.schedule
     if clones < 2:
         raise ValueError("cloning needs at least 2 clones per point")
     K = clones
@@ -294,8 +292,7 @@ def cloning_curve(model, schedule: NoiseSchedule, x0: torch.Tensor, steps: Seque
         for lo in range(0, len(x0), per):
             xb, yb = x0[lo:lo + per], y[lo:lo + per]
             z = _noised(schedule, xb, k, g).repeat_interleave(K, 0)
-            end = denoise_from(model, z, k, schedule, yb.repeat_interleave(K, 0), prediction, sampler_steps,
-                               generator=g)
+            end = denoise_from(denoiser, z, k, yb.repeat_interleave(K, 0), sampler_steps, generator=g)
             lab = classify(end).reshape(len(xb), K).cpu()
             same = (lab[:, :, None] == lab[:, None, :]).sum((1, 2)) - K  # ordered pairs i ≠ j agreeing
             phis.append(same.double() / (K * (K - 1)))
@@ -329,9 +326,9 @@ def speciation_from_cloning(t: Sequence[float], phi: Sequence[float], low: float
 
 
 @torch.no_grad()
-def collapse_curve(model, schedule: NoiseSchedule, probes: torch.Tensor, probes_y: torch.Tensor, steps: Sequence[int],
+def collapse_curve(denoiser: Denoiser, probes: torch.Tensor, probes_y: torch.Tensor, steps: Sequence[int],
                    members: torch.Tensor, members_y: torch.Tensor, references: torch.Tensor,
-                   references_y: torch.Tensor, *, prediction: str = "eps", sampler_steps: int = 40, seed: int = 0,
+                   references_y: torch.Tensor, *, sampler_steps: int = 40, seed: int = 0,
                    copy_ratio: float = 0.5, batch_size: int = 4096) -> dict[str, list[float]]:
     """Collapse as a function of t: noise held-out ``probes`` (never trained on) to step k, run the backward
     process conditioned on their labels, and record the share of endpoints whose nearest training point
@@ -342,11 +339,12 @@ def collapse_curve(model, schedule: NoiseSchedule, probes: torch.Tensor, probes_
     from any start. At the largest t the endpoints are ordinary samples: their copy share is the model's."""
     from pfdiff.evaluation.mia import nearest_neighbour_check
 
+    schedule = denoiser.schedule
     rows: dict[str, list[float]] = {"step": [], "t": [], "copy_share": [], "median_ratio": []}
     for k in sorted(int(s) for s in steps):
         g = torch.Generator().manual_seed(derive_seed(seed, "collapse", k))
-        ends = [denoise_from(model, _noised(schedule, probes[lo:lo + batch_size], k, g), k, schedule,
-                             probes_y[lo:lo + batch_size], prediction, sampler_steps, generator=g)
+        ends = [denoise_from(denoiser, _noised(schedule, probes[lo:lo + batch_size], k, g), k,
+                             probes_y[lo:lo + batch_size], sampler_steps, generator=g)
                 for lo in range(0, len(probes), batch_size)]
         check = nearest_neighbour_check(torch.cat(ends), probes_y, members, members_y, references, references_y,
                                         seed=seed, copy_ratio=copy_ratio)
@@ -362,8 +360,8 @@ def collapse_curve(model, schedule: NoiseSchedule, probes: torch.Tensor, probes_
 # ---------------------------------------------------------------------------------------------------
 
 
-class GaussianMixtureDenoiser(nn.Module):
-    """The exact denoiser of p(a) = Σ_k π_k N(a; μ_k, σ_k² I), as a model(z_t, t, y) for the samplers.
+class GaussianMixtureDenoiser(Denoiser):
+    """The exact denoiser of p(a) = Σ_k π_k N(a; μ_k, σ_k² I): ``(z_t, t, y) -> (ε̂, ẑ0)`` for the samplers.
 
     With z_t = √ᾱ a + √(1−ᾱ) ε, z_t | k ~ N(√ᾱ μ_k, v_k I), v_k = ᾱσ_k² + 1 − ᾱ, so
     E[a | z_t] = Σ_k w_k(z_t)·(μ_k + √ᾱ σ_k²/v_k·(z_t − √ᾱ μ_k)), w_k ∝ π_k N(z_t; √ᾱ μ_k, v_k I)
@@ -372,14 +370,13 @@ class GaussianMixtureDenoiser(nn.Module):
     """
 
     def __init__(self, means: torch.Tensor, sigma2: float | torch.Tensor, schedule: NoiseSchedule,
-                 weights: torch.Tensor | None = None, prediction: str = "eps"):
-        super().__init__()
+                 weights: torch.Tensor | None = None):
+        super().__init__(None, schedule)  # no network: the posterior mean is computed exactly
         self.means = torch.as_tensor(means, dtype=torch.float64)
         K, self.dim = self.means.shape
         self.sigma2 = torch.as_tensor(sigma2, dtype=torch.float64).expand(K).clone()
         w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
         self.log_weights = torch.log(w / w.sum())
-        self.schedule, self.prediction = schedule, check_prediction(prediction)
 
     @property
     def num_classes(self) -> int:
@@ -412,14 +409,16 @@ class GaussianMixtureDenoiser(nn.Module):
             z[:, None, :] - a[:, None, None] * self.means[None])
         return (w[..., None] * comp).sum(1)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def describe(self) -> str:
+        return "exact Gaussian-mixture denoiser"
+
+    def __call__(self, z_t: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((len(z_t),), int(t), dtype=torch.long, device=z_t.device)
         x0 = self.posterior_mean(z_t, t, y)
         ab = self.schedule.alpha_bar.to(z_t.device)[t.long()].double()[:, None]
-        a, b = ab.sqrt(), (1 - ab).sqrt()
-        z = z_t.double().reshape(len(z_t), -1)
-        eps = (z - a * x0) / b
-        out = {"eps": eps, "x0": x0, "v": v_target(x0, eps, a, b)}[self.prediction]
-        return out.to(z_t.dtype).reshape(z_t.shape)
+        eps = (z_t.double().reshape(len(z_t), -1) - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return eps.to(z_t.dtype).reshape(z_t.shape), x0.to(z_t.dtype).reshape(z_t.shape)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n draws (float32 [n, d]) and their components."""

@@ -152,7 +152,7 @@ def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
         return f"< {tmin:g}" if isinstance(v, float) and math.isnan(v) else _fmt(v)
 
     L = [f"## {name}", "", f"Space: {res['space']}; model: {res['source']}; schedule {sched['name']} T = {sched['T']} "
-         f"({sched['prediction']}-prediction); classifier test accuracy {res['classifier_test_accuracy']:.3f}; "
+         f"({sched['denoiser']}); classifier test accuracy {res['classifier_test_accuracy']:.3f}; "
          f"wall time {res['wall_seconds']:.0f} s.", "", f"![{name}]({plot})", "", "### Theory", "",
          f"- Λ (top eigenvalue of the whole-data covariance, d = {spec['d']}) = {spec['Lambda']:.3f} → "
          f"**t_S = ½ log Λ = {spec['t_S']:.3f}** (step {res['steps_of_t_S']['linear']} of linear, "

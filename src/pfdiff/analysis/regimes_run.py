@@ -22,7 +22,7 @@ from torch import nn
 
 from pfdiff.analysis import regimes as R
 from pfdiff.config import RegimesConfig
-from pfdiff.diffusion import NoiseSchedule, make_schedule, sample_ddim
+from pfdiff.diffusion import Denoiser, NoiseSchedule, make_schedule, sample_ddim
 from pfdiff.runs import atomic_write_json, atomic_write_text
 from pfdiff.training import derive_seed
 
@@ -63,7 +63,7 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def compare_placements(model, schedule: NoiseSchedule, prediction: str, shape: tuple[int, ...], num_classes: int,
+def compare_placements(denoiser: Denoiser, shape: tuple[int, ...], num_classes: int,
                        t_S: float, quality: Quality, classify: Callable, prior: torch.Tensor,
                        rc: RegimesConfig) -> dict[str, Any]:
     """Few-step deterministic DDIM (η = 0) on each grid of ``regimes.placement_timesteps``, same noise for all.
@@ -80,7 +80,7 @@ def compare_placements(model, schedule: NoiseSchedule, prediction: str, shape: t
                                      generator=torch.Generator().manual_seed(derive_seed(rc.seed, "prior")))
 
     def run(steps, labels):
-        return sample_ddim(model, noise, schedule, labels, steps=steps, spacing="trailing", prediction=prediction)
+        return sample_ddim(denoiser, noise, labels, steps, spacing="trailing")
 
     ref_c, ref_u = run(rc.reference_steps, y), run(rc.reference_steps, null)
     lab_ref = classify(ref_u)
@@ -88,7 +88,7 @@ def compare_placements(model, schedule: NoiseSchedule, prediction: str, shape: t
                  "uncond_tv_to_prior": _tv(lab_ref, prior_labels, num_classes)}
     rows = []
     for k in rc.few_steps:
-        for name, ts in R.placement_timesteps(schedule, k, t_S).items():
+        for name, ts in R.placement_timesteps(denoiser.schedule, k, t_S).items():
             xc, xu = run(ts, y), run(ts, null)
             lab = classify(xu)
             rows.append({"steps": k, "placement": name, "timesteps": ts, **quality(xc, y),
@@ -98,11 +98,11 @@ def compare_placements(model, schedule: NoiseSchedule, prediction: str, shape: t
     return {"t_S": t_S, "reference": reference, "rows": rows}
 
 
-def measure(model, schedule: NoiseSchedule, prediction: str, x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor,
+def measure(denoiser: Denoiser, x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor,
             probes_y: torch.Tensor, refs: torch.Tensor, refs_y: torch.Tensor, classify: Callable, num_classes: int,
             quality: Quality, rc: RegimesConfig) -> dict[str, Any]:
     """Theory + cloning + collapse + step placement for one trained model and its training set (x, y)."""
-    t0 = time.perf_counter()
+    t0, schedule = time.perf_counter(), denoiser.schedule
     spec = R.speciation_time(x, y)
     ou_grid = np.linspace(rc.t_min, rc.t_max, rc.entropy_points)
     collapse_theory = R.collapse_times(x, y, ou_grid, rc.entropy_queries, rc.seed)
@@ -111,19 +111,18 @@ def measure(model, schedule: NoiseSchedule, prediction: str, x: torch.Tensor, y:
     idx = _pick(len(x), rc.starts, rc.seed, "cloning-starts")
     null = torch.full((len(idx),), num_classes, dtype=torch.long)
     t1 = time.perf_counter()
-    cloning = R.cloning_curve(model, schedule, x[idx], steps, classify, null, clones=rc.clones, prediction=prediction,
+    cloning = R.cloning_curve(denoiser, x[idx], steps, classify, null, clones=rc.clones,
                               sampler_steps=rc.sampler_steps, seed=rc.seed)
     t2 = time.perf_counter()
     measured = R.speciation_from_cloning(cloning["t"], cloning["phi"])
     pidx = _pick(len(probes), rc.probes, rc.seed, "probes")
-    collapse = R.collapse_curve(model, schedule, probes[pidx], probes_y[pidx], steps, x, y, refs, refs_y,
-                                prediction=prediction, sampler_steps=rc.sampler_steps, seed=rc.seed)
+    collapse = R.collapse_curve(denoiser, probes[pidx], probes_y[pidx], steps, x, y, refs, refs_y,
+                                sampler_steps=rc.sampler_steps, seed=rc.seed)
     t3 = time.perf_counter()
     t_place = measured["t_S"] if math.isfinite(measured["t_S"]) else spec.t_S
-    placement = compare_placements(model, schedule, prediction, tuple(x.shape[1:]), num_classes, t_place, quality,
-                                   classify, prior, rc)
+    placement = compare_placements(denoiser, tuple(x.shape[1:]), num_classes, t_place, quality, classify, prior, rc)
     t4 = time.perf_counter()
-    return {"schedule": {"name": schedule.name, "T": schedule.T, "prediction": prediction,
+    return {"schedule": {"name": schedule.name, "T": schedule.T, "denoiser": denoiser.describe(),
                          "t_last": float(schedule.ou_time()[-1])},
             "n_train": len(y), "train_counts": torch.bincount(y, minlength=num_classes).tolist(),
             "prior_same_class": float((prior ** 2).sum()),
@@ -258,7 +257,7 @@ def collapse_vs_n(fs: FeatureSetup, classify: Callable, rc: RegimesConfig) -> di
     pool_u, pool_y = torch.cat([fs.u_held, fs.u_test]), torch.cat([fs.y_held, fs.y_test])
     C, cfg = fs.split.num_classes, fs.cfg
     cfg = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"steps": rc.sweep_steps})})
-    schedule, pred = make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), cfg.diffusion.prediction
+    schedule = cfg.diffusion.make_schedule()
     ou_grid = np.linspace(rc.t_min, rc.t_max, rc.entropy_points)
     rows = []
     for n in rc.sweep_n:
@@ -278,14 +277,15 @@ def collapse_vs_n(fs: FeatureSetup, classify: Callable, rc: RegimesConfig) -> di
         per_class = [v for k, v in theory["groups"].items() if k != "all" and "t_C" in v]
         pi, ri = _halves(yr, rc.seed)
         pidx = pi[_pick(len(pi), rc.probes, rc.seed, "sweep-probes")]
-        curve = R.collapse_curve(den, schedule, ur[pidx], yr[pidx], _grid(schedule, rc, rc.sweep_grid_points), um, ym,
-                                 ur[ri], yr[ri], prediction=pred, sampler_steps=rc.sampler_steps, seed=rc.seed)
+        curve = R.collapse_curve(cfg.diffusion.denoiser(den, schedule), ur[pidx], yr[pidx],
+                                 _grid(schedule, rc, rc.sweep_grid_points), um, ym, ur[ri], yr[ri],
+                                 sampler_steps=rc.sampler_steps, seed=rc.seed)
         counts = torch.bincount(ym, minlength=C).numpy()
         u_gen, y_gen = sample_features(den, schedule, np.where(counts > 0, 50, 0), cfg.diffusion, rc.seed,
                                        torch.device("cpu"), tag="regimes-sweep")
         copies = nearest_neighbour_check(u_gen, y_gen, um, ym, ur[ri], yr[ri], seed=rc.seed)
         bm, bn = balanced_pairs(ym.numpy(), yr.numpy(), C, rc.seed)
-        attacks, _ = run_attacks(den, schedule, pred, um[bm], ym[bm], ur[bn], yr[bn], seed=rc.seed,
+        attacks, _ = run_attacks(cfg.diffusion.denoiser(den, schedule), um[bm], ym[bm], ur[bn], yr[bn], seed=rc.seed,
                                  attack_kwargs=attack_settings(schedule.T))
         finite = lambda vals: [v for v in vals if math.isfinite(v)]  # noqa: E731
         rows.append({"n_per_class": n, "n_members": len(mem), "members_per_class": counts.tolist(),
@@ -313,7 +313,7 @@ def run_features(rc: RegimesConfig, run_dir: Path | None = None, data: str | Non
     # probes and references: the pool examples the long-tailed subset left out, or the test split without them
     u_out, y_out = (fs.u_held, fs.y_held) if len(fs.y_held) >= 4 * C else (fs.u_test, fs.y_test)
     probes, refs = _halves(y_out, rc.seed)
-    out = measure(fs.denoiser, fs.schedule, fs.cfg.diffusion.prediction, fs.u, fs.y, u_out[probes], y_out[probes],
+    out = measure(fs.cfg.diffusion.denoiser(fs.denoiser, fs.schedule), fs.u, fs.y, u_out[probes], y_out[probes],
                   u_out[refs], y_out[refs], classify, C, _feature_quality(fs, classify), rc)
     out["source"], out["setup_seconds"] = fs.source, fs.seconds
     out["classifier_test_accuracy"] = float((classify(fs.u_test) == fs.y_test).float().mean())
@@ -362,7 +362,7 @@ def run_images(rc: RegimesConfig, data: str = "digits", path: str | None = None)
         return {"fd_test": feature_fid(evaluator, xte, x), "accuracy": accuracy(evaluator, x, y)}
 
     probes, refs = _halves(yte, rc.seed)
-    out = measure(model, make_schedule(dc.schedule, dc.T), dc.prediction, xtr, ytr, xte[probes], yte[probes],
+    out = measure(dc.denoiser(model), xtr, ytr, xte[probes], yte[probes],
                   xte[refs], yte[refs], classify, sp.num_classes, quality, rc)
     out["source"], out["setup_seconds"] = "trained here (DPDM recipe, non-private)", setup
     out["denoiser"] = {k: info[k] for k in ("steps", "parameters", "train_seconds", "loss_last10pct") if k in info}

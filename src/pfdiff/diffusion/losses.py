@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pfdiff.diffusion.schedules import NoiseSchedule
-from pfdiff.diffusion.targets import check_prediction, split_prediction, training_target
+from pfdiff.diffusion.denoiser import Denoiser, check_prediction, split_prediction, training_target
 
 
 def _uniform(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
@@ -76,6 +76,18 @@ class DiffusionLoss:
         self.gamma, self.cond_drop_prob, self.null_label = min_snr_gamma, cond_drop_prob, null_label
         self.t_min, self.t_max = t_min, t_max
 
+    def target(self, z0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """What the network regresses onto at z_t = a·z0 + b·ε (ε, v or z0)."""
+        return training_target(self.prediction, z0, eps, a, b)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """λ_t, float32 [len(t)]."""
+        return loss_weight(self.schedule, t, self.weighting, self.prediction, self.gamma)
+
+    def denoiser(self, net) -> Denoiser:
+        """``net`` (trained with this loss) as the denoiser samplers and attacks take."""
+        return Denoiser(net, self.schedule, self.prediction)
+
     def _draw(self, z0_rep: torch.Tensor, y_rep: torch.Tensor, generator: torch.Generator | None):
         n, dev = len(z0_rep), z0_rep.device
         t = torch.randint(self.t_min, self.t_max, (n,), device=dev, generator=generator)
@@ -106,9 +118,8 @@ class DiffusionLoss:
         else:
             output = model(z_t, t, y_rep)
         # λ_t · mean over non-batch dims of (output − target)²  (DDPM eq. 14, generalised to ε / v / x0)
-        target = training_target(self.prediction, z0_rep, eps, a, b)
-        per_row = ((output - target) ** 2).flatten(1).mean(1)
-        per_row = per_row * loss_weight(self.schedule, t, self.weighting, self.prediction, self.gamma).to(per_row.dtype)
+        per_row = ((output - self.target(z0_rep, eps, a, b)) ** 2).flatten(1).mean(1)
+        per_row = per_row * self.weight(t).to(per_row.dtype)
         _, z0_hat = split_prediction(output, z_t, a, b, self.prediction)
         return DiffusionOutput(per_row.view(B, K).mean(1), z0_hat.view(B, K, *z0.shape[1:]),
                                t.view(B, K), y_rep.view(B, K))

@@ -1,8 +1,12 @@
-"""Samplers as pure functions of (model, x, schedule, y, …), batched over the whole request.
+"""Samplers as pure functions with one signature, batched over the whole request.
 
-They do not switch gradients off: wrap them in ``torch.no_grad()`` (``generate`` does) unless a
-loss must flow back through sampling. ``model(z_t, t, y)`` returns the chosen parameterisation.
-``callback(i, t, z_t, x0_hat)``, if given, sees every step's input state and the model's ẑ0.
+``sampler(denoiser, x, y, steps, *, spacing, eta, generator, callback)``: ``denoiser(z_t, t, y) -> (ε̂, ẑ0)``
+is the preconditioning wrapper (``pfdiff.diffusion.denoiser.Denoiser``), so no sampler sees the network's
+parameterisation; the schedule is the denoiser's. Options a sampler has no use for are accepted and
+ignored (DDPM always runs all T steps; only DDIM uses η; Heun is deterministic), so any sampler can be
+called the same way. They do not switch gradients off: wrap them in ``torch.no_grad()`` (``generate``
+does) unless a loss must flow back through sampling. ``callback(i, t, z_t, x0_hat)``, if given, sees every
+step's input state and the denoiser's ẑ0.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from pfdiff.diffusion.denoiser import Denoiser
 from pfdiff.diffusion.schedules import NoiseSchedule
-from pfdiff.diffusion.targets import check_prediction, split_prediction
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 SPACINGS = ("leading", "trailing", "linspace")
@@ -50,24 +54,13 @@ def _alpha_bar(schedule: NoiseSchedule, t: int, device) -> torch.Tensor:
     return schedule.alpha_bar[t].to(device) if t >= 0 else torch.ones((), dtype=torch.float64, device=device)
 
 
-def _split(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSchedule, prediction: str):
-    """(ε̂, ẑ0) of a model output at the scalar timestep t."""
-    ab = _alpha_bar(schedule, t, z_t.device)
-    return split_prediction(output, z_t, ab.sqrt().to(z_t.dtype), (1 - ab).sqrt().to(z_t.dtype), prediction)
-
-
-def model_output(model, z_t: torch.Tensor, t: int, y: torch.Tensor) -> torch.Tensor:
-    """``model(z_t, t, y)`` at the scalar timestep ``t`` for a batch z_t [B, ...]."""
-    return model(z_t, torch.full((len(z_t),), int(t), device=z_t.device, dtype=torch.long), y)
-
-
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
 
 
-def ddpm_step(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSchedule, prediction: str = "eps",
+def ddpm_step(x0: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSchedule,
               noise: torch.Tensor | None = None, clip_x0: float | None = None) -> torch.Tensor:
-    """One ancestral step z_t → z_{t−1} (Ho et al. 2020, eqs. 6–7 and 11).
+    """One ancestral step z_t → z_{t−1} from the denoiser's ẑ0 (Ho et al. 2020, eqs. 6–7 and 11).
 
     Posterior mean μ̃(z_t, ẑ0) = √ᾱ_{t−1}β_t/(1−ᾱ_t)·ẑ0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·z_t plus √β̃_t·noise,
     β̃_t = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t ("fixed_small"); no noise at t = 0 or when ``noise`` is None.
@@ -75,7 +68,6 @@ def ddpm_step(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSc
     dt = z_t.dtype
     ab, ab_prev = _alpha_bar(schedule, t, z_t.device), _alpha_bar(schedule, t - 1, z_t.device)
     alpha_t, beta_t = ab / ab_prev, 1 - ab / ab_prev
-    _, x0 = _split(output, t, z_t, schedule, prediction)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     mean = (ab_prev.sqrt() * beta_t / (1 - ab)).to(dt) * x0 + (alpha_t.sqrt() * (1 - ab_prev) / (1 - ab)).to(dt) * z_t
@@ -85,28 +77,29 @@ def ddpm_step(output: torch.Tensor, t: int, z_t: torch.Tensor, schedule: NoiseSc
     return mean + var.sqrt().to(dt) * noise
 
 
-def sample_ddpm(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor, prediction: str = "eps",
-                generator: torch.Generator | None = None, callback: Callback | None = None,
-                clip_x0: float | None = None) -> torch.Tensor:
-    """Ancestral DDPM sampling over all T steps from x = z_{T−1} ~ N(0, I) (Ho et al. 2020, Alg. 2)."""
-    check_prediction(prediction)
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, y: torch.Tensor, steps: int | Sequence[int] | None = None, *,
+                spacing: str = "leading", eta: float = 1.0, generator: torch.Generator | None = None,
+                callback: Callback | None = None, clip_x0: float | None = None) -> torch.Tensor:
+    """Ancestral DDPM sampling over all T steps from x = z_{T−1} ~ N(0, I) (Ho et al. 2020, Alg. 2).
+    ``steps``, ``spacing`` and ``eta`` are ignored (fewer steps: DDIM with η = 1)."""
+    schedule = denoiser.schedule
     for i, t in enumerate(range(schedule.T - 1, -1, -1)):
-        out = model_output(model, x, t, y)
+        _, x0 = denoiser(x, t, y)
         if callback is not None:
-            callback(i, t, x, _split(out, t, x, schedule, prediction)[1])
-        x = ddpm_step(out, t, x, schedule, prediction, _randn(x, generator) if t > 0 else None, clip_x0)
+            callback(i, t, x, x0)
+        x = ddpm_step(x0, t, x, schedule, _randn(x, generator) if t > 0 else None, clip_x0)
     return x
 
 
-def ddim_step(output: torch.Tensor, t: int, t_prev: int, z_t: torch.Tensor, schedule: NoiseSchedule,
-              prediction: str = "eps", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """z_t → z_{t_prev} (Song et al. 2021, eq. 12 with σ_t(η) of eq. 16); t_prev = −1 means ᾱ_prev = 1.
+def ddim_step(eps: torch.Tensor, x0: torch.Tensor, t: int, t_prev: int, z_t: torch.Tensor, schedule: NoiseSchedule,
+              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """z_t → z_{t_prev} from the denoiser's (ε̂, ẑ0) (Song et al. 2021, eq. 12 with σ_t(η) of eq. 16);
+    t_prev = −1 means ᾱ_prev = 1.
 
     z_prev = √ᾱ_prev·ẑ0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·noise; η = 0 is deterministic, η = 1 has DDPM's variance.
     """
     dt = z_t.dtype
     ab, ab_prev = _alpha_bar(schedule, t, z_t.device), _alpha_bar(schedule, t_prev, z_t.device)
-    eps, x0 = _split(output, t, z_t, schedule, prediction)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     z_prev = ab_prev.sqrt().to(dt) * x0 + (1 - ab_prev - sigma**2).clamp_min(0).sqrt().to(dt) * eps
     if eta > 0 and noise is not None:
@@ -114,38 +107,38 @@ def ddim_step(output: torch.Tensor, t: int, t_prev: int, z_t: torch.Tensor, sche
     return z_prev
 
 
-def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor, steps: int | Sequence[int] = 50,
-                eta: float = 0.0, spacing: str = "leading", prediction: str = "eps",
-                generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, y: torch.Tensor, steps: int | Sequence[int] = 50, *,
+                spacing: str = "leading", eta: float = 0.0, generator: torch.Generator | None = None,
+                callback: Callback | None = None) -> torch.Tensor:
     """DDIM over a subsequence of timesteps (an int number of steps, or the descending list itself)."""
-    check_prediction(prediction)
+    schedule = denoiser.schedule
     ts = _timesteps(schedule, steps, spacing)
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        out = model_output(model, x, t, y)
+        eps, x0 = denoiser(x, t, y)
         if callback is not None:
-            callback(i, t, x, _split(out, t, x, schedule, prediction)[1])
-        x = ddim_step(out, t, t_prev, x, schedule, prediction, eta, _randn(x, generator) if eta > 0 else None)
+            callback(i, t, x, x0)
+        x = ddim_step(eps, x0, t, t_prev, x, schedule, eta, _randn(x, generator) if eta > 0 else None)
     return x
 
 
-def sample_heun(model, x: torch.Tensor, schedule: NoiseSchedule, y: torch.Tensor, steps: int | Sequence[int] = 25,
-                spacing: str = "leading", prediction: str = "eps", generator: torch.Generator | None = None,
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, y: torch.Tensor, steps: int | Sequence[int] = 25, *,
+                spacing: str = "leading", eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> torch.Tensor:
     """Probability-flow ODE with Heun steps (Karras et al. 2022, Alg. 1 without churn).
 
     In x̃ = z/√ᾱ with σ = √((1−ᾱ)/ᾱ) the ODE is dx̃/dσ = ε̂(z, t). The discrete model is evaluated
     only at the chosen timesteps (σ grid: their σ_t, then 0); the last step, to σ = 0, is Euler.
-    Deterministic: ``generator`` is accepted for a uniform sampler signature and unused.
+    Deterministic: ``eta`` and ``generator`` are accepted for the uniform signature and unused.
     """
-    check_prediction(prediction)
+    schedule = denoiser.schedule
     ts = _timesteps(schedule, steps, spacing)
     sigma_t = schedule.sigma()
     sigmas = [float(sigma_t[t]) for t in ts] + [0.0]
 
     def denoise(x_tilde: torch.Tensor, i: int):
         z = x_tilde / (1 + sigmas[i] ** 2) ** 0.5  # z = √ᾱ·x̃ and 1 + σ² = 1/ᾱ
-        return _split(model_output(model, z, ts[i], y), ts[i], z, schedule, prediction)
+        return denoiser(z, ts[i], y)
 
     xt = x * (1 + sigmas[0] ** 2) ** 0.5  # x̃ at the first timestep
     for i, t in enumerate(ts):
@@ -170,22 +163,17 @@ def get_sampler(name: str):
 
 
 @torch.no_grad()
-def generate(sampler: str, model, shape_or_noise: torch.Tensor | Sequence[int], schedule: NoiseSchedule,
-             y: torch.Tensor, steps: int | Sequence[int] = 50, eta: float = 0.0, prediction: str = "eps",
-             generator: torch.Generator | None = None, spacing: str = "leading",
-             callback: Callback | None = None) -> torch.Tensor:
+def generate(sampler: str, denoiser: Denoiser, shape_or_noise: torch.Tensor | Sequence[int], y: torch.Tensor,
+             steps: int | Sequence[int] = 50, *, eta: float = 0.0, spacing: str = "leading",
+             generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Sample with a named sampler, gradients off.
 
     ``shape_or_noise``: the initial noise itself, or a shape whose N(0, I) noise is drawn first from
-    ``generator`` on y's device. DDPM ignores ``steps`` (it uses all T); only DDIM uses ``eta``.
+    ``generator`` on y's device.
     """
     fn = get_sampler(sampler)
     if isinstance(shape_or_noise, torch.Tensor):
         noise = shape_or_noise
     else:
         noise = torch.randn(tuple(shape_or_noise), device=y.device, generator=generator)
-    if sampler == "ddpm":
-        return fn(model, noise, schedule, y, prediction=prediction, generator=generator, callback=callback)
-    kw = {"eta": eta} if sampler == "ddim" else {}
-    return fn(model, noise, schedule, y, steps=steps, spacing=spacing, prediction=prediction,
-              generator=generator, callback=callback, **kw)
+    return fn(denoiser, noise, y, steps, spacing=spacing, eta=eta, generator=generator, callback=callback)

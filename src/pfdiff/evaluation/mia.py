@@ -1,10 +1,10 @@
 """Membership-inference attacks (MIAs) on diffusion models, and a copying check of released samples.
 
-Every attack is a pure function of (model, schedule, data): gradients off, batched over the examples,
+Every attack is a pure function of (denoiser, data): gradients off, batched over the examples,
 deterministic (the loss attack draws its noises from a seeded ``torch.Generator``), and shape-agnostic:
 ``x`` is [N, ...] (feature vectors [N, d] or images [N, C, H, W]); errors reduce over all non-batch dims.
-``model(z_t, t, y)`` must return the network output in the given ``prediction`` parameterisation
-("eps", "v" or "x0"); it is turned into ε̂ with ``split_prediction``, so wrapped models work too.
+``denoiser(z_t, t, y) -> (ε̂, ẑ0)`` is the preconditioning wrapper (``pfdiff.diffusion.Denoiser``), so
+scores are comparable whatever parameterisation the network was trained in; its schedule is used.
 
 Scores follow one convention: HIGHER = more likely a member (training example).
 
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pfdiff.diffusion.samplers import ddim_step, model_output
+from pfdiff.diffusion.denoiser import Denoiser
+from pfdiff.diffusion.samplers import ddim_step
 from pfdiff.diffusion.schedules import NoiseSchedule
-from pfdiff.diffusion.targets import check_prediction, split_prediction
 
 ATTACKS = ("loss", "secmi", "pia")
 LOW_FPRS = (0.01, 0.001)
@@ -62,15 +62,7 @@ def _check_timestep(schedule: NoiseSchedule, *ts: int) -> None:
             raise ValueError(f"timestep {t} outside [0, T={schedule.T})")
 
 
-def predict_eps(model, schedule: NoiseSchedule, z_t: torch.Tensor, t: int, y: torch.Tensor,
-                prediction: str) -> torch.Tensor:
-    """ε̂(z_t, t, y) whatever the model's parameterisation (``split_prediction``)."""
-    tt = torch.full((len(z_t),), int(t), dtype=torch.long, device=z_t.device)
-    return split_prediction(model_output(model, z_t, t, y), z_t, tt, schedule, prediction)[0]
-
-
-def ddim_inversion_step(output: torch.Tensor, t: int, t_next: int, z_t: torch.Tensor,
-                        schedule: NoiseSchedule, prediction: str = "eps") -> torch.Tensor:
+def ddim_inversion_step(denoiser: Denoiser, z_t: torch.Tensor, t: int, t_next: int, y: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM inversion z_t → z_{t_next}, t_next > t (Song et al. 2021, eq. 12 run forwards;
     SecMI's φ_θ, Duan et al. 2023, eq. 9): with ε̂ and ẑ0 from the model output *at the current point*,
     z_{t_next} = √ᾱ_{t_next}·ẑ0 + √(1−ᾱ_{t_next})·ε̂.
@@ -78,11 +70,8 @@ def ddim_inversion_step(output: torch.Tensor, t: int, t_next: int, z_t: torch.Te
     ``ddim_step`` cannot be reused here: its σ_t(η) takes √(1 − ᾱ_t/ᾱ_prev), which is NaN when the
     "previous" timestep is the noisier one, even at η = 0.
     """
-    tt = torch.full((len(z_t),), int(t), dtype=torch.long, device=z_t.device)
-    tn = torch.full_like(tt, int(t_next))
-    eps, x0 = split_prediction(output, z_t, tt, schedule, prediction)
-    a = schedule.sqrt_alpha_bar(tn, z_t.ndim, z_t.dtype)
-    b = schedule.sqrt_one_minus_alpha_bar(tn, z_t.ndim, z_t.dtype)
+    eps, x0 = denoiser(z_t, t, y)
+    a, b = denoiser.coefficients(torch.full((len(z_t),), int(t_next), dtype=torch.long, device=z_t.device), z_t)
     return a * x0 + b * eps
 
 
@@ -99,19 +88,18 @@ def _scores_by_batch(fn, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> t
 # ---------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def loss_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, prediction: str,
-                timesteps: Sequence[int] = (50, 100, 200, 300), draws: int = 2, seed: int = 0,
+def loss_scores(denoiser: Denoiser, x: torch.Tensor, y: torch.Tensor, timesteps: Sequence[int] = (50, 100, 200, 300), draws: int = 2, seed: int = 0,
                 batch_size: int = 512) -> torch.Tensor:
     """Loss attack: −(1/|S|·K) Σ_{t∈S} Σ_k ‖ε̂(√ᾱ_t x0 + √(1−ᾱ_t) ε_{t,k}, t, y) − ε_{t,k}‖² per example.
 
     Matsumoto et al. 2023 (§4, threshold on the DDPM loss, eq. 14 of Ho et al. 2020) and Carlini et al.
-    2023 (§5.1, loss threshold at fixed t). The prediction is converted to ε̂ whatever the model was
-    trained for, so scores are comparable across parameterisations. The noises ε_{t,k} are drawn once,
+    2023 (§5.1, loss threshold at fixed t). The error is in ε̂ whatever the network was trained to
+    predict, so scores are comparable across parameterisations. The noises ε_{t,k} are drawn once,
     from ``seed``, with shape [1, ...] and shared by *every* example: members and non-members see
     identical draws, and the scores do not depend on N, ``batch_size`` or the device. Error = mean of
     squares over the non-batch dims. Returns float32 [N] on the CPU; higher = more likely member.
     """
-    check_prediction(prediction)
+    schedule = denoiser.schedule
     _check_timestep(schedule, *timesteps)
     if draws < 1 or not timesteps:
         raise ValueError("need draws ≥ 1 and at least one timestep")
@@ -125,7 +113,7 @@ def loss_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor
             tt = torch.full((len(xb),), int(t), dtype=torch.long, device=xb.device)
             for eps in eps_t:
                 eps = eps.expand_as(xb)
-                eps_hat = predict_eps(model, schedule, schedule.q_sample(xb, tt, eps), t, yb, prediction)
+                eps_hat = denoiser(schedule.q_sample(xb, tt, eps), tt, yb)[0]
                 err += _per_example((eps_hat - eps) ** 2).double()
         return -err / (len(timesteps) * draws)
 
@@ -146,8 +134,7 @@ def secmi_timesteps(t_sec: int, k: int) -> tuple[list[int], int, int]:
 
 
 @torch.no_grad()
-def secmi_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, prediction: str,
-                 t_sec: int = 100, k: int = 10, batch_size: int = 512) -> torch.Tensor:
+def secmi_scores(denoiser: Denoiser, x: torch.Tensor, y: torch.Tensor, t_sec: int = 100, k: int = 10, batch_size: int = 512) -> torch.Tensor:
     """SecMI's t-error (Duan et al., ICML 2023, "Are Diffusion Models Vulnerable to Membership Inference
     Attacks?", eqs. 8–10; SecMI_stat), negated so that higher = more likely member.
 
@@ -160,27 +147,22 @@ def secmi_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tenso
     score = −‖x̃_{t_a} − x̂_{t_a}‖² (mean of squares over non-batch dims; the code sums, the same ranking).
     1 + t_a/k + 1 model calls per example. Returns float32 [N] on the CPU.
     """
-    check_prediction(prediction)
     grid, t_a, t_b = secmi_timesteps(t_sec, k)
-    _check_timestep(schedule, t_a, t_b)
+    _check_timestep(denoiser.schedule, t_a, t_b)
 
     def batch(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        def invert(z: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
-            return ddim_inversion_step(model_output(model, z, t, yb), t, t_next, z, schedule, prediction)
-
         z = xb
         for t, t_next in zip(grid, grid[1:]):
-            z = invert(z, t, t_next)
-        z_up = invert(z, t_a, t_b)
-        z_back = ddim_step(model_output(model, z_up, t_b, yb), t_b, t_a, z_up, schedule, prediction)
+            z = ddim_inversion_step(denoiser, z, t, t_next, yb)
+        z_up = ddim_inversion_step(denoiser, z, t_a, t_b, yb)
+        z_back = ddim_step(*denoiser(z_up, t_b, yb), t_b, t_a, z_up, denoiser.schedule)
         return -_per_example((z - z_back) ** 2)
 
     return _scores_by_batch(batch, x, y, batch_size)
 
 
 @torch.no_grad()
-def pia_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor, prediction: str,
-               t: int = 200, p: float = 4.0, batch_size: int = 512) -> torch.Tensor:
+def pia_scores(denoiser: Denoiser, x: torch.Tensor, y: torch.Tensor, t: int = 200, p: float = 4.0, batch_size: int = 512) -> torch.Tensor:
     """PIA (Kong et al., ICLR 2024, "An Efficient Membership Inference Attack for the Diffusion Model by
     Proximal Initialization", eqs. 9–10), negated so that higher = more likely member.
 
@@ -189,15 +171,15 @@ def pia_scores(model, schedule: NoiseSchedule, x: torch.Tensor, y: torch.Tensor,
     p = 4 by default (the paper's best choice); any p ≥ 1 works. Two model calls per example.
     Returns float32 [N] on the CPU.
     """
-    check_prediction(prediction)
+    schedule = denoiser.schedule
     _check_timestep(schedule, t)
     if p < 1:
         raise ValueError(f"p must be ≥ 1, got {p}")
 
     def batch(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        eps0 = predict_eps(model, schedule, xb, 0, yb, prediction)
+        eps0 = denoiser(xb, 0, yb)[0]
         tt = torch.full((len(xb),), int(t), dtype=torch.long, device=xb.device)
-        eps_t = predict_eps(model, schedule, schedule.q_sample(xb, tt, eps0), t, yb, prediction)
+        eps_t = denoiser(schedule.q_sample(xb, tt, eps0), tt, yb)[0]
         return -(eps_t - eps0).flatten(1).double().norm(p=p, dim=1)
 
     return _scores_by_batch(batch, x, y, batch_size)
@@ -389,7 +371,7 @@ def plot_roc(curves: dict[str, tuple[Any, Any]], path: Path | str, title: str = 
 ATTACK_FNS = {"loss": loss_scores, "secmi": secmi_scores, "secmi-long": secmi_scores, "pia": pia_scores}
 
 
-def run_attacks(model, schedule: NoiseSchedule, prediction: str, members: torch.Tensor, members_y: torch.Tensor,
+def run_attacks(denoiser: Denoiser, members: torch.Tensor, members_y: torch.Tensor,
                 nonmembers: torch.Tensor, nonmembers_y: torch.Tensor, attacks: Sequence[str] = ATTACKS,
                 seed: int = 0, batch_size: int = 512, attack_kwargs: dict[str, dict] | None = None,
                 groups: Mapping[str, Sequence[int]] | None = None,
@@ -410,8 +392,8 @@ def run_attacks(model, schedule: NoiseSchedule, prediction: str, members: torch.
         kw = {"batch_size": batch_size, **({"seed": seed} if name == "loss" else {}),
               **(attack_kwargs or {}).get(name, {})}
         t0 = time.perf_counter()
-        m = ATTACK_FNS[name](model, schedule, members, members_y, prediction, **kw).numpy()
-        n = ATTACK_FNS[name](model, schedule, nonmembers, nonmembers_y, prediction, **kw).numpy()
+        m = ATTACK_FNS[name](denoiser, members, members_y, **kw).numpy()
+        n = ATTACK_FNS[name](denoiser, nonmembers, nonmembers_y, **kw).numpy()
         seconds = time.perf_counter() - t0
         metrics[name] = {**attack_metrics(m, n), "seconds": seconds}
         if groups is not None:

@@ -126,7 +126,7 @@ class HighNoiseDiffusionLoss(DiffusionLoss):
 
 def make_loss(cfg: DPDMConfig, schedule: NoiseSchedule, num_classes: int) -> HighNoiseDiffusionLoss:
     return HighNoiseDiffusionLoss(schedule, t_distribution=cfg.t_distribution, p_mean=cfg.p_mean, p_std=cfg.p_std,
-                                  prediction=cfg.prediction, cond_drop_prob=cfg.cond_drop_prob,
+                                  **cfg.loss_options(), cond_drop_prob=cfg.cond_drop_prob,
                                   null_label=num_classes if cfg.cond_drop_prob > 0 else None)
 
 
@@ -259,11 +259,10 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
 def sample_balanced(model: nn.Module, num_classes: int, n_per_class: int, shape: tuple[int, ...],
                     cfg: DPDMConfig = DPDMConfig(), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_per_class`` images of every class with the few-step sampler; (x in [-1, 1], y)."""
-    schedule = make_schedule(cfg.schedule, cfg.T)
     y = torch.arange(num_classes).repeat_interleave(n_per_class)
     net = model if cfg.guidance_scale == 1.0 else ClassifierFreeGuidance(model, num_classes, cfg.guidance_scale)
-    x = generate(cfg.sampler, net, (len(y), *shape), schedule, y, steps=cfg.sampler_steps,
-                 prediction=cfg.prediction, generator=generator("cpu", seed, "dpdm-sample"), spacing=cfg.spacing)
+    x = generate(cfg.sampler, cfg.denoiser(net), (len(y), *shape), y, cfg.sampler_steps,
+                 generator=generator("cpu", seed, "dpdm-sample"), spacing=cfg.spacing)
     return x.clamp(-1, 1), y
 
 
@@ -366,8 +365,7 @@ def attack_images(model: nn.Module, data: ImageSplits, cfg: DPDMConfig, seed: in
     """Membership inference on the image denoiser: training images (members) against the test split (never
     trained on, same distribution), balanced per class; loss, SecMI and PIA (``evaluation.mia``)."""
     mem, non = balanced_pairs(data.y_train.numpy(), data.y_test.numpy(), data.num_classes, seed)
-    metrics, _ = run_attacks(model.eval(), make_schedule(cfg.schedule, cfg.T), cfg.prediction,
-                             data.x_train[mem], data.y_train[mem], data.x_test[non], data.y_test[non],
+    metrics, _ = run_attacks(cfg.denoiser(model.eval()), data.x_train[mem], data.y_train[mem], data.x_test[non], data.y_test[non],
                              seed=seed, attack_kwargs=attack_settings(cfg.T))
     return metrics
 

@@ -347,8 +347,7 @@ class EndToEnd:
         if self.variant.wide:
             noise = noise * self.e.wide_temperature
         with torch.set_grad_enabled(grad):
-            u = sample_ddim(self.denoiser, noise, self.schedule, y, steps=self.e.ge_steps,
-                            prediction=self.cfg.diffusion.prediction)
+            u = sample_ddim(self.cfg.diffusion.denoiser(self.denoiser, self.schedule), noise, y, self.e.ge_steps)
         return u, y
 
     def filtered(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,8 +445,7 @@ class EndToEnd:
                             generator=generator(self.device, self.seed, "drift", step))
         if self.variant.wide:
             noise = noise * self.e.wide_temperature
-        u = sample_ddim(self.denoiser, noise, self.schedule, y_hat, steps=self.e.ge_steps,
-                        prediction=self.cfg.diffusion.prediction)
+        u = sample_ddim(self.cfg.diffusion.denoiser(self.denoiser, self.schedule), noise, y_hat, self.e.ge_steps)
         self.last_samples = (self.scaler.inverse(u), y_hat)
         record = {"event": "drift", "method": self.name, "step": step,
                   **drift_distances(z, self.y, self.last_samples[0], y_hat)}

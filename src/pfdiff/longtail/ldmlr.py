@@ -49,8 +49,8 @@ def build_denoiser(cfg: RunConfig, feature_dim: int, num_classes: int) -> Featur
 def feature_loss(d: DiffusionConfig, schedule: NoiseSchedule, num_classes: int, **kwargs) -> DiffusionLoss:
     """The configured diffusion loss of the class-conditional feature denoiser (label ``num_classes`` = null,
     for CFG's label drop); ``kwargs`` (e.g. ``t_max``) go to ``DiffusionLoss``."""
-    return DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting, cond_drop_prob=d.cond_drop_prob,
-                         null_label=num_classes, **kwargs)
+    return DiffusionLoss(schedule, **d.loss_options(), cond_drop_prob=d.cond_drop_prob, null_label=num_classes,
+                         **kwargs)
 
 
 def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, seed: int,
@@ -108,12 +108,12 @@ def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.
     y = torch.repeat_interleave(torch.arange(len(per_class), device=device), torch.as_tensor(per_class, device=device))
     if len(y) == 0:
         return torch.empty(0, denoiser.dim, device=device), y
-    model = denoiser
+    net = denoiser
     if d.guidance_scale != 1.0:
-        model = ClassifierFreeGuidance(denoiser, null_label=len(per_class), scale=d.guidance_scale)
+        net = ClassifierFreeGuidance(denoiser, null_label=len(per_class), scale=d.guidance_scale)
     noise = torch.randn(len(y), denoiser.dim, device=device, generator=generator(device, seed, tag))
-    u = generate(d.sampler, model, noise, schedule, y, steps=d.sample_steps, eta=d.eta,
-                 prediction=d.prediction, generator=generator(device, seed, tag, "steps"))
+    u = generate(d.sampler, d.denoiser(net, schedule), noise, y, d.sample_steps, eta=d.eta,
+                 generator=generator(device, seed, tag, "steps"))
     return u, y
 
 

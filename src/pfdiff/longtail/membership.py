@@ -338,7 +338,7 @@ def lira_attack(t: Target, cfg: RunConfig, schedule, seed: int, shadows: int
     kw = mia.attack_settings(schedule.T)["loss"]
 
     def score(model) -> np.ndarray:
-        return np.asarray(mia.loss_scores(model, schedule, u, y, cfg.diffusion.prediction, seed=seed, **kw))
+        return np.asarray(mia.loss_scores(cfg.diffusion.denoiser(model, schedule), u, y, seed=seed, **kw))
 
     C = len(t.train_counts)
     s_in, s_out = np.full((shadows, len(y)), np.nan), np.full((shadows, len(y)), np.nan)
@@ -383,7 +383,7 @@ def _copying(model, t: Target, cfg: RunConfig, schedule, seed: int, pseudo=None)
 def _attack_model(model, t: Target, cfg: RunConfig, schedule, seed: int, attacks: tuple[str, ...]):
     from pfdiff.evaluation import mia
 
-    return mia.run_attacks(model, schedule, cfg.diffusion.prediction, *t.members, *t.nonmembers, attacks=attacks,
+    return mia.run_attacks(cfg.diffusion.denoiser(model, schedule), *t.members, *t.nonmembers, attacks=attacks,
                            seed=seed, attack_kwargs=attack_settings(schedule.T), groups=t.groups or {})
 
 

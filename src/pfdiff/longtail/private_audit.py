@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pfdiff.config import RunConfig, load_config
-from pfdiff.diffusion import DiffusionLoss, make_schedule
+from pfdiff.diffusion import DiffusionLoss
 from pfdiff.longtail.common import seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser
 from pfdiff.longtail.private import train_private_denoiser
@@ -57,10 +57,10 @@ def canary_scores(model: torch.nn.Module, schedule, cfg: RunConfig, x: torch.Ten
                   draws: int = 32, seed: int = 0, t_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """score_i = −(mean diffusion loss of canary i over ``draws`` (t, ε) pairs), the SAME pairs for every
     canary (common random numbers: differences in score come from the model, not from the draws); the
-    config's prediction and weighting, labels never dropped, t uniform in ``t_range`` × T."""
+    config's parameterisation and weighting, labels never dropped, t uniform in ``t_range`` × T."""
     d = cfg.diffusion
     t_min, t_max = int(t_range[0] * d.T), max(int(t_range[0] * d.T) + 1, int(t_range[1] * d.T))
-    loss = DiffusionLoss(schedule, prediction=d.prediction, weighting=d.weighting, t_min=t_min, t_max=t_max)
+    loss = DiffusionLoss(schedule, **d.loss_options(), t_min=t_min, t_max=t_max)
     device = next(model.parameters()).device
     out = torch.empty(len(x))
     for i in range(len(x)):  # one call per canary with the same generator state: identical (t, ε) draws
@@ -165,13 +165,13 @@ def run_audit(cfg: RunConfig, m: int = DEFAULT_CANARIES, seed: int = 0, out_dir:
 
 def phase1_mechanism(cfg: RunConfig, num_classes: int, sample_rate: float = 1.0) -> PaperPhase1:
     """The paper's Phase-I update under ``cfg``: t ∈ [``privacy.promise_S``, T), the config's schedule,
-    prediction and weighting, null label ``num_classes``, Adam (the project's AdamW, weight decay 0) at
+    parameterisation and weighting, null label ``num_classes``, Adam (the project's AdamW, weight decay 0) at
     ``privacy.lr``, no clipping and no noise."""
     d, p = cfg.diffusion, cfg.privacy
-    schedule = make_schedule(d.schedule, d.T)
     if not 0 < p.promise_S < d.T:
         raise ValueError(f"privacy.promise_S must lie in (0, T={d.T}), got {p.promise_S}")
-    return PaperPhase1(schedule, p.promise_S, d.T, num_classes, d.prediction, d.weighting, p.lr, "adam", sample_rate)
+    loss = DiffusionLoss(d.make_schedule(), **d.loss_options(), t_min=p.promise_S, t_max=d.T)
+    return PaperPhase1(loss, num_classes, p.lr, "adam", sample_rate)
 
 
 def run_phase1_audit(cfg: RunConfig, seed: int = 0, out_dir: Path | None = None, *, trials: int = PHASE1_TRIALS,
@@ -187,7 +187,7 @@ def run_phase1_audit(cfg: RunConfig, seed: int = 0, out_dir: Path | None = None,
         torch.set_num_threads(cfg.threads)
     p, dim = cfg.privacy, cfg.model.feature_dim
     mech = phase1_mechanism(cfg, num_classes)
-    alpha_bar_S = float(mech.schedule.alpha_bar[p.promise_S - 1])  # as the ledger: index S − 1 (conservative)
+    alpha_bar_S = float(mech.loss.schedule.alpha_bar[p.promise_S - 1])  # as the ledger: index S − 1 (conservative)
     model = seeded_init(seed, "dp-denoiser", lambda: build_denoiser(cfg, dim, num_classes), torch.device("cpu"))
     bg = _clip(background_features(background, dim, num_classes, seed)[0], p.feature_radius) if background else None
     test = distinguish(model, mech, unit_canary(dim, p.feature_radius, seed), background=bg, steps=uses,
@@ -201,7 +201,7 @@ def run_phase1_audit(cfg: RunConfig, seed: int = 0, out_dir: Path | None = None,
         "mu_S": phase1_mu(p.feature_radius, alpha_bar_S),
         **test,
         "promise_S": p.promise_S, "T": cfg.diffusion.T, "feature_radius": p.feature_radius,
-        "prediction": cfg.diffusion.prediction, "weighting": cfg.diffusion.weighting, "lr": p.lr,
+        **cfg.diffusion.loss_options(), "lr": p.lr,
         "optimizer": "adam", "denoiser_hidden": cfg.model.denoiser_hidden, "denoiser_depth": cfg.model.denoiser_depth,
         "seed": seed,
     }

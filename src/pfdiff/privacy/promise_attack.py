@@ -4,7 +4,7 @@ Why: dp-promise (Wang et al., USENIX Security 2024) accounts one Phase-I use of 
 of z_t = √ᾱ_t·x + √(1−ᾱ_t)·ε on t ≥ S, a Gaussian mechanism with μ_S = 2R√ᾱ_S/√(1−ᾱ_S) under replace-one
 (‖x − x'‖ ≤ 2R): ε ≈ 0.99 per use at δ = 1e-5 for S = 900 of T = 1000, R = 8 (``phase1_noise_multiplier``).
 But what Phase I releases is not z_t: it is a weight update, the gradient of ‖f(z_t) − target‖², and the
-target is computed from x itself (v = √ᾱ·ε − √(1−ᾱ)·x ≈ −x at high noise under v-prediction), with no
+target is computed from x itself (the v target √ᾱ·ε − √(1−ᾱ)·x ≈ −x at high noise), with no
 clipping and no added noise. The update therefore carries x almost in the clear. This module measures
 that with the simplest possible test, so the claim can be refuted by numbers rather than argument:
 
@@ -50,7 +50,7 @@ from scipy.stats import beta as beta_dist
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pfdiff.diffusion import NoiseSchedule, check_prediction, loss_weight, training_target
+from pfdiff.diffusion import DiffusionLoss
 from pfdiff.privacy.accounting import GaussianEvent, epsilon, phase1_noise_multiplier
 from pfdiff.training import derive_seed
 
@@ -151,24 +151,17 @@ class Rows:
 
 @dataclass(frozen=True)
 class _DiffusionStep:
-    """The loss both mechanisms share: λ_t·mean_d (model(z_t, t, y) − target)² with t uniform in [t_min, t_max),
-    one (t, ε) draw per row per step, rows in the batch w.p. ``sample_rate`` (1: fixed batch, all rows)."""
+    """The loss both mechanisms share: ``loss``'s λ_t·mean_d (model(z_t, t, y) − target)² with t uniform in its
+    [t_min, t_max), one (t, ε) draw per row per step, rows in the batch w.p. ``sample_rate`` (1: fixed batch,
+    all rows). ``loss`` (a ``DiffusionLoss``) supplies the schedule, the t range, the target and λ_t."""
 
-    schedule: NoiseSchedule
-    t_min: int
-    t_max: int
+    loss: DiffusionLoss
     null_label: int
-    prediction: str = "v"
-    weighting: str = "uniform"
     lr: float = 1e-4
     optimizer: str = "adam"
     sample_rate: float = 1.0
 
     def __post_init__(self):
-        check_prediction(self.prediction)
-        loss_weight(self.schedule, torch.zeros(1, dtype=torch.long), self.weighting, self.prediction)
-        if not 0 <= self.t_min < self.t_max <= self.schedule.T:
-            raise ValueError(f"need 0 <= t_min < t_max <= T={self.schedule.T}, got [{self.t_min}, {self.t_max})")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if not (0 < self.sample_rate <= 1 and self.lr > 0):
@@ -176,22 +169,20 @@ class _DiffusionStep:
 
     def draw(self, z0: torch.Tensor, trials: int, g: torch.Generator) -> Rows:
         """The step's randomness for ``trials`` runs on the rows ``z0`` (all labels null: Phase I is unconditional)."""
-        n = len(z0)
-        t = torch.randint(self.t_min, self.t_max, (trials, n), generator=g)
+        n, ab = len(z0), self.loss.schedule.alpha_bar
+        t = torch.randint(self.loss.t_min, self.loss.t_max, (trials, n), generator=g)
         eps = torch.randn(trials, n, z0.shape[1], generator=g)
         mask = (torch.rand(trials, n, generator=g) < self.sample_rate).float() if self.sample_rate < 1 else \
             torch.ones(trials, n)
-        a = self.schedule.alpha_bar[t].sqrt().float()
-        b = (1.0 - self.schedule.alpha_bar[t]).sqrt().float()
-        w = loss_weight(self.schedule, t.flatten(), self.weighting, self.prediction).view(trials, n)
+        a, b = ab[t].sqrt().float(), (1.0 - ab[t]).sqrt().float()
+        w = self.loss.weight(t.flatten()).view(trials, n)
         return Rows(z0, torch.full((n,), self.null_label, dtype=torch.long), t, a, b, w, eps, mask)
 
     def row_losses(self, model: nn.Module, params: Params, z0, y, t, a, b, w, eps) -> torch.Tensor:
         """Per-row loss of one run (rows [n, …]); what DiffusionLoss computes, from given draws."""
         z_t = a[:, None] * z0 + b[:, None] * eps
         out = functional_call(model, params, (z_t, t, y))
-        target = training_target(self.prediction, z0, eps, a[:, None], b[:, None])
-        return ((out - target) ** 2).mean(1) * w
+        return ((out - self.loss.target(z0, eps, a[:, None], b[:, None])) ** 2).mean(1) * w
 
     def gradients(self, model: nn.Module, params: Params, rows: Rows, shared: bool,
                   noise: Params | None) -> tuple[Params, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""Prediction parameterisations ε, v and x0, and the conversions between them.
+"""The one preconditioning wrapper: a raw network in any parameterisation (ε, v or x0) as a denoiser.
+
+Samplers, attacks and analyses see only ``Denoiser(z_t, t, y) -> (ε̂, ẑ0)`` (NVlabs/edm's ``EDMPrecond``
+and k-diffusion's ``external.py`` wrappers play the same part); the parameterisation lives here, in the
+config and in the training loss (``DiffusionLoss``), nowhere else.
 
 With a = √ᾱ_t, b = √(1−ᾱ_t) and z_t = a·z0 + b·ε (DDPM eq. 4):
   z0 = (z_t − b·ε)/a,  ε = (z_t − a·z0)/b,  v = a·ε − b·z0  (Salimans & Ho 2022, §4),
@@ -6,6 +10,8 @@ With a = √ᾱ_t, b = √(1−ᾱ_t) and z_t = a·z0 + b·ε (DDPM eq. 4):
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -65,3 +71,34 @@ def training_target(prediction: str, z0: torch.Tensor, eps: torch.Tensor, sqrt_a
     if prediction == "x0":
         return z0
     return v_target(z0, eps, sqrt_ab, sqrt_1mab)
+
+
+class Denoiser:
+    """``Denoiser(net, schedule, prediction)(z_t, t, y) -> (ε̂, ẑ0)`` for a raw ``net(z_t, t, y)``.
+
+    ``t``: an int (one timestep for the whole batch, as samplers use it) or integer timesteps [B]. The
+    coefficients √ᾱ_t, √(1−ᾱ_t) are taken in float64 and cast to z_t's dtype either way, so both forms give
+    identical numbers. Not an ``nn.Module``: it owns no parameters, so wrapping never changes a state dict,
+    and the DP engine's per-example proxies can be wrapped the same way (``with_net``).
+    """
+
+    def __init__(self, net: Callable[..., torch.Tensor], schedule: NoiseSchedule, prediction: str = "eps"):
+        self.net, self.schedule, self.prediction = net, schedule, check_prediction(prediction)
+
+    def coefficients(self, t: torch.Tensor, z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1−ᾱ_t)) broadcastable against z_t, in its dtype."""
+        return (self.schedule.sqrt_alpha_bar(t, z_t.ndim, z_t.dtype),
+                self.schedule.sqrt_one_minus_alpha_bar(t, z_t.ndim, z_t.dtype))
+
+    def __call__(self, z_t: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((len(z_t),), int(t), device=z_t.device, dtype=torch.long)
+        a, b = self.coefficients(t, z_t)
+        return split_prediction(self.net(z_t, t, y), z_t, a, b, self.prediction)
+
+    def describe(self) -> str:
+        return f"{self.prediction}-prediction network"
+
+    def with_net(self, net: Callable[..., torch.Tensor]) -> Denoiser:
+        """The same schedule and parameterisation around another network (an EMA copy, a guided model)."""
+        return Denoiser(net, self.schedule, self.prediction)
