@@ -84,6 +84,31 @@ def test_calibration_mnist_dpsgd():
     assert epsilon([GaussianEvent(sigma_pld, Q_MNIST, 732)], 1e-5) <= 10.0  # rounded up: meets target
 
 
+@pytest.mark.parametrize("target,q,steps,accountant,tol,fixed,shared", [
+    (10.0, Q_MNIST, 732, "pld", 1e-3, (), ()),
+    (2.0, 0.1, 200, "rdp", 1e-3, (), ()),
+    (3.0, 0.1, 200, "pld", 1e-3, (GaussianEvent(5.0, 1.0, 1),), ((0.05, 100),)),  # counts + dp-promise Phase I
+    (0.5, 1.0, 1, "pld", 1e-4, (), ()),  # below PLD_REFINE_BELOW: the fine PLD decides
+])
+def test_calibration_meets_target_tightly(target, q, steps, accountant, tol, fixed, shared):
+    # the returned σ meets the target (as epsilon() and the ledger compute it), and σ − tol does not:
+    # calibrate_noise returns the smallest σ to within tol, on the safe side
+    sigma = calibrate_noise(target, 1e-5, q, steps, accountant, tol=tol, fixed_events=fixed, shared=shared)
+
+    def eps(s):
+        return epsilon([*fixed, GaussianEvent(s, q, steps), *(GaussianEvent(s, q2, n2) for q2, n2 in shared)],
+                       1e-5, accountant)
+
+    assert eps(sigma) <= target < eps(sigma - tol)
+
+
+def test_calibration_refuses_an_unsafe_library_answer(monkeypatch):
+    # a σ from dp_accounting's calibrator is re-checked with epsilon(); one above the target never comes back
+    monkeypatch.setattr(dp_accounting, "calibrate_dp_mechanism", lambda *args, **kwargs: 1.0)
+    with pytest.raises(RuntimeError, match="target"):
+        calibrate_noise(10.0, 1e-5, Q_MNIST, 732)
+
+
 @pytest.mark.parametrize("target,delta,needle", [
     (0.0, 1e-5, "epsilon"), (-1.0, 1e-5, "epsilon"), (math.inf, 1e-5, "epsilon"),
     (1.0, 0.0, "delta"), (1.0, 1.0, "delta"), (1.0, 1.5, "delta"),

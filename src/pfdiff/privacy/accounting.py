@@ -26,10 +26,11 @@ import logging
 import math
 import numbers
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import dp_accounting
 import numpy as np
@@ -142,21 +143,43 @@ def _composed(events: tuple[GaussianEvent, ...]) -> dp_accounting.DpEvent:
 # ε of a composition
 # --------------------------------------------------------------------------------------------
 
-def _epsilon_pld(events: tuple[GaussianEvent, ...], delta: float, interval: float) -> float:
-    acc = PLDAccountant(value_discretization_interval=interval)
-    return float(acc.compose(_composed(events)).get_epsilon(delta))
+class _RefinedPLDAccountant(PLDAccountant):
+    """The "pld" accountant as a dp_accounting ``PrivacyAccountant`` (so that :func:`epsilon` and
+    ``calibrate_dp_mechanism`` compute the same ε): PLD at PLD_VALUE_DISCRETIZATION, recomputed from
+    the ledger at PLD_FINE_DISCRETIZATION when the coarse value is below PLD_REFINE_BELOW."""
+
+    def __init__(self) -> None:
+        super().__init__(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+
+    def get_epsilon(self, target_delta: float) -> float:
+        eps = float(super().get_epsilon(target_delta))
+        if eps < PLD_REFINE_BELOW:
+            fine = PLDAccountant(value_discretization_interval=PLD_FINE_DISCRETIZATION)
+            eps = float(fine.compose(self.ledger).get_epsilon(target_delta))
+        return eps
 
 
-def _epsilon_rdp(events: tuple[GaussianEvent, ...], delta: float) -> float:
-    # dp_accounting logs (via absl) a warning for each fractional order whose series does not
+# the dp_accounting accountant behind each accountant name (opacus' PRV is not one)
+_DP_ACCOUNTANTS: dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
+    "pld": _RefinedPLDAccountant, "rdp": RdpAccountant}
+
+
+@contextmanager
+def _quiet_absl() -> Iterator[None]:
+    # dp_accounting's RDP logs (via absl) a warning for each fractional order whose series does not
     # converge and drops that order; the minimum over the remaining orders is still a valid bound.
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        return float(RdpAccountant().compose(_composed(events)).get_epsilon(delta))
+        yield
     finally:
         absl_logger.setLevel(level)
+
+
+def _epsilon_dp_accounting(events: tuple[GaussianEvent, ...], delta: float, accountant: str) -> float:
+    with _quiet_absl():
+        return float(_DP_ACCOUNTANTS[accountant]().compose(_composed(events)).get_epsilon(delta))
 
 
 def _epsilon_prv(events: tuple[GaussianEvent, ...], delta: float) -> float:
@@ -173,14 +196,9 @@ def _epsilon_prv(events: tuple[GaussianEvent, ...], delta: float) -> float:
 def _epsilon_cached(events: tuple[GaussianEvent, ...], delta: float, accountant: str) -> float:
     if not events:
         return 0.0
-    if accountant == "rdp":
-        return _epsilon_rdp(events, delta)
     if accountant == "prv":
         return _epsilon_prv(events, delta)
-    eps = _epsilon_pld(events, delta, PLD_VALUE_DISCRETIZATION)
-    if eps < PLD_REFINE_BELOW:
-        eps = _epsilon_pld(events, delta, PLD_FINE_DISCRETIZATION)
-    return eps
+    return _epsilon_dp_accounting(events, delta, accountant)
 
 
 def epsilon(events: Sequence[GaussianEvent], delta: float, accountant: str = "pld") -> float:
@@ -221,9 +239,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     encoder), so the whole plan meets the target. ``shared``: further (sample_rate, steps) phases
     that use the *same* σ (dp-promise's Phase I at its own batch size), calibrated jointly.
 
-    ε(σ) of ``steps`` Poisson-subsampled Gaussian steps is decreasing in σ, so the answer is
-    found by bracketing and bisection; the returned σ always meets the target. σ is searched in
-    [SIGMA_MIN, SIGMA_MAX]: if even SIGMA_MIN meets the target, SIGMA_MIN is returned.
+    ε(σ) of ``steps`` Poisson-subsampled Gaussian steps is decreasing in σ, so σ is bracketed by
+    doubling/halving from 1 and then found by ``dp_accounting.calibrate_dp_mechanism`` (Brent's
+    method on the accountant's own ε; PRV: bisection); the returned σ always meets the target. σ is
+    searched in [SIGMA_MIN, SIGMA_MAX]: if even SIGMA_MIN meets the target, SIGMA_MIN is returned.
     Raises BudgetError when the target is invalid or unreachable with σ ≤ SIGMA_MAX.
     """
     _check_budget(target_epsilon, delta)
@@ -241,15 +260,34 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         raise BudgetError(f"the fixed releases alone cost epsilon {epsilon(fixed, delta, accountant):.4g} "
                           f">= target {target_epsilon:g} at delta {delta:g}; nothing is left for training")
 
-    def eps_at(sigma: float) -> float:
+    def events_at(sigma: float) -> tuple[GaussianEvent, ...]:
         phases = [GaussianEvent(sigma, q2, n2) for q2, n2 in ((sample_rate, steps), *shared)]
-        return epsilon([*fixed, *phases], delta, accountant)
+        return _check_events([*fixed, *phases])
 
+    def eps_at(sigma: float) -> float:
+        return epsilon(events_at(sigma), delta, accountant)
+
+    # our own bracket: calibrate_dp_mechanism's search starts at its lower end (σ = SIGMA_MIN is slow with
+    # PLD) and knows neither SIGMA_MIN's floor nor SIGMA_MAX's BudgetError
     lo, hi = _bracket(eps_at, target_epsilon, delta)
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if eps_at(mid) <= target_epsilon else (mid, hi)
-    return hi
+    if lo == hi:
+        return hi
+    if accountant not in _DP_ACCOUNTANTS:
+        # opacus' PRVAccountant is no dp_accounting PrivacyAccountant, so calibrate_dp_mechanism cannot drive it
+        while hi - lo > tol:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if eps_at(mid) <= target_epsilon else (mid, hi)
+        return hi
+    # dp_accounting.calibrate_dp_mechanism: Brent's method on ε(σ) − target in [lo, hi], with the accountant
+    # epsilon() uses; it returns a σ within tol of the optimum whose ε is ≤ the target (its safe side)
+    with _quiet_absl():
+        sigma = float(dp_accounting.calibrate_dp_mechanism(
+            _DP_ACCOUNTANTS[accountant], lambda s: _composed(events_at(s)), target_epsilon, delta,
+            dp_accounting.ExplicitBracketInterval(lo, hi), tol=tol))
+    if eps_at(sigma) > target_epsilon:  # cannot happen (see above); re-checked with the ledger's ε, then cached
+        raise RuntimeError(f"calibrate_dp_mechanism returned noise multiplier {sigma!r} with epsilon "
+                           f"{eps_at(sigma)!r} > target {target_epsilon!r}")
+    return sigma
 
 
 def _bracket(eps_at: Callable[[float], float], target: float, delta: float) -> tuple[float, float]:
@@ -293,6 +331,7 @@ def gaussian_sigma_for(epsilon: float, delta: float, sensitivity: float = 1.0) -
     """
     if not (_is_real(sensitivity) and math.isfinite(sensitivity) and sensitivity > 0):
         raise ValueError(f"sensitivity must be a finite number > 0, got {sensitivity!r}")
+    # not dp_accounting.get_sigma_gaussian: its exact σ has a PLD ε (what the ledger composes) ~1e-12 above ε
     return sensitivity * calibrate_noise(epsilon, delta, 1.0, 1, "pld", tol=1e-4)
 
 
