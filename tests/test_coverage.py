@@ -2,7 +2,8 @@
 
 import torch
 
-from pfdiff.evaluation.coverage import class_coverage, group_mean, knn_radii, precision_recall
+from pfdiff.evaluation.coverage import class_coverage, knn_radii, precision_recall
+from pfdiff.report import group_mean
 from pfdiff.longtail.filtering import MahalanobisScorer, boundary_filter, margins
 
 

@@ -115,3 +115,33 @@ def test_encoder_shapes_and_errors():
         create_encoder("identity", (1, 8, 8))
     with pytest.raises(ValueError, match="feature vectors"):
         create_encoder("mlp", (1, 8, 8))
+
+
+def test_verbosity_levels_of_the_progress_bar(capsys):
+    """--quiet: no bar at all; default: the bar; --verbose: the bar plus one line per step with its metrics."""
+    from pfdiff.training import progress_bar, set_verbosity
+
+    outputs = {}
+    try:
+        for level in (0, 1, 2):
+            set_verbosity(level)
+            with progress_bar(f"level{level}", 3) as advance:
+                for _ in range(3):
+                    advance({"loss": 0.5})
+            outputs[level] = capsys.readouterr().out
+    finally:
+        set_verbosity(1)
+    assert "level0" not in outputs[0] and "level1" in outputs[1]
+    assert "step 3: loss=0.5" in outputs[2] and "step 3: loss=0.5" not in outputs[1]
+    with pytest.raises(ValueError, match="verbosity"):
+        set_verbosity(3)
+
+
+def test_cli_quiet_and_verbose_exclude_each_other():
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    assert CliRunner().invoke(app, ["-q", "presets"]).exit_code == 0
+    res = CliRunner().invoke(app, ["-q", "-v", "presets"])
+    assert res.exit_code == 2 and "exclude each other" in res.output

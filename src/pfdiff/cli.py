@@ -13,11 +13,29 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pfdiff: private, federated diffusion in feature space for long-tailed recognition.")
 console = Console()
+errors = Console(stderr=True)  # errors are printed even with --quiet
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    errors.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
+
+
+@app.callback()
+def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars; log messages from ERROR up"),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="also log every step's metrics and INFO "
+                                      "messages of pfdiff and its libraries")):
+    """Options for every command (before the command: ``pfdiff -q run quickstart``)."""
+    import logging
+
+    from pfdiff.training import set_verbosity
+
+    if quiet and verbose:
+        _fail("--quiet and --verbose exclude each other")
+    level = 0 if quiet else 2 if verbose else 1
+    set_verbosity(level)
+    logging.basicConfig(level={0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}[level],
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()

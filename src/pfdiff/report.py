@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
-from pfdiff.evaluation import GROUPS  # noqa: E402
+from pfdiff.data.longtail import GROUPS  # noqa: E402
 from pfdiff.runs import RunDir, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
@@ -179,13 +179,17 @@ def e2e_section(results: dict) -> list[str]:
                            rows)]
 
 
+def group_mean(values: list[float | None], classes: list[int]) -> float | None:
+    """Mean of per-class ``values`` over ``classes`` (skipping None); None when nothing is left."""
+    vals = [values[c] for c in classes if values[c] is not None]
+    return float(np.mean(vals)) if vals else None
+
+
 def coverage_section(results: dict) -> list[str]:
     """Coverage of held-out features per group: recall of the pseudo-features vs that of the training features."""
     cov = results.get("coverage")
     if not cov:
         return []
-    from pfdiff.evaluation.coverage import group_mean
-
     g = results["split"]["groups"]
     rows = []
     for name, c in cov.items():

@@ -124,9 +124,24 @@ class EMA:
         self.num_updates = int(state["num_updates"])
 
 
+_VERBOSITY = 1  # 0 quiet, 1 normal, 2 verbose: set once per process by the CLI (``pfdiff -q/-v``)
+
+
+def set_verbosity(level: int) -> None:
+    """How much the training loops print: 0 nothing (no progress bars), 1 progress bars, 2 also each step."""
+    global _VERBOSITY
+    if level not in (0, 1, 2):
+        raise ValueError(f"verbosity must be 0, 1 or 2, got {level!r}")
+    _VERBOSITY = level
+
+
 @contextmanager
 def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[Callable[[dict[str, float]], None]]:
-    """A rich progress bar; yields ``advance(metrics)`` which moves it one step and shows the loss."""
+    """A rich progress bar; yields ``advance(metrics)`` which moves it one step and shows the loss. Verbosity 0
+    (``pfdiff --quiet``) shows none; 2 (``--verbose``) also prints every step's metrics as a line."""
+    if _VERBOSITY == 0:
+        yield lambda metrics: None
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False) as bar:
@@ -135,6 +150,8 @@ def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[C
         def advance(metrics: dict[str, float]) -> None:
             info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             bar.update(task, advance=1, info=info)
+            if _VERBOSITY >= 2 and info:
+                bar.console.print(f"{description} · step {int(bar.tasks[0].completed)}: {info}")
 
         yield advance
 

@@ -470,6 +470,16 @@ def cloning_window_offset(level: float = 0.1) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _binding_constraint(rows: list[dict[str, Any]], rec: dict[str, Any] | None) -> str | None:
+    """Which constraint the next candidate below the recommended S fails ("speciation", "privacy", both)."""
+    below = [r for r in rows if rec is not None and r["S"] < rec["S"]]
+    if not below:
+        return None
+    nxt = max(below, key=lambda r: r["S"])
+    return " and ".join(name for name, good in (("speciation", nxt["label_free_ok"]),
+                                                 ("privacy", nxt["privacy_ok"])) if not good)
+
+
 def promise_S_table(privacy, n_private: int, schedule: NoiseSchedule, candidates: Sequence[int], t_S_upper: float,
                     fixed_events: Sequence = (), eps_share: float = 0.1, calibrate: bool = True) -> dict[str, Any]:
     """dp-promise's Phase I trains without labels on steps [S, T); for each candidate S: the OU time of
@@ -520,12 +530,7 @@ def promise_S_table(privacy, n_private: int, schedule: NoiseSchedule, candidates
         rows.append(row)
     ok = [r for r in rows if r["label_free_ok"] and r["privacy_ok"]]
     rec = min(ok, key=lambda r: r["S"]) if ok else None
-    below = [r for r in rows if rec is not None and r["S"] < rec["S"]]
-    binding = None
-    if below:  # which constraint the next smaller candidate fails
-        nxt = max(below, key=lambda r: r["S"])
-        binding = " and ".join(name for name, good in (("speciation", nxt["label_free_ok"]),
-                                                        ("privacy", nxt["privacy_ok"])) if not good)
+    binding = _binding_constraint(rows, rec)
     free = [r["S"] for r in rows if r["label_free_ok"]]
     return {"rule": f"smallest S with t(S−1) ≥ upper edge of the speciation window ({t_S_upper:.3f}) and "
                     f"Phase-I ε ≤ {eps_share:g}·target ε ({p.target_epsilon:g})",

@@ -144,6 +144,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _dataset_md(name: str, res: dict[str, Any], plot: str) -> list[str]:
+    # Long on purpose: one report section written top to bottom in reading order (theory, measurement,
+    # collapse, placement); pieces of it would be read out of order.
     spec, meas, cs = res["speciation_theory"], res["speciation_measured"], collapse_summary(res)
     sched, ref = res["schedule"], res["placement"]["reference"]
     tmin = res["collapse_theory"]["ou_t"][0]

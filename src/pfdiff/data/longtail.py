@@ -9,6 +9,8 @@ from sklearn.model_selection import train_test_split
 
 from pfdiff.data.sources import DataError
 
+GROUPS = ("many", "medium", "few")  # the class groups of the long-tail protocol, in table order
+
 
 def class_counts(y: np.ndarray, num_classes: int) -> np.ndarray:
     """Examples per class, length ``num_classes`` (labels must lie in [0, num_classes))."""
@@ -91,7 +93,7 @@ class ClassGroups:
 
     def group_of(self, c: int) -> str:
         """'many', 'medium' or 'few'; KeyError for a class in no group."""
-        for name in ("many", "medium", "few"):
+        for name in GROUPS:
             if c in getattr(self, name):
                 return name
         raise KeyError(f"class {c} is in no group")

@@ -61,9 +61,3 @@ def class_coverage(z_val: torch.Tensor, y_val, z_fake: torch.Tensor, y_fake: tor
         out["recall_train"].append(precision_recall(real, z_train[y_train == c], k)[1])
         out["generated"].append(int((y_fake == c).sum()))
     return out
-
-
-def group_mean(values: list[float | None], classes: list[int]) -> float | None:
-    """Mean of ``values`` over ``classes`` (skipping None); None when nothing is left."""
-    vals = [values[c] for c in classes if values[c] is not None]
-    return float(np.mean(vals)) if vals else None

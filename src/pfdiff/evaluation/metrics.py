@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from pfdiff.data.longtail import ClassGroups
-
-GROUPS = ("many", "medium", "few")
+from pfdiff.data.longtail import GROUPS, ClassGroups
 
 
 def per_class_accuracy(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:

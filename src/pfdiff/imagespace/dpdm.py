@@ -48,7 +48,7 @@ from pfdiff.privacy.accounting import epsilon as privacy_epsilon
 from pfdiff.privacy.dpsgd import DPSGD
 from pfdiff.privacy.noise import NoiseSource
 from pfdiff.runs import atomic_write_bytes, atomic_write_json
-from pfdiff.training import EMA, derive_seed, generator, shuffled_batch
+from pfdiff.training import EMA, derive_seed, generator, run_steps, shuffled_batch, train
 
 T_DISTRIBUTIONS = ("lognormal", "uniform")
 DPSGD_EVENT = "dpdm denoiser DP-SGD"
@@ -157,14 +157,14 @@ def load_image_splits(dataset: str = "digits", path: str | None = None, test_fra
     if data.is_features:
         raise ValueError(f"dataset {dataset!r} holds feature vectors; the image-space reference needs images")
     train_idx, test_idx = stratified_split(data.y, test_fraction, split_seed)
-    train, test = data.subset(train_idx), data.subset(test_idx)
+    train_set, test_set = data.subset(train_idx), data.subset(test_idx)
     if balanced_train:
-        train = train.subset(balanced_indices(train.y, split_seed, data.num_classes))
+        train_set = train_set.subset(balanced_indices(train_set.y, split_seed, data.num_classes))
 
     def tensors(ds):
         return torch.as_tensor(ds.x) * 2 - 1, torch.as_tensor(ds.y)
 
-    return ImageSplits(*tensors(train), *tensors(test), data.num_classes, data.name)
+    return ImageSplits(*tensors(train_set), *tensors(test_set), data.num_classes, data.name)
 
 
 # ---------------------------------------------------------------------------------------------- denoiser
@@ -229,20 +229,21 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
             noise = NoiseSource(cfg.reproducible_noise, derive_seed(seed, "dpdm-dpsgd", target_epsilon))
             engine = make_engine(model, opt, plan["sigma"], len(x), plan["sample_rate"], cfg, noise, ema)
 
-            for step in range(cfg.steps):  # its statistics describe private batches: dropped
-                engine.diffusion_step(loss_fn, K, (x, y), step, derive_seed(seed, "dpdm-draws", step))
+            def update(step: int) -> dict[str, float]:
+                return engine.diffusion_step(loss_fn, K, (x, y), step, derive_seed(seed, "dpdm-draws", step))
+
+            # the private steps' statistics describe private batches: neither logged nor shown (log_metrics)
+            run_steps({"unet": model}, engine.optimizer, update, cfg.steps, ema=ema, log_metrics=False,
+                      description=f"DPDM U-Net (ε = {target_epsilon:g}, σ = {plan['sigma']:.3f})")
         else:
-            for step in range(cfg.steps):
+            def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
                 idx = shuffled_batch(len(x), min(cfg.batch_size, len(x)), step, derive_seed(seed, "dpdm-batches"))
                 g = generator(x.device, seed, "dpdm-draws", step)
-                loss = loss_fn(model, x[idx], y[idx], noise_multiplicity=K, generator=g).loss.mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-private DPDM training: loss {loss.item()} at step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ema.update()
-                stats.append({"loss": loss.item(), "batch_size": float(len(idx))})
+                return (loss_fn(model, x[idx], y[idx], noise_multiplicity=K, generator=g).loss.mean(),
+                        {"batch_size": float(len(idx))})
+
+            train({"unet": model}, opt, step_fn, cfg.steps, description="DPDM U-Net (non-private)", ema=ema,
+                  log=stats.append, log_every=1)  # every step's loss: the info's last-10 % mean
     tail = stats[-max(1, len(stats) // 10):]  # last 10 % of the steps
     info = {**plan, "delta": cfg.delta if plan["private"] else None, "steps": cfg.steps,
             "expected_batch_size": cfg.batch_size, "noise_multiplicity": K, "max_grad_norm": cfg.max_grad_norm,
@@ -291,14 +292,12 @@ def train_image_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, tag, "init"))
         clf = ImageClassifier(tuple(x.shape[1:]), num_classes, feature_dim, width)
-    opt = torch.optim.Adam(clf.parameters(), lr=lr)
-    clf.train()
-    for step in range(steps):
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = shuffled_batch(len(x), min(batch_size, len(x)), step, derive_seed(seed, tag, "batches"))
-        loss = F.cross_entropy(clf(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return F.cross_entropy(clf(x[idx]), y[idx]), {}
+
+    train({"classifier": clf}, torch.optim.Adam(clf.parameters(), lr=lr), step_fn, steps,
+          description=f"image classifier ({tag})")
     return clf.eval()
 
 

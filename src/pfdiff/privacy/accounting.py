@@ -487,17 +487,13 @@ class PrivacyLedger:
         except (KeyError, TypeError, ValueError) as err:
             raise LedgerError(f"privacy ledger {self.path} has malformed entries: {err}") from err
 
+    def _state(self, eps: dict[str, float]) -> dict[str, Any]:
+        return {"delta": self.delta, "target_epsilon": self.target_epsilon, "neighbouring_relation": self.RELATION,
+                "noise": self.noise, "private": self.private, "entries": [asdict(e) for e in self._entries],
+                "epsilon": eps}
+
     def _save(self, eps: dict[str, float]) -> None:
-        atomic_write_json(self.path, {
-            "format": LEDGER_FORMAT,
-            "delta": self.delta,
-            "target_epsilon": self.target_epsilon,
-            "neighbouring_relation": self.RELATION,
-            "noise": self.noise,
-            "private": self.private,
-            "entries": [asdict(e) for e in self._entries],
-            "epsilon": eps,
-        })
+        atomic_write_json(self.path, {"format": LEDGER_FORMAT, **self._state(eps)})
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -625,13 +621,4 @@ class PrivacyLedger:
         eps = epsilon_all(self._entries, self.delta) if cross_check else {"pld": self.spent()}
         if save:
             self._save(eps)
-        return {
-            "delta": self.delta,
-            "target_epsilon": self.target_epsilon,
-            "neighbouring_relation": self.RELATION,
-            "noise": self.noise,
-            "private": self.private,
-            "entries": [asdict(e) for e in self._entries],
-            "epsilon": eps,
-            "remaining_pld": self.target_epsilon - eps["pld"],
-        }
+        return {**self._state(eps), "remaining_pld": self.target_epsilon - eps["pld"]}
