@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from pfdiff.evidence import evidence_table, group_table, run_sweep, sweep_composition, write_evidence
+from pfdiff.evidence import run_sweep, sweep_composition, write_evidence
+from pfdiff.evidence_report import evidence_table, group_table
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon, epsilon_all
 
 

@@ -32,15 +32,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pfdiff import evidence_report
 from pfdiff.config import RunConfig, dump_config, load_config
-from pfdiff.runs import RunDir, atomic_write_json, atomic_write_text
+from pfdiff.evidence_report import ATTACKS, eps_label
+from pfdiff.runs import RunDir, atomic_write_text
 
-ATTACKS = ("loss", "secmi", "pia")
 INF = math.inf
-
-
-def _label(eps: float) -> str:
-    return "inf" if math.isinf(eps) else f"{eps:g}"
 
 
 def _groups(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -70,9 +67,9 @@ def centralised_run(root: Path, eps: float, overrides: list[str]) -> RunDir:
     """The ``dp`` preset at ``eps`` with one seed (cached: an existing finished run is reused)."""
     from pfdiff.longtail.pipeline import run_experiment
 
-    path = root / f"central-eps{_label(eps)}"
+    path = root / f"central-eps{eps_label(eps)}"
     cfg = load_config("dp", ["seeds=[0]", "methods=[ldmlr,dp-ldmlr]", f"privacy.target_epsilon={eps}",
-                             f"name=central-eps{_label(eps)}", *overrides])
+                             f"name=central-eps{eps_label(eps)}", *overrides])
     if (path / "results.json").exists():
         return RunDir.open(path)
     run = RunDir.open(path) if path.exists() else _create(cfg, path)
@@ -118,7 +115,7 @@ def audit_point(root: Path, eps: float, overrides: list[str], canaries: int) -> 
         return None
     from pfdiff.longtail.private_audit import audit_config, run_audit
 
-    out = root / f"audit-eps{_label(eps)}"
+    out = root / f"audit-eps{eps_label(eps)}"
     if (out / "audit.json").exists():
         return json.loads((out / "audit.json").read_text())
     return run_audit(audit_config("dp", [*overrides, f"privacy.target_epsilon={eps}"]), canaries, seed=0, out_dir=out)
@@ -136,7 +133,7 @@ def federated_points(root: Path, epsilons: list[float], fed_overrides: list[str]
         dp = [] if math.isinf(eps) else ["fed.dp=example", f"privacy.target_epsilon={eps}"]
         cfg = load_config("federated", ["fed.encoder=public", "fed.methods=[fedavg,fedddpm]", "fed.alpha=0.5",
                                         *dp, *fed_overrides])
-        run_dir = root / f"fed-eps{_label(eps)}"
+        run_dir = root / f"fed-eps{eps_label(eps)}"
         done = run_dir / "results.json"
         res = json.loads(done.read_text()) if done.exists() else simulate(cfg, run_dir)
         attacked = attack_fed_targets(run_dir, cfg, ATTACKS)["seeds"]["0"]
@@ -239,137 +236,9 @@ def sweep_composition(points: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def composition_markdown(comp: dict[str, Any]) -> list[str]:
-    md = ["## Composition: every release of the sweep", "",
-          "Each row of the table above is a separate release trained on the same private data (every DP row with "
-          "its own, independent noise), and each claims its ε alone. Releasing several of them costs their "
-          "composition:", ""]
-    c, f, a = comp.get("centralised"), comp.get("federated"), comp.get("all_dp")
-    flag = lambda x: "" if x["private"] else " — **NOT PRIVATE: reproducible (seed-derived) noise**"  # noqa: E731
-    if c:
-        e = c["epsilon"]
-        md.append(f"- centralised DP releases ({len(c['releases'])} ledger(s), {c['events']} events): PLD ε = "
-                  f"{e['pld']:.3f} (RDP {e['rdp']:.3f}, PRV {e['prv']:.3f}) at δ = {c['delta']:g}, exact composition"
-                  f"{flag(c)}")
-    if f:
-        md.append(f"- federated DP releases ({f['runs']} run(s)): ε ≤ {f['epsilon']:.3f} for the worst client at "
-                  f"δ = {f['delta']:g} (basic composition of each run's per-client ε){flag(f)}")
-    if a:
-        md.append(f"- all DP releases together, for an example in both the centralised private part and a client: "
-                  f"ε ≤ {a['epsilon']:.3f} at δ = {a['delta']:g} (basic composition){flag(a)}")
-    if comp.get("non_private_releases"):
-        md.append(f"- released without DP (ε = ∞ rows: {', '.join(comp['non_private_releases'])}): with them the "
-                  "total is ∞")
-    return md + [""]
-
-
-# ---------------------------------------------------------------- report
-
-
-def _fmt_eps(e: float | None) -> str:
-    if e is None:
-        return "–"
-    return "∞" if math.isinf(e) or e > 1e4 else f"{e:.2f}"
-
-
-def _with_control(a: dict[str, Any]) -> str:
-    ctrl = "–" if a.get("control_auc") is None else f"{a['control_auc']:.3f}"
-    return f"{a['auc']:.3f} / {a['tpr_at_1pct_fpr']:.3f} ({ctrl})"
-
-
-def _upstream(p: dict[str, Any]) -> str:
-    up = p["attacks"].get("upstream_auc") or {}
-    return " / ".join("–" if up.get(k) is None else f"{up[k]:.3f}" for k in ("feature_norm", "stage1_loss"))
-
-
-def evidence_table(points: list[dict[str, Any]]) -> str:
-    """One row per release: ε claimed and audited, each attack's AUC / TPR@1%FPR with the control's AUC in
-    brackets, the no-denoiser statistics, copies and utility."""
-    from pfdiff.report import markdown_table
-
-    header = ["release", "setting", "target ε", "claimed ε (PLD)", "audited ε lower bound (95 %)",
-              *[f"{a} AUC / TPR@1% (control AUC)" for a in ATTACKS], "no-denoiser AUC (norm / G loss)",
-              "copies", "few", "top1"]
-    rows = []
-    for i, p in enumerate(points, 1):
-        au = p["audit"]
-        rows.append([f"#{i}", p["setting"], _fmt_eps(p["epsilon"]), _fmt_eps(p["claimed_epsilon"]),
-                     "–" if au is None else f"{au['epsilon_lower']:.2f} (m = {au['canaries']}, {au.get('seconds', float('nan')):.0f} s)",
-                     *[_with_control(p["attacks"][a]) for a in ATTACKS], _upstream(p),
-                     f"{p['attacks']['copy_fraction']:.3f}", f"{p['few']:.3f}", f"{p['top1']:.3f}"])
-    return markdown_table(header, rows)
-
-
-def _auc(v: float | None) -> str:
-    return "–" if v is None else f"{v:.3f}"
-
-
-def group_table(points: list[dict[str, Any]]) -> str:
-    """Per class group (many / medium / few): each attack's AUC, the control's in brackets."""
-    from pfdiff.report import markdown_table
-
-    groups = ("many", "medium", "few")
-    rows = []
-    for i, p in enumerate(points, 1):
-        for a in ATTACKS:
-            t, c = p["attacks"][a].get("per_group_auc") or {}, p["attacks"][a].get("control_per_group_auc") or {}
-            cells = [f"{_auc(t.get(g))} ({_auc(c.get(g))})" for g in groups]
-            rows.append([f"#{i}", p["setting"], _fmt_eps(p["epsilon"]), a, *cells])
-    return markdown_table(["release", "setting", "target ε", "attack", *[f"{g} AUC (control)" for g in groups]], rows)
-
-
-def plot_privacy_utility(points: list[dict[str, Any]], path: Path) -> Path:
-    """Attack AUC (x, best of the attacks) against few-class accuracy (y), one line per setting, ε annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pfdiff.report import save_fig
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for setting in dict.fromkeys(p["setting"] for p in points):
-        pts = sorted((p for p in points if p["setting"] == setting), key=lambda p: p["epsilon"])
-        x = [max(p["attacks"][a]["auc"] for a in ATTACKS) for p in pts]
-        y = [p["few"] for p in pts]
-        ax.plot(x, y, "o-", label=setting)
-        for i, (xi, yi, p) in enumerate(zip(x, y, pts)):
-            label = "∞" if math.isinf(p["epsilon"]) else f"{p['epsilon']:g}"
-            ax.annotate(f"ε={label}", (xi, yi), textcoords="offset points", xytext=(4, 4 - 12 * (i % 2)), fontsize=8)
-    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("best membership-attack AUC (0.5: no leak)")
-    ax.set_ylabel("few-class accuracy")
-    ax.set_title("privacy against utility (digits-LT)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_fig(fig, path)
-
-
-def _json_point(p: dict[str, Any]) -> dict[str, Any]:
-    return {**p, "epsilon": _label(p["epsilon"]),
-            "claimed_epsilon": None if math.isinf(p["claimed_epsilon"]) else p["claimed_epsilon"]}
-
-
 def write_evidence(root: Path, points: list[dict[str, Any]]) -> Path:
-    comp = sweep_composition(points)
-    atomic_write_json(root / "evidence.json", {"points": [_json_point(p) for p in points], "composition": comp})
-    plot_privacy_utility(points, root / "privacy_utility.png")
-    md = ["# Privacy evidence: claimed ε, audited lower bound, attacks, utility", "",
-          "Attacks: members are the training examples of the attacked denoiser, non-members examples nothing was "
-          "trained on (the held-out pool and half of the test split), balanced per class; the ε = ∞ and DP "
-          "centralised rows attack the same private members. In brackets: the AUC of the **control**, a "
-          "denoiser trained the same way on data containing neither set — what no membership signal looks like through this pipeline. No-denoiser AUC: the raw "
-          "feature norm and the stage-1 classifier loss as attack scores (≈ 0.5: the encoder treats members and "
-          "non-members alike). Audit: one training run of the DP denoiser code with canaries included w.p. ½ "
-          "(Steinke, Nasr & Jagielski 2023); a lower bound above the claimed ε would expose a broken "
-          "implementation or accountant.", "",
-          "**Each row is a separate release** (#) trained on the same private data, every DP row with its own, "
-          "independent noise; its ε is for that release alone — the composition of all of them is below.", "",
-          evidence_table(points), "", "Per class group (training-count groups of the split):", "",
-          group_table(points), "", *composition_markdown(comp),
-          "![privacy against utility](privacy_utility.png)", ""]
-    atomic_write_text(root / "evidence.md", "\n".join(md))
-    return root / "evidence.md"
+    """evidence.json, evidence.md and privacy_utility.png of the sweep (``evidence_report``)."""
+    return evidence_report.write_evidence(root, points, sweep_composition(points))
 
 
 def run_sweep(root: Path, epsilons: list[float], central_overrides: list[str], fed_overrides: list[str],
