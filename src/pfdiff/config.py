@@ -101,6 +101,9 @@ class DiffusionConfig(Section, DiffusionSpec):
     sampler: Literal["ddpm", "ddim", "heun"] = "ddim"
     sample_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0)
+    # pseudo-features per sampler call: memory stays bounded by it however many are requested (the initial
+    # noise is drawn for all rows first, so with η = 0 the chunking does not change the samples)
+    sample_batch: int = Field(4096, ge=1)
 
 
 class PseudoConfig(Section):

@@ -104,7 +104,11 @@ def stage3_prior(counts: np.ndarray, generated: np.ndarray, p: PseudoConfig) -> 
 
 def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.ndarray, d: DiffusionConfig,
                     seed: int, device: torch.device, tag: str = "pseudo") -> tuple[torch.Tensor, torch.Tensor]:
-    """Labelled pseudo-features, all classes in one batched sampler call."""
+    """Labelled pseudo-features of every class, in sampler calls of at most ``d.sample_batch`` rows.
+
+    The initial noise of all rows is drawn first (one generator), so the chunking does not change the samples
+    of a deterministic sampler (DDIM with η = 0, Heun); a stochastic one (η > 0, DDPM) draws its step noise
+    per chunk from one generator in chunk order."""
     y = torch.repeat_interleave(torch.arange(len(per_class), device=device), torch.as_tensor(per_class, device=device))
     if len(y) == 0:
         return torch.empty(0, denoiser.dim, device=device), y
@@ -112,8 +116,9 @@ def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.
     if d.guidance_scale != 1.0:
         net = ClassifierFreeGuidance(denoiser, null_label=len(per_class), scale=d.guidance_scale)
     noise = torch.randn(len(y), denoiser.dim, device=device, generator=generator(device, seed, tag))
-    u = generate(d.sampler, d.denoiser(net, schedule), noise, y, d.sample_steps, eta=d.eta,
-                 generator=generator(device, seed, tag, "steps"))
+    den, steps_gen = d.denoiser(net, schedule), generator(device, seed, tag, "steps")
+    u = torch.cat([generate(d.sampler, den, noise[i:i + d.sample_batch], y[i:i + d.sample_batch], d.sample_steps,
+                            eta=d.eta, generator=steps_gen) for i in range(0, len(y), d.sample_batch)])
     return u, y
 
 
