@@ -154,16 +154,30 @@ def test_plans_without_a_privacy_story_are_refused():
 # ---------------------------------------------------------------- client handlers without a simulation
 
 
-def _message(content: RecordDict) -> Message:
+def _message(content: RecordDict, message_type: str) -> Message:
     # explicit Metadata: a plain instruction Message needs the runtime's TaskIdentity, unset outside a run
     meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                    group_id="1", created_at=0.0, ttl=3600.0, message_type=MessageType.TRAIN)
+                    group_id="1", created_at=0.0, ttl=3600.0, message_type=message_type)
     return Message(content, metadata=meta)
 
 
 def _send(app, cfg, phase, arrays, context, **extra):
+    from pfdiff.federated.wire import MESSAGE_TYPES
+
     config = ConfigRecord({"run-config": task.config_to_text(cfg), "phase": phase, "server-round": 1, **extra})
-    return app(_message(RecordDict({"arrays": arrays, "config": config})), context)
+    return app(_message(RecordDict({"arrays": arrays, "config": config}), MESSAGE_TYPES[phase]), context)
+
+
+def test_every_phase_has_its_own_client_action_and_untyped_messages_are_refused():
+    from pfdiff.federated.client_app import app
+    from pfdiff.federated.wire import MESSAGE_TYPES
+
+    assert set(app._registered_funcs) == set(MESSAGE_TYPES.values())  # one handler per phase, nothing else
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config={})
+    config = ConfigRecord({"run-config": task.config_to_text(tiny()), "phase": "stats"})
+    with pytest.raises(ValueError, match="No train function registered"):  # plain "train": no default handler
+        app(_message(RecordDict({"config": config}), MessageType.TRAIN), ctx)
 
 
 def test_client_phases_cache_features_train_and_fail_on_request():

@@ -5,7 +5,7 @@ import torch
 from opacus.validators import ModuleValidator
 
 from pfdiff.models import FeatureDenoiser, create_classifier, create_encoder
-from pfdiff.training import EMA, balanced_batch, derive_seed, resolve_device, shuffled_batch, train
+from pfdiff.training import EMA, balanced_batch, derive_seed, resolve_device, run_steps, shuffled_batch, train
 
 
 def _problem(init_seed=0):
@@ -52,6 +52,31 @@ def test_non_finite_loss_stops_with_a_clear_error():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(FloatingPointError, match="learning rate"):
         train({"m": model}, opt, lambda s: (model(torch.full((1, 2), float("nan"))).sum(), {}), 3, description="nan")
+
+
+def test_run_steps_without_progress_bar_runs_the_same_steps_silently(capsys):
+    def run(progress):
+        model, opt, fn = _problem()
+        modes = []
+
+        def update(step):
+            modes.append(model.training)
+            loss, _ = fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": loss.item()}
+
+        model.eval()
+        capsys.readouterr()
+        run_steps({"m": model}, opt, update, 7, description="silent-or-not", progress=progress)
+        return model, modes, capsys.readouterr().out
+
+    quiet, modes, out = run(progress=False)
+    loud, _, _ = run(progress=True)
+    assert "silent-or-not" not in out and modes == [True] * 7 and not quiet.training  # train during, eval after
+    for p_q, p_l in zip(quiet.parameters(), loud.parameters()):
+        torch.testing.assert_close(p_q, p_l, rtol=0, atol=0)
 
 
 def test_ema_tracks_weights():

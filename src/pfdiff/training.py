@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -190,16 +190,20 @@ def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
               update: Callable[[int], dict[str, float]], steps: int, *, description: str, ema: EMA | None = None,
               checkpoint: Path | None = None, checkpoint_every: int = 500,
               log: Callable[[dict[str, Any]], None] | None = None, log_every: int = 50,
-              log_metrics: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+              log_metrics: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+              progress: bool = True) -> None:
     """The loop under ``train``: ``update(step)`` does one whole step (e.g. a DP-SGD step) and returns
     its metrics; progress bar, logging, resumable checkpoints as in ``train``. ``log_metrics=False``
     logs and shows step counters only (metrics of private data — losses, norms, clip fractions, realised
     batch sizes — carry no DP guarantee, so they appear neither in the log nor on the progress bar).
-    ``scheduler`` is stepped after every ``update`` and saved/restored with the checkpoint."""
+    ``scheduler`` is stepped after every ``update`` and saved/restored with the checkpoint.
+    ``progress=False`` shows no bar (short inner loops, e.g. a federated client's local steps of every
+    round). The modules are put in train mode before the first step and in eval mode after the last."""
     start = _resume(checkpoint, modules, optimizer, ema, scheduler)
     for m in modules.values():
         m.train()
-    with progress_bar(description, steps, start) as advance:
+    bar = progress_bar(description, steps, start) if progress else nullcontext(lambda metrics: None)
+    with bar as advance:
         for step in range(start, steps):
             metrics = update(step)
             if scheduler is not None:

@@ -1,7 +1,10 @@
 """Federated feature diffusion on Flower (Message API, Flower ≥ 1.41).
 
-Layout as Flower's app templates: ``task`` (model, data partitions, local train/evaluate),
-``client_app`` (``ClientApp`` with ``@app.train`` / ``@app.evaluate``), ``strategy`` (``FedAvg`` with a
-server-correction hook), ``server_app`` (``ServerApp`` ``@app.main`` and :func:`run_federated`, a Ray
-simulation runner). Modules import ``flwr`` lazily: importing this package needs no Flower.
+Layout as Flower's app templates: ``task`` (models, data partitions, local training), ``client_app``
+(``ClientApp`` with one handler per phase, routed by message type: ``@app.train("encoder")``,
+``@app.query("stats")``, …; the types are ``wire.MESSAGE_TYPES``), ``strategy`` (``FedAvg`` sending those
+types, optionally wrapped in Flower's client-level DP; the server correction runs outside it, on the
+aggregate), ``server_app`` (``ServerApp`` ``@app.main``, whose work is :func:`server_app.run_server`) and
+``simulation`` (:func:`simulation.simulate`, the Ray simulation runner behind ``pfdiff fed``). This
+``__init__`` imports nothing, so ``import pfdiff.federated`` needs no Flower; the app modules import it.
 """

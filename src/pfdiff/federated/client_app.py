@@ -1,22 +1,24 @@
 """ClientApp (Flower Message API): every client-side phase of federated feature diffusion.
 
 A SuperNode reads its ``partition-id`` / ``num-partitions`` from ``context.node_config`` (set by the
-simulation runtime, or ``--node-config`` on a real SuperNode). The message's ``ConfigRecord``
-``"config"`` carries the run's ``RunConfig`` (YAML, key ``"run-config"``), the ``"phase"`` and what the
-phase needs (round, scaler, class weights); ``"arrays"`` carries the model of the phase:
+simulation runtime, or ``--node-config`` on a real SuperNode). Flower routes each message by its type
+(``wire.MESSAGE_TYPES``) to one handler below; its ``ConfigRecord`` ``"config"`` carries the run's
+``RunConfig`` (YAML, key ``"run-config"``), the ``"phase"`` (the action's name, for the record) and what
+the phase needs (round, scaler, class weights); ``"arrays"`` carries the model of the phase:
 
-- ``encoder``: E + G, local cross-entropy steps (FedAvg);
-- ``stats``: E + G; encodes the local data once, keeps the features in ``context.state`` and returns
-  the class counts (noisy under example-level DP) and, without DP, the feature sums for the scaler;
-- ``reweight``: G, class-weighted cross-entropy on the cached features (the re-weighting baseline);
-- ``warmup``: the initial denoiser; trains the client's own denoiser, then uploads it or N
+- ``train.encoder``: E + G, local cross-entropy steps (FedAvg);
+- ``query.stats``: E + G; encodes the local data once, keeps the features in ``context.state`` and
+  returns the class counts (noisy under example-level DP) and, without DP, the feature sums for the scaler;
+- ``train.reweight``: G, class-weighted cross-entropy on the cached features (the re-weighting baseline);
+- ``train.warmup``: the initial denoiser; trains the client's own denoiser, then uploads it or N
   pseudo-features sampled from it (``fed.warmup_upload``);
-- ``diffusion``: the global denoiser, local diffusion steps (DP-SGD under example-level DP).
+- ``train.diffusion``: the global denoiser, local diffusion steps (DP-SGD under example-level DP).
 """
 
 from __future__ import annotations
 
 import os
+from functools import cached_property
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -75,67 +77,92 @@ def _counts(cfg: RunConfig, y: torch.Tensor, pid: int) -> np.ndarray:
     return task.noisy_label_counts(y, task.split_of(cfg).num_classes, sigma, task.client_noise(cfg, pid))
 
 
-def _reply(msg: Message, arrays: ArrayRecord | None, pid: int, **metrics) -> Message:
-    content = RecordDict({"metrics": MetricRecord({"partition-id": pid, **metrics})})
-    if arrays is not None:
-        content["arrays"] = arrays
-    return Message(content=content, reply_to=msg)
+class _Request:
+    """What every handler reads from a message and its node: config, partition, round, arrays, local data
+    (loaded on first use)."""
+
+    def __init__(self, msg: Message, context: Context):
+        self.msg = msg
+        self.cfg_rec = msg.content["config"]
+        self.cfg = task.config_from_text(str(self.cfg_rec["run-config"]))
+        self.f, self.seed = self.cfg.fed, self.cfg.seeds[0]
+        self.pid, self.nparts = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        self.rnd = int(self.cfg_rec.get("server-round", 0))
+        self.arrays: ArrayRecord = msg.content["arrays"]
+
+    @cached_property
+    def data(self) -> task.ClientData:
+        return task.load_client_data(self.cfg, self.pid, self.nparts)
+
+    @property
+    def n(self) -> int:
+        return len(self.data.y)
+
+    def reply(self, arrays: ArrayRecord | None, **metrics) -> Message:
+        content = RecordDict({"metrics": MetricRecord({"partition-id": self.pid, **metrics})})
+        if arrays is not None:
+            content["arrays"] = arrays
+        return Message(content=content, reply_to=self.msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg_rec = msg.content["config"]
-    cfg = task.config_from_text(str(cfg_rec["run-config"]))
-    pid, nparts = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    phase, rnd, f = str(cfg_rec["phase"]), int(cfg_rec.get("server-round", 0)), cfg.fed
-    if pid in f.fail_partitions and phase == "diffusion":
-        raise InjectedFault(f"client {pid}: injected fault in round {rnd}")
-    arrays = msg.content["arrays"]
-    data = task.load_client_data(cfg, pid, nparts)
-    n = len(data.y)
-    seed = cfg.seeds[0]
+@app.train("encoder")
+def encoder(msg: Message, context: Context) -> Message:
+    q = _Request(msg, context)
+    model = task.load_arrays(task.build_encoder_classifier(q.cfg), q.arrays.to_torch_state_dict())
+    loss = task.train_encoder_local(model, q.data.x, q.data.y, q.f.encoder_local_steps, q.f.local_lr,
+                                    q.f.local_batch_size, q.seed, (q.rnd, q.pid))
+    return q.reply(ArrayRecord(model.state_dict()), **{"num-examples": q.n, "train_loss": loss})
 
-    if phase == "encoder":
-        model = task.load_arrays(task.build_encoder_classifier(cfg), arrays.to_torch_state_dict())
-        loss = task.train_encoder_local(model, data.x, data.y, f.encoder_local_steps, f.local_lr,
-                                        f.local_batch_size, seed, (rnd, pid))
-        return _reply(msg, ArrayRecord(model.state_dict()), pid, **{"num-examples": n, "train_loss": loss})
 
-    if phase == "stats":
-        model = task.load_arrays(task.build_encoder_classifier(cfg), arrays.to_torch_state_dict())
-        z = encode(model["encoder"], data.x)
-        context.state["features"] = ArrayRecord({"z": z.contiguous(), "y": data.y.contiguous()})
-        metrics = {"num-examples": n, "counts": _counts(cfg, data.y, pid).tolist()}
-        if f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim
-            metrics.update({"sum": z.sum(0).double().tolist(), "sumsq": (z.double() ** 2).sum(0).tolist()})
-        return _reply(msg, None, pid, **metrics)
+@app.query("stats")
+def stats(msg: Message, context: Context) -> Message:
+    q = _Request(msg, context)
+    model = task.load_arrays(task.build_encoder_classifier(q.cfg), q.arrays.to_torch_state_dict())
+    z = encode(model["encoder"], q.data.x)
+    context.state["features"] = ArrayRecord({"z": z.contiguous(), "y": q.data.y.contiguous()})
+    metrics = {"num-examples": q.n, "counts": _counts(q.cfg, q.data.y, q.pid).tolist()}
+    if q.f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim
+        metrics.update({"sum": z.sum(0).double().tolist(), "sumsq": (z.double() ** 2).sum(0).tolist()})
+    return q.reply(None, **metrics)
 
-    if phase == "reweight":
-        z, y = _cached_features(context)
-        clf = task.build_encoder_classifier(cfg)["classifier"]
-        clf = task.load_arrays(clf, arrays.to_torch_state_dict())
-        weights = torch.tensor(list(cfg_rec["class-weights"]), dtype=torch.float32)
-        loss = task.train_classifier_local(clf, z, y, weights, f.encoder_local_steps, f.local_lr,
-                                           f.local_batch_size, seed, (rnd, pid))
-        return _reply(msg, ArrayRecord(clf.state_dict()), pid, **{"num-examples": n, "train_loss": loss})
 
-    u, y = _scaled_features(cfg_rec, context)
-    if phase == "warmup":
-        model, _ = _local_denoiser(cfg, arrays, u, y, phase, 0, pid)
-        counts = _counts(cfg, y, pid)
-        if f.warmup_upload == "model":
-            return _reply(msg, ArrayRecord(model.state_dict()), pid, **{"num-examples": n, "counts": counts.tolist()})
-        n_samples = int(round(f.aux_size * counts.sum() / max(1, int(cfg_rec["n-total"]))))
-        per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
-        u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg), make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), per_class,
-                                       cfg.diffusion, seed, torch.device("cpu"), tag=f"fed-warmup-{pid}")
-        return _reply(msg, ArrayRecord({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), pid, **{"num-examples": n})
+@app.train("reweight")
+def reweight(msg: Message, context: Context) -> Message:
+    q = _Request(msg, context)
+    z, y = _cached_features(context)
+    clf = task.load_arrays(task.build_encoder_classifier(q.cfg)["classifier"], q.arrays.to_torch_state_dict())
+    weights = torch.tensor(list(q.cfg_rec["class-weights"]), dtype=torch.float32)
+    loss = task.train_classifier_local(clf, z, y, weights, q.f.encoder_local_steps, q.f.local_lr,
+                                       q.f.local_batch_size, q.seed, (q.rnd, q.pid))
+    return q.reply(ArrayRecord(clf.state_dict()), **{"num-examples": q.n, "train_loss": loss})
 
-    if phase == "diffusion":
-        model, loss = _local_denoiser(cfg, arrays, u, y, phase, rnd, pid)
-        # client-level DP: equal weights, so one client moves the average by at most clip/m (the wrapper's σ·clip/m)
-        weight = 1 if f.dp == "client" else n
-        metrics = {"num-examples": weight, "train_loss": loss} if f.dp == "none" else {"num-examples": weight}
-        return _reply(msg, ArrayRecord(model.state_dict()), pid, **metrics)
 
-    raise ValueError(f"unknown phase {phase!r}")
+@app.train("warmup")
+def warmup(msg: Message, context: Context) -> Message:
+    q = _Request(msg, context)
+    cfg, f = q.cfg, q.f
+    u, y = _scaled_features(q.cfg_rec, context)
+    model, _ = _local_denoiser(cfg, q.arrays, u, y, "warmup", 0, q.pid)
+    counts = _counts(cfg, y, q.pid)
+    if f.warmup_upload == "model":
+        return q.reply(ArrayRecord(model.state_dict()), **{"num-examples": q.n, "counts": counts.tolist()})
+    n_samples = int(round(f.aux_size * counts.sum() / max(1, int(q.cfg_rec["n-total"]))))
+    per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
+    u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg),
+                                   make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), per_class,
+                                   cfg.diffusion, q.seed, torch.device("cpu"), tag=f"fed-warmup-{q.pid}")
+    return q.reply(ArrayRecord({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), **{"num-examples": q.n})
+
+
+@app.train("diffusion")
+def diffusion(msg: Message, context: Context) -> Message:
+    q = _Request(msg, context)
+    f = q.f
+    if q.pid in f.fail_partitions:
+        raise InjectedFault(f"client {q.pid}: injected fault in round {q.rnd}")
+    u, y = _scaled_features(q.cfg_rec, context)
+    model, loss = _local_denoiser(q.cfg, q.arrays, u, y, "diffusion", q.rnd, q.pid)
+    # client-level DP: equal weights, so one client moves the average by at most clip/m (the wrapper's σ·clip/m)
+    weight = 1 if f.dp == "client" else q.n
+    metrics = {"num-examples": weight, "train_loss": loss} if f.dp == "none" else {"num-examples": weight}
+    return q.reply(ArrayRecord(model.state_dict()), **metrics)

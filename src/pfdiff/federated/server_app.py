@@ -29,7 +29,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from pfdiff.config import RunConfig, load_config  # noqa: E402
@@ -40,7 +40,7 @@ from pfdiff.federated.aux_pool import AuxPool  # noqa: E402
 from pfdiff.federated.correction import (QuickTest, ServerCompute, accepted, correct_on_pool, pool_score,  # noqa: E402
                                          regenerate, relative_gain)
 from pfdiff.federated.strategy import make_strategy  # noqa: E402
-from pfdiff.federated.wire import Wire, record_bytes  # noqa: E402
+from pfdiff.federated.wire import MESSAGE_TYPES, Wire, record_bytes  # noqa: E402
 from pfdiff.longtail.baselines import logit_adjusted  # noqa: E402
 from pfdiff.longtail.common import encode, train_classifier_on_features  # noqa: E402
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter  # noqa: E402
@@ -112,6 +112,7 @@ class Server:
         self.pool_scorer: MahalanobisScorer | None = None  # AID scorer of the warm-up pool (``initial_pool``)
 
     def config(self, phase: str, **extra) -> ConfigRecord:
+        # the message type routes the message (``MESSAGE_TYPES``); "phase" names it in the record too
         return ConfigRecord({"run-config": self.cfg_text, "phase": phase, **extra})
 
     @property
@@ -135,11 +136,11 @@ class Server:
         if phase in ("stats", "warmup"):
             self.count_send(phase)
         msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
-                        message_type=MessageType.TRAIN) for n in self.nodes]
+                        message_type=MESSAGE_TYPES[phase]) for n in self.nodes]
         return self.wire.exchange(msgs, phase)
 
     def fedavg_rounds(self, phase: str, arrays: ArrayRecord, rounds: int, **extra) -> ArrayRecord:
-        strategy = make_strategy(self.cfg, len(self.nodes), client_dp=False)
+        strategy = make_strategy(self.cfg, len(self.nodes), client_dp=False, message_type=MESSAGE_TYPES[phase])
         for r in range(1, rounds + 1):
             replies = self.wire.exchange(strategy.configure_train(r, arrays, self.config(phase, **extra), self.grid),
                                          phase, r)
@@ -306,7 +307,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
         log.info("%s: resuming after round %s", method, st["round"])
     compute = ServerCompute(**st["compute"])
     quick = QuickTest(f.quick_test_threshold, f.quick_test_patience, **(st["quick"] or {}))
-    strategy = make_strategy(cfg, len(srv.nodes), client_dp=f.dp == "client")
+    strategy = make_strategy(cfg, len(srv.nodes), client_dp=f.dp == "client", message_type=MESSAGE_TYPES["diffusion"])
     arrays = ArrayRecord(model.state_dict())
     extra = scaler_config(stats["scaler"])
 

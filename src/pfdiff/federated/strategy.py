@@ -11,19 +11,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
 from pfdiff.config import RunConfig
 
 
 class FedDiffusionAvg(FedAvg):
-    """FedAvg over every connected client that keeps the aggregated train metrics per round."""
+    """FedAvg over every connected client that keeps the aggregated train metrics per round; its messages
+    carry ``message_type`` (``train.<action>``: the ClientApp handler of the phase) instead of FedAvg's
+    plain ``train``."""
 
-    def __init__(self, num_nodes: int) -> None:
+    def __init__(self, num_nodes: int, message_type: str = MessageType.TRAIN) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=1,
                          min_available_nodes=max(1, num_nodes))
+        self.message_type = message_type
         self.history: dict[int, dict[str, float]] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for m in messages:  # FedAvg builds plain "train" messages; the setter validates the type
+            m.metadata.message_type = self.message_type
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -34,9 +45,11 @@ class FedDiffusionAvg(FedAvg):
         return arrays, metrics
 
 
-def make_strategy(cfg: RunConfig, num_nodes: int, client_dp: bool) -> Strategy:
-    """FedAvg, wrapped in Flower's server-side fixed-clipping DP when ``client_dp`` (client-level DP)."""
-    strategy = FedDiffusionAvg(num_nodes)
+def make_strategy(cfg: RunConfig, num_nodes: int, client_dp: bool, message_type: str = MessageType.TRAIN
+                  ) -> Strategy:
+    """FedAvg sending ``message_type``, wrapped in Flower's server-side fixed-clipping DP when ``client_dp``
+    (client-level DP)."""
+    strategy = FedDiffusionAvg(num_nodes, message_type)
     if not client_dp:
         return strategy
     f = cfg.fed

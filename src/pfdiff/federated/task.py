@@ -32,7 +32,7 @@ from pfdiff.longtail.private import sampling_view as private_sampling_view
 from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, check_delta_for_size, gaussian_sigma_for
 from pfdiff.privacy.dpsgd import DPSGD
 from pfdiff.privacy.noise import NoiseSource
-from pfdiff.training import derive_seed, generator
+from pfdiff.training import derive_seed, generator, run_steps
 
 # ---------------------------------------------------------------- config over the wire
 
@@ -157,30 +157,34 @@ def _batches(n: int, batch_size: int, seed: int, *tags) -> torch.Tensor:
     return torch.randint(0, n, (min(batch_size, n),), generator=generator("cpu", seed, *tags))
 
 
-def adam_steps(params, lr: float, steps: int, loss_at: Callable[[int], torch.Tensor],
-               weight_decay: float = 0.0) -> float:
-    """``steps`` AdamW steps (fresh state, as every local round) of ``loss_at(step)``; the mean loss."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = 0.0
-    for s in range(steps):
+def adam_steps(module: nn.Module, lr: float, steps: int, loss_at: Callable[[int], torch.Tensor],
+               weight_decay: float = 0.0, description: str = "federated local steps") -> float:
+    """``steps`` AdamW steps (fresh state, as every local round) of ``loss_at(step)`` on ``module``'s
+    parameters, through ``training.run_steps`` (no checkpoint, no progress bar: there would be one per
+    client per round); the mean loss. ``module`` is in train mode during the steps and in eval mode after."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+
+    def update(s: int) -> dict[str, float]:
         loss = loss_at(s)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += float(loss.detach())
-    return total / max(1, steps)
+        losses.append(float(loss.detach()))
+        return {"loss": losses[-1]}
+
+    run_steps({"module": module}, opt, update, steps, description=description, progress=False)
+    return sum(losses) / max(1, steps)
 
 
 def train_encoder_local(model: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                         batch_size: int, seed: int, tag: tuple) -> float:
     """Cross-entropy steps on E + G (weight decay as torch's AdamW default)."""
-    model.train()
-
     def loss_at(s: int) -> torch.Tensor:
         idx = _batches(len(y), batch_size, seed, "fed-enc", *tag, s)
         return nn.functional.cross_entropy(model["classifier"](model["encoder"](x[idx])), y[idx])
 
-    return adam_steps(model.parameters(), lr, steps, loss_at, weight_decay=0.01)
+    return adam_steps(model, lr, steps, loss_at, weight_decay=0.01, description="federated E + G steps")
 
 
 def train_classifier_local(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor,
@@ -190,21 +194,19 @@ def train_classifier_local(classifier: nn.Module, z: torch.Tensor, y: torch.Tens
         idx = _batches(len(y), batch_size, seed, "fed-rw", *tag, s)
         return nn.functional.cross_entropy(classifier(z[idx]), y[idx], weight=class_weights)
 
-    return adam_steps(classifier.parameters(), lr, steps, loss_at, weight_decay=0.01)
+    return adam_steps(classifier, lr, steps, loss_at, weight_decay=0.01, description="federated G steps")
 
 
 def train_denoiser_local(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss, steps: int,
                          lr: float, batch_size: int, seed: int, tag: tuple, stream: str = "fed-ldm") -> float:
     """Plain local steps of the diffusion loss (also the server's correction on the pool, ``stream`` naming
     its own random draws)."""
-    model.train()
-
     def loss_at(s: int) -> torch.Tensor:
         g = generator("cpu", seed, stream, *tag, s)
         idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=g)
         return loss_fn(model, u[idx], y[idx], generator=g).loss.mean()
 
-    return adam_steps(model.parameters(), lr, steps, loss_at)
+    return adam_steps(model, lr, steps, loss_at, description=f"federated denoiser steps ({stream})")
 
 
 @dataclass(frozen=True)
@@ -289,20 +291,24 @@ def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, 
                      sample_rate=rate, max_physical_batch_size=p.max_physical_batch_size, noise=noise,
                      secure_mode=p.secure_mode, track_norms=False, tune_allocator=True)
 
-    model.train()
+    def dp_steps(dp: DPSGD, loss: DiffusionLoss, data: tuple, first: int, count: int, draws: str) -> None:
+        # global step indices first … first+count-1; the loss's (t, ε) draws are seeded: need not be secret
+        run_steps({"denoiser": model}, dp.optimizer,
+                  lambda i: dp.diffusion_step(loss, p.noise_multiplicity, data, first + i,
+                                              derive_seed(seed, draws, partition_id, first + i)),
+                  count, description=f"federated DP-SGD steps ({draws})", log_metrics=False, progress=False)
+
+    model.train()  # Opacus validates train mode when an engine is built
     dp_loss = loss_fn
     if p.mechanism == "dp-promise":
         u = clip_rows(u, p.feature_radius)
         S, null = p.promise_S, int(loss_fn.null_label)
         y1 = y if p.promise_conditional_phase1 else torch.full_like(y, null)
         phase1, loss1 = engine(plan.phase1_rate), feature_loss(cfg.diffusion, loss_fn.schedule, null, t_min=S)
-        for s in range(first_phase1_step, first_phase1_step + plan.phase1_steps_for(steps)):
-            phase1.diffusion_step(loss1, p.noise_multiplicity, (u, y1), s,
-                                  derive_seed(seed, "fed-p1-draws", partition_id, s))
+        dp_steps(phase1, loss1, (u, y1), first_phase1_step, plan.phase1_steps_for(steps), "fed-p1-draws")
+        model.train()  # run_steps left it in eval mode; the phase-2 engine is built next
         dp_loss = feature_loss(cfg.diffusion, loss_fn.schedule, null, t_max=S)
-    phase2 = engine(plan.sample_rate)
-    for s in range(first_step, first_step + steps):  # the loss's (t, ε) draws are seeded: need not be secret
-        phase2.diffusion_step(dp_loss, p.noise_multiplicity, (u, y), s, derive_seed(seed, "fed-dp-draws", partition_id, s))
+    dp_steps(engine(plan.sample_rate), dp_loss, (u, y), first_step, steps, "fed-dp-draws")
     return float("nan")  # the private loss is not released
 
 

@@ -16,6 +16,11 @@ from flwr.serverapp import Grid
 
 log = logging.getLogger("pfdiff.federated")
 
+#: Flower message type (``<category>.<action>``) of each phase: the ClientApp registers one handler per
+#: action (``@app.train("encoder")``, ``@app.query("stats")``, …) and Flower routes every message by it.
+MESSAGE_TYPES = {"encoder": "train.encoder", "stats": "query.stats", "reweight": "train.reweight",
+                 "warmup": "train.warmup", "diffusion": "train.diffusion"}
+
 
 def record_bytes(content: RecordDict | ArrayRecord) -> int:
     """Serialised size in bytes of a ``RecordDict`` (or of one ``ArrayRecord`` wrapped in one)."""
