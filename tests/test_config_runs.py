@@ -89,3 +89,31 @@ def test_metrics_jsonl_skips_a_cut_line(tmp_path):
     with open(run.metrics_path, "a") as f:
         f.write('{"b": ')  # a crash in the middle of a line
     assert run.metrics() == [{"a": 1}]
+
+
+def test_encoder_names_of_the_config_are_the_registry():
+    from typing import get_args
+
+    from pfdiff.config import ModelConfig
+    from pfdiff.models import ENCODERS
+
+    assert set(get_args(ModelConfig.model_fields["encoder"].annotation)) == {"auto", *ENCODERS}
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.encoder=vgg", "model.encoder: Input should be"),
+    ("device=gpu", "unknown device 'gpu'"),
+    ("methods=[ldmrl]", "ldmrl"),
+    ("data.name=imagenet", "unknown dataset 'imagenet'"),
+])
+def test_cli_refuses_bad_values_in_one_line_before_writing(tmp_path, override, needle):
+    """Exit 2, one error line naming the problem (no traceback, no pydantic dump), and no run folder."""
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    res = CliRunner().invoke(app, ["run", "quickstart", "--set", override, "--out", str(tmp_path / "runs")],
+                             terminal_width=400)
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 3
+    assert not (tmp_path / "runs").exists()

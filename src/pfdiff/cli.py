@@ -13,7 +13,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pfdiff: private, federated diffusion in feature space for long-tailed recognition.")
 console = Console()
-errors = Console(stderr=True)  # errors are printed even with --quiet
+errors = Console(stderr=True, soft_wrap=True)  # one line per error (no wrapping), also with --quiet
 
 
 def _fail(message: str) -> None:

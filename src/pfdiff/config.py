@@ -48,7 +48,8 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    encoder: str = "auto"  # auto | cnn | cnn1d | resnet32 | identity | mlp (auto: identity / cnn1d / cnn by input rank)
+    # auto: identity / cnn1d / cnn by input rank (the names of models.encoders.ENCODERS, checked by a test)
+    encoder: Literal["auto", "cnn", "cnn1d", "resnet32", "identity", "mlp"] = "auto"
     feature_dim: int = Field(64, ge=2)
     width: int = Field(32, ge=4)
     classifier: Literal["linear", "cosine"] = "linear"
@@ -436,7 +437,17 @@ def load_config(source: str | Path | None = None, overrides: list[str] | tuple[s
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"invalid config ({source or 'quickstart'}):\n{e}") from e
+        raise ConfigError(f"invalid config ({source or 'quickstart'}): {validation_message(e)}") from e
+
+
+def validation_message(e: ValidationError) -> str:
+    """pydantic's errors on one line: ``key.path: message (got value)``, joined by "; "."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
+        parts.append(f"{where}: {err['msg']}{got}")
+    return "; ".join(parts)
 
 
 def dump_config(cfg: RunConfig) -> str:
