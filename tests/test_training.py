@@ -143,7 +143,8 @@ def test_encoder_shapes_and_errors():
 
 
 def test_verbosity_levels_of_the_progress_bar(capsys):
-    """--quiet: no bar at all; default: the bar; --verbose: the bar plus one line per step with its metrics."""
+    """--quiet: no bar at all; default: the bar, plus a plain line whenever metrics are shown if the output is not a
+    terminal (here: captured, as in a log file); --verbose: those lines on a terminal too."""
     from pfdiff.training import progress_bar, set_verbosity
 
     outputs = {}
@@ -156,8 +157,8 @@ def test_verbosity_levels_of_the_progress_bar(capsys):
             outputs[level] = capsys.readouterr().out
     finally:
         set_verbosity(1)
-    assert "level0" not in outputs[0] and "level1" in outputs[1]
-    assert "step 3: loss=0.5" in outputs[2] and "step 3: loss=0.5" not in outputs[1]
+    assert outputs[0] == "" and "level1" in outputs[1]
+    assert "level1 · step 3/3: loss=0.5" in outputs[1] and "level2 · step 3/3: loss=0.5" in outputs[2]
     with pytest.raises(ValueError, match="verbosity"):
         set_verbosity(3)
 
@@ -170,3 +171,20 @@ def test_cli_quiet_and_verbose_exclude_each_other():
     assert CliRunner().invoke(app, ["-q", "presets"]).exit_code == 0
     res = CliRunner().invoke(app, ["-q", "-v", "presets"])
     assert res.exit_code == 2 and "exclude each other" in res.output
+
+
+def test_a_non_finite_loss_is_caught_within_log_every_steps_and_never_checkpointed(tmp_path):
+    """The finiteness check reads the losses once per log_every window (no host sync per step): a NaN at step 3
+    raises at the end of its window naming step 3, before the checkpoint of that window is written."""
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 2)
+
+    def step_fn(step):
+        loss = model(x).square().mean()
+        return (loss * float("nan") if step == 3 else loss), {}
+
+    ck = tmp_path / "ck.safetensors"
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train({"m": model}, opt, step_fn, 20, description="nan", checkpoint=ck, checkpoint_every=5, log_every=5)
+    assert not ck.exists()

@@ -23,8 +23,8 @@ def _fail(message: str) -> None:
 
 @app.callback()
 def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars; log messages from ERROR up"),
-         verbose: bool = typer.Option(False, "--verbose", "-v", help="also log every step's metrics and INFO "
-                                      "messages of pfdiff and its libraries")):
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="a metrics line every log_every steps "
+                                      "(also on a terminal) and INFO messages of pfdiff and its libraries")):
     """Options for every command (before the command: ``pfdiff -q run quickstart``)."""
     import logging
 

@@ -132,7 +132,8 @@ _VERBOSITY = 1  # 0 quiet, 1 normal, 2 verbose: set once per process by the CLI 
 
 
 def set_verbosity(level: int) -> None:
-    """How much the training loops print: 0 nothing (no progress bars), 1 progress bars, 2 also each step."""
+    """How much the training loops print: 0 nothing (no progress bars), 1 progress bars (plain metric lines
+    instead when the output is not a terminal), 2 progress bars and metric lines."""
     global _VERBOSITY
     if level not in (0, 1, 2):
         raise ValueError(f"verbosity must be 0, 1 or 2, got {level!r}")
@@ -140,24 +141,44 @@ def set_verbosity(level: int) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: int, completed: int = 0) -> Iterator[Callable[[dict[str, float]], None]]:
-    """A rich progress bar; yields ``advance(metrics)`` which moves it one step and shows the loss. Verbosity 0
-    (``pfdiff --quiet``) shows none; 2 (``--verbose``) also prints every step's metrics as a line."""
+def progress_bar(description: str, total: int, completed: int = 0
+                 ) -> Iterator[Callable[[dict[str, float] | None], None]]:
+    """A rich progress bar; yields ``advance(metrics)``, which moves it one step and, given metrics (the loops
+    pass them every ``log_every`` steps, when they are read from the device), shows them. Verbosity 0
+    (``pfdiff --quiet``) shows none; 2 (``--verbose``) also prints those metrics as a line, and so does
+    verbosity 1 when the output is not a terminal (a log file keeps the progress of a run that died)."""
     if _VERBOSITY == 0:
-        yield lambda metrics: None
+        yield lambda metrics=None: None
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total, completed=completed, info="")
+        lines = _VERBOSITY >= 2 or not bar.console.is_terminal
 
-        def advance(metrics: dict[str, float]) -> None:
+        def advance(metrics: dict[str, float] | None = None) -> None:
+            if metrics is None:
+                bar.update(task, advance=1)
+                return
             info = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             bar.update(task, advance=1, info=info)
-            if _VERBOSITY >= 2 and info:
-                bar.console.print(f"{description} · step {int(bar.tasks[0].completed)}: {info}")
+            if lines:
+                done = int(bar.tasks[0].completed)
+                bar.console.print(f"{description} · step {done}/{total}" + (f": {info}" if info else ""))
 
         yield advance
+
+
+def _read(pending: list[tuple[int, dict[str, Any]]], description: str) -> dict[str, float]:
+    """The metrics of the last step of a window, as floats; the window's losses checked for non-finite values.
+    One device → host transfer per window: the steps in between never wait for the device."""
+    losses = [(step, m["loss"]) for step, m in pending if "loss" in m]
+    if losses:
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for _, v in losses]).tolist()
+        for (step, _), v in zip(losses, values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{description}: loss is {v} at step {step}; lower the learning rate")
+    return {k: float(v) for k, v in pending[-1][1].items()}
 
 
 def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_fn: StepFn, steps: int, *,
@@ -172,10 +193,8 @@ def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_
     numbers. ``scheduler`` (e.g. :func:`make_scheduler`) is stepped once after every optimiser step.
     """
 
-    def update(step: int) -> dict[str, float]:
-        loss, metrics = step_fn(step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{description}: loss is {loss.item()} at step {step}; lower the learning rate")
+    def update(step: int) -> dict[str, Any]:
+        loss, metrics = step_fn(step)  # finiteness: checked by run_steps every log_every steps (no host sync here)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -183,7 +202,7 @@ def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_
         optimizer.step()
         if ema is not None:
             ema.update()
-        return {"loss": loss.item(), **metrics}
+        return {"loss": loss.detach(), **metrics}
 
     run_steps(modules, optimizer, update, steps, description=description, ema=ema, checkpoint=checkpoint,
               checkpoint_every=checkpoint_every, log=log, log_every=log_every, scheduler=scheduler)
@@ -205,16 +224,24 @@ def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
     start = _resume(checkpoint, modules, optimizer, ema, scheduler)
     for m in modules.values():
         m.train()
-    bar = progress_bar(description, steps, start) if progress else nullcontext(lambda metrics: None)
+    bar = progress_bar(description, steps, start) if progress else nullcontext(lambda metrics=None: None)
+    pending: list[tuple[int, dict[str, Any]]] = []  # steps since the metrics were last read from the device
     with bar as advance:
         for step in range(start, steps):
-            metrics = update(step)
+            pending.append((step, update(step)))
             if scheduler is not None:
                 scheduler.step()
+            save = checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps)
+            report = (step + 1) % log_every == 0 or step + 1 == steps
+            if not (report or save):
+                advance()
+                continue
+            metrics = _read(pending, description)  # raises on a non-finite loss before anything is saved
+            pending.clear()
             advance(metrics if log_metrics else {})
-            if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            if log is not None and report:
                 log({"stage": description, "step": step + 1, **(metrics if log_metrics else {})})
-            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            if save:
                 _save(checkpoint, modules, optimizer, ema, step + 1, scheduler)
     for m in modules.values():
         m.eval()

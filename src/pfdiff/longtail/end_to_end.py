@@ -179,7 +179,7 @@ class Totals(nn.Module):
     @torch.no_grad()
     def add_term(self, name: str, value: torch.Tensor) -> None:
         i = TERMS.index(name)
-        self.terms[i] += float(value.detach().abs())
+        self.terms[i] += value.detach().abs().to(self.terms.dtype)  # stays on the device: no host sync per term
         self.term_steps[i] += 1
 
     def filter_summary(self) -> dict[str, Any]:
@@ -292,9 +292,10 @@ class EndToEnd:
         so far (the real counts before the first step) as its prior."""
         if not self.variant.balanced:
             return nn.functional.cross_entropy(logits, y, reduction="none")
-        mass = self.mass.mass
-        prior = self.counts if float(mass.sum()) == 0 else mass
-        return balanced_softmax(logits, y, log_prior(prior.float(), logits.device))
+        mass = self.mass.mass.float()
+        counts = torch.as_tensor(self.counts, dtype=mass.dtype, device=mass.device)
+        prior = torch.where(mass.sum() == 0, counts, mass)  # a device-side choice: no host sync per step
+        return balanced_softmax(logits, y, log_prior(prior, logits.device))
 
     # --- the three branches -------------------------------------------------------------------
     def semantic_loss(self, u: torch.Tensor, y: torch.Tensor, step: int,
@@ -310,16 +311,16 @@ class EndToEnd:
         l_proto = (w * prototype_loss(z0_hat, y, mean)).mean()
         l_ldm = out.loss.mean()
         parts = {"ldm": l_ldm, "proto": warm * self.e.eta_proto * l_proto}
-        info = {"ldm": l_ldm.item(), "proto": l_proto.item()}
+        info = {"ldm": l_ldm.detach(), "proto": l_proto.detach()}  # read every log_every steps by run_steps
         if self.variant.shape == "rad":
             radius = self.bank.radius(self.e.radius_scale, self.counts).float()
             l_rad = (w * radius_loss(z0_hat, y, mean, radius)).mean()
             parts["shape"] = warm * self.e.eta_rad * l_rad
-            info["rad"] = l_rad.item()
+            info["rad"] = l_rad.detach()
         elif self.variant.shape == "cov":
             l_cov, matched = self.covariance_term(z0_hat, y, w)
             parts["shape"] = warm * self.e.eta_cov * l_cov
-            info.update(cov=float(l_cov.detach()), cov_classes=matched)
+            info.update(cov=l_cov.detach(), cov_classes=matched)
         return sum(parts.values()), info, parts
 
     def covariance_term(self, z0_hat: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -382,7 +383,7 @@ class EndToEnd:
             return None, None
         self.bank.update(self.scaler.transform(z_hat.detach()), y_hat, weight=self.e.pseudo_proto_weight)
         l_ge = self.g_loss(self.classifier(z_hat), y_hat).mean()
-        info["ge"] = l_ge.item()
+        info["ge"] = l_ge.detach()
         return l_ge, y_hat
 
     def step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -418,7 +419,7 @@ class EndToEnd:
             total = total + l_real
             self.mass.add(y, real_w / len(y))
             self.totals.add_term("real", l_real)
-            info["real"] = l_real.item() / real_w
+            info["real"] = l_real.detach() / real_w
         if l_ge is not None:
             total = total + plan.gamma_ge * l_ge
             self.mass.add(y_hat, plan.gamma_ge / len(y_hat))

@@ -522,8 +522,8 @@ class DPSGD:
         stats = {"batch_size": float(len(idx)), "grad_norm": 0.0, "clip_frac": 0.0}
         if len(idx) and self.track_norms:
             norms_t = torch.cat(norms)
-            stats.update(grad_norm=norms_t.mean().item(),
-                         clip_frac=(norms_t > self.max_grad_norm).float().mean().item())
+            # tensors: read (with the rest of the step's metrics) every log_every steps, not per step
+            stats.update(grad_norm=norms_t.mean().detach(), clip_frac=(norms_t > self.max_grad_norm).float().mean())
         elif len(idx):
             stats.update(grad_norm=float("nan"), clip_frac=float("nan"))
         return stats
