@@ -8,8 +8,8 @@ nothing else: DDIM (10 steps) of a FeatureDenoiser (hidden 256, depth 3, 10 clas
 - n sweep (dim 64): 1k → 100k features, chunked (sample_batch 4096) and in one call (sample_batch = n).
 - dim sweep (n 10k, chunked): 64 → 2048.
 
-Peak memory: the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs before
-each measurement) minus the resident size before it. Target (issue 17): cost per feature within 1.3× from
+Peak memory: every measurement runs in a fresh process; ``rss_growth_mib`` is its peak resident memory
+(ru_maxrss) during the request minus the peak after a 100-row warm-up (CUDA: the allocator's peak too). Target (issue 17): cost per feature within 1.3× from
 1k to 100k and peak memory bounded by the chunk. Writes benchmarks/results/sampling.json.
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py [--threads 1] [--device auto]
 """
@@ -17,6 +17,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py [--threads 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import platform
 import sys
 import time
@@ -37,32 +38,38 @@ CLASSES, STEPS, CHUNK = 10, 10, 4096
 TARGET_RATIO = 1.3
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
+def _child(dim: int, n: int, sample_batch: int, device: str, threads: int) -> dict:
+    """One measurement in a fresh process, so that its peak resident memory is its own."""
+    import resource
 
-
-def _measure(model, schedule, n: int, sample_batch: int, device) -> dict:
-    per_class = np.full(CLASSES, n // CLASSES)
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    schedule = make_schedule("linear", 1000).to(dev)
+    torch.manual_seed(0)
+    model = FeatureDenoiser(dim, CLASSES, hidden=256, depth=3).to(dev).eval()
     d = DiffusionConfig(sample_steps=STEPS, sample_batch=sample_batch)
-    if device.type == "cpu":
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    before = _rss_kb("VmRSS")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.synchronize(device)
+    sample_features(model, schedule, np.full(CLASSES, 10), d, 0, dev)  # warm-up (100 rows)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    u, _ = sample_features(model, schedule, per_class, d, 0, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    u, _ = sample_features(model, schedule, np.full(CLASSES, n // CLASSES), d, 0, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else (_rss_kb("VmHWM") - before) / 1024)
-    del u
-    return {"n": int(per_class.sum()), "sample_batch": sample_batch, "seconds": seconds,
-            "us_per_feature": 1e6 * seconds / per_class.sum(), "peak_mib": peak}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"dim": dim, "n": len(u), "sample_batch": sample_batch, "seconds": seconds,
+           "us_per_feature": 1e6 * seconds / len(u), "peak_rss_mib": peak, "rss_growth_mib": peak - base}
+    if dev.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return out
+
+
+def _measure(pool, dim: int, n: int, sample_batch: int, device, threads: int) -> dict:
+    row = pool.apply(_child, (dim, n, sample_batch, str(device), threads))
+    print(row, flush=True)
+    return row
 
 
 def main() -> None:
@@ -73,25 +80,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    schedule = make_schedule("linear", 1000).to(device)
-    torch.manual_seed(0)
-
-    def model(dim: int):
-        return FeatureDenoiser(dim, CLASSES, hidden=256, depth=3).to(device).eval()
-
-    m64 = model(64)
-    _measure(m64, schedule, 1000, CHUNK, device)  # warm-up
-    n_rows = []
-    for n in (1_000, 10_000, 100_000):
-        for batch in (CHUNK, n):
-            row = _measure(m64, schedule, n, batch, device)
-            n_rows.append({**row, "mode": "chunked" if batch == CHUNK else "one call"})
-            print(row, flush=True)
-    dim_rows = []
-    for dim in (64, 256, 1024, 2048):
-        row = {"dim": dim, **_measure(model(dim), schedule, 10_000, CHUNK, device)}
-        dim_rows.append(row)
-        print(row, flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    n_rows, dim_rows = [], []
+    with ctx.Pool(1, maxtasksperchild=1) as pool:  # every measurement in a fresh process
+        for n in (1_000, 10_000, 100_000):
+            for batch in (CHUNK, n):
+                row = _measure(pool, 64, n, batch, device, args.threads)
+                n_rows.append({**row, "mode": "chunked" if batch == CHUNK else "one call"})
+        for dim in (64, 256, 1024, 2048):
+            dim_rows.append(_measure(pool, dim, 10_000, CHUNK, device, args.threads))
     chunked = [r["us_per_feature"] for r in n_rows if r["mode"] == "chunked"]
     ratio = max(chunked) / min(chunked)
     atomic_write_json(args.out, {

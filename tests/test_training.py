@@ -188,3 +188,47 @@ def test_a_non_finite_loss_is_caught_within_log_every_steps_and_never_checkpoint
     with pytest.raises(FloatingPointError, match="at step 3"):
         train({"m": model}, opt, step_fn, 20, description="nan", checkpoint=ck, checkpoint_every=5, log_every=5)
     assert not ck.exists()
+
+
+def test_acceleration_defaults_keep_the_cpu_in_fp32_and_bf16_autocasts_the_step():
+    from pfdiff.training import configure_acceleration, optimizer_options
+
+    try:
+        cpu = configure_acceleration("auto", False, "auto", torch.device("cpu"))
+        assert (cpu.precision, cpu.compile, cpu.fused) == ("fp32", False, False) and optimizer_options() == {}
+        assert configure_acceleration("fp32", False, "on", torch.device("cpu")).fused
+        configure_acceleration("bf16", False, "off", torch.device("cpu"))
+        model = torch.nn.Linear(4, 1)
+        seen = []
+
+        def step_fn(step):
+            out = model(torch.randn(8, 4, generator=torch.Generator().manual_seed(step)))
+            seen.append(out.dtype)
+            return out.float().square().mean(), {}
+
+        train({"m": model}, torch.optim.SGD(model.parameters(), lr=0.1), step_fn, 3, description="bf16")
+        assert seen == [torch.bfloat16] * 3 and model.weight.dtype == torch.float32
+        with pytest.raises(ValueError, match="precision"):
+            configure_acceleration("fp16", False, "auto", torch.device("cpu"))
+    finally:
+        configure_acceleration("fp32", False, "off", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager():
+    """compile: true changes how the step runs, not what it computes (inductor on the CPU; ~20 s to compile)."""
+    from pfdiff.training import configure_acceleration
+
+    def run(compile_: bool) -> torch.Tensor:
+        configure_acceleration("fp32", compile_, "off", torch.device("cpu"))
+        torch.manual_seed(0)
+        model = FeatureDenoiser(4, 2, hidden=16, depth=1)
+        x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        train({"m": model}, torch.optim.Adam(model.parameters(), lr=1e-2),
+              lambda s: (model(x, torch.full((16,), 5), y).square().mean(), {}), 5, description="compile")
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    try:
+        torch.testing.assert_close(run(True), run(False), atol=1e-5, rtol=1e-4)
+    finally:
+        configure_acceleration("fp32", False, "off", torch.device("cpu"))

@@ -346,6 +346,11 @@ class RunConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs"
     threads: int | None = None  # torch CPU threads; None keeps torch's default
+    # the non-private training loops of `pfdiff run` (stages 1–3, E2E; DP-SGD steps always run in fp32):
+    # auto = bf16 autocast + TF32 matmuls on a CUDA device, fp32 on the CPU (CPU numbers unchanged)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile of every module a training loop updates (in place: same state dicts)
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"  # fused Adam/AdamW kernels; auto: on with CUDA
     logit_adjust_tau: float = Field(1.0, ge=0)  # τ of +la when there is no validation split (data.val_per_class = 0)
     # τ of +la is chosen on the validation split from this grid (the smallest τ among equals); [τ] fixes it
     la_tau_grid: list[float] = [0.0, 0.5, 1.0, 1.5, 2.0]

@@ -6,6 +6,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device=auto or cpu")
     return device
+
+
+@dataclass
+class Acceleration:
+    """How the training loops run on the device (``configure_acceleration``). Process-wide, as torch's own
+    autocast and TF32 switches are: one run per process sets it once."""
+
+    precision: str = "fp32"  # fp32 | bf16 (autocast around each step's forward and loss)
+    compile: bool = False  # nn.Module.compile() of the modules ``train`` updates
+    fused: bool = False  # fused=True for the Adam/AdamW optimisers (``optimizer_options``)
+
+
+_ACCELERATION = Acceleration()
+
+
+def configure_acceleration(precision: str, compile: bool, fused: str, device: torch.device) -> Acceleration:
+    """Resolve the config's ``precision`` / ``compile`` / ``fused_optimizer`` for ``device`` and apply them to
+    every later training loop. ``auto``: bf16 autocast and TF32 matmuls on CUDA (bf16 where supported), fp32 and
+    unfused on the CPU, so CPU runs compute exactly what they computed before these options existed."""
+    global _ACCELERATION
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    _ACCELERATION = Acceleration(precision, bool(compile), fused == "on" or (fused == "auto" and cuda))
+    return _ACCELERATION
+
+
+def optimizer_options() -> dict[str, Any]:
+    """Keyword arguments for torch's Adam/AdamW under the configured acceleration (``fused``)."""
+    return {"fused": True} if _ACCELERATION.fused else {}
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -193,8 +228,15 @@ def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_
     numbers. ``scheduler`` (e.g. :func:`make_scheduler`) is stepped once after every optimiser step.
     """
 
+    acc = _ACCELERATION
+    if acc.compile:
+        for m in modules.values():
+            m.compile()  # in place: parameters and state-dict keys stay those of the module
+    device_type = module_device(modules).type
+
     def update(step: int) -> dict[str, Any]:
-        loss, metrics = step_fn(step)  # finiteness: checked by run_steps every log_every steps (no host sync here)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=acc.precision == "bf16"):
+            loss, metrics = step_fn(step)  # finiteness: checked by run_steps every log_every steps (no host sync)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:

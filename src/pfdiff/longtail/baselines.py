@@ -26,14 +26,15 @@ from pfdiff.longtail.common import (LongTailSplit, augmenter, init_encoder_class
 from pfdiff.longtail.losses import STAGE1_LOSSES, stage1_loss
 from pfdiff.models import create_classifier
 from pfdiff.models.classifiers import CosineClassifier
-from pfdiff.training import balanced_batch, make_scheduler, shuffled_batch, steps_per_epoch, train
+from pfdiff.training import (balanced_batch, make_scheduler, optimizer_options, shuffled_batch, steps_per_epoch,
+                             train)
 
 
 def stage1_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
     """AdamW, or SGD with momentum (optionally Nesterov), at ``stage1.lr`` with ``stage1.weight_decay``."""
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **optimizer_options())
 
 
 def stage1_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, steps_per_epoch: int):

@@ -19,7 +19,7 @@ from pfdiff.data import (ArrayDataset, ClassGroups, DataError, balanced_indices,
                          load_dataset, longtail_indices, stratified_split)
 from pfdiff.longtail.losses import log_prior  # noqa: F401  (re-exported: the pipelines' prior helper)
 from pfdiff.models import create_classifier, create_encoder
-from pfdiff.training import generator, shuffled_batch, steps_per_epoch, train
+from pfdiff.training import generator, optimizer_options, shuffled_batch, steps_per_epoch, train
 
 
 class PrematureTestAccess(RuntimeError):
@@ -166,7 +166,7 @@ def train_classifier_on_features(classifier: nn.Module, z: torch.Tensor, y: torc
                                  batch_fn: Callable[[int], torch.Tensor] | None = None) -> nn.Module:
     """Fit G on fixed features with (optionally per-example weighted) cross-entropy."""
     steps = epochs * steps_per_epoch(len(y), batch_size)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay, **optimizer_options())
     w = torch.ones(len(y), device=z.device) if weights is None else weights
 
     def step_fn(step: int):

@@ -45,7 +45,7 @@ from pfdiff.longtail.filtering import FilterResult, MahalanobisScorer, aid_filte
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.longtail.losses import balanced_softmax, log_prior
 from pfdiff.longtail.semantic import PrototypeBank, covariance_loss, prototype_loss, radius_loss
-from pfdiff.training import generator, make_scheduler, shuffled_batch, steps_per_epoch, train
+from pfdiff.training import generator, make_scheduler, optimizer_options, shuffled_batch, steps_per_epoch, train
 
 _METHOD = re.compile(r"^e2e-(?P<strategy>[ABC])(?P<options>(?:-[a-z0-9]+)*)$")
 OPTIONS = {"proto": ("shape", "proto"), "cov": ("shape", "cov"), "rad": ("shape", "rad"),
@@ -476,7 +476,7 @@ def train_end_to_end(split: LongTailSplit, cfg: RunConfig, variant: E2EVariant, 
     steps so a resumed run repeats its numbers."""
     e, o = cfg.e2e, cfg.stage1
     run = EndToEnd(split, cfg, variant, seed, device, log, name, init)
-    opt = torch.optim.AdamW(run.param_groups())
+    opt = torch.optim.AdamW(run.param_groups(), **optimizer_options())
     per_epoch = steps_per_epoch(len(split.train.y), o.batch_size)
     scheduler = make_scheduler(opt, o.schedule, run.steps, round(o.warmup_epochs * per_epoch),
                                tuple(round(f * run.steps) for f in o.step_milestones), o.step_gamma)

@@ -20,7 +20,7 @@ from pfdiff.config import DiffusionConfig, PseudoConfig, RunConfig
 from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
 from pfdiff.longtail.common import seeded_init, train_classifier_on_features
 from pfdiff.models import FeatureDenoiser
-from pfdiff.training import EMA, generator, shuffled_batch, steps_per_epoch, train
+from pfdiff.training import EMA, generator, optimizer_options, shuffled_batch, steps_per_epoch, train
 
 
 @dataclass
@@ -61,7 +61,7 @@ def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, 
     schedule = make_schedule(d.schedule, d.T).to(u.device)
     denoiser = seeded_init(seed, "denoiser", lambda: build_denoiser(cfg, u.shape[1], num_classes), u.device)
     loss_fn = feature_loss(d, schedule, num_classes)
-    opt = torch.optim.Adam(denoiser.parameters(), lr=d.lr)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=d.lr, **optimizer_options())
     ema = EMA(denoiser, d.ema_decay)
 
     def step_fn(step: int):
@@ -117,8 +117,10 @@ def sample_features(denoiser: nn.Module, schedule: NoiseSchedule, per_class: np.
         net = ClassifierFreeGuidance(denoiser, null_label=len(per_class), scale=d.guidance_scale)
     noise = torch.randn(len(y), denoiser.dim, device=device, generator=generator(device, seed, tag))
     den, steps_gen = d.denoiser(net, schedule), generator(device, seed, tag, "steps")
-    u = torch.cat([generate(d.sampler, den, noise[i:i + d.sample_batch], y[i:i + d.sample_batch], d.sample_steps,
-                            eta=d.eta, generator=steps_gen) for i in range(0, len(y), d.sample_batch)])
+    u = torch.empty_like(noise)  # filled chunk by chunk: no second copy of the request
+    for i in range(0, len(y), d.sample_batch):
+        u[i:i + d.sample_batch] = generate(d.sampler, den, noise[i:i + d.sample_batch], y[i:i + d.sample_batch],
+                                           d.sample_steps, eta=d.eta, generator=steps_gen)
     return u, y
 
 
@@ -150,7 +152,7 @@ def finetune_encoder_with_pseudo(encoder: nn.Module, classifier: nn.Module, x: t
     p = cfg.pseudo
     enc, g = copy.deepcopy(encoder), copy.deepcopy(classifier)
     opt = torch.optim.AdamW(list(enc.parameters()) + list(g.parameters()), lr=p.finetune_lr,
-                           weight_decay=cfg.stage1.weight_decay)
+                           weight_decay=cfg.stage1.weight_decay, **optimizer_options())
     bs = cfg.stage1.batch_size
     steps = p.finetune_epochs * steps_per_epoch(len(y), bs)
 
