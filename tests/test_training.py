@@ -232,3 +232,14 @@ def test_compiled_training_matches_eager():
         torch.testing.assert_close(run(True), run(False), atol=1e-5, rtol=1e-4)
     finally:
         configure_acceleration("fp32", False, "off", torch.device("cpu"))
+
+
+def test_shuffled_batch_is_an_epoch_permutation_drawn_once_on_the_device():
+    from pfdiff.training import _epoch_permutation
+
+    _epoch_permutation.cache_clear()
+    batches = [shuffled_batch(10, 4, s, 7) for s in range(3)]  # one epoch: 4 + 4 + 2
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert torch.equal(shuffled_batch(10, 4, 1, 7, "cpu"), batches[1])  # stateless: same arguments, same batch
+    assert _epoch_permutation.cache_info().misses == 1  # the permutation was drawn once for the whole epoch
+    assert not torch.equal(torch.cat([shuffled_batch(10, 4, s, 7) for s in range(3, 6)]), torch.cat(batches))

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,20 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, -(-n // batch_size))
 
 
-def shuffled_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of batch ``step`` of an epoch-wise shuffle (stateless: depends only on its arguments)."""
+def shuffled_batch(n: int, batch_size: int, step: int, seed: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Indices of batch ``step`` of an epoch-wise shuffle (stateless: depends only on its arguments), on
+    ``device``. The epoch's permutation is drawn once per epoch (cached), on the device with a generator of
+    that device: no per-step host-to-device copy. The CPU draws are the ones this function always made; on
+    CUDA the permutations are another (equally reproducible) stream."""
     per_epoch = max(1, math.ceil(n / batch_size))
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=generator("cpu", seed, "epoch", epoch))
-    return perm[i * batch_size:(i + 1) * batch_size]
+    return _epoch_permutation(n, seed, epoch, str(torch.device(device)))[i * batch_size:(i + 1) * batch_size]
+
+
+@lru_cache(maxsize=8)  # a few epochs' permutations (n int64 each): one per epoch per stream, not one per step
+def _epoch_permutation(n: int, seed: int, epoch: int, device: str) -> torch.Tensor:
+    return torch.randperm(n, generator=generator(device, seed, "epoch", epoch), device=device)
 
 
 def balanced_batch(y: torch.Tensor, num_classes: int, batch_size: int, step: int, seed: int) -> torch.Tensor:

@@ -170,8 +170,7 @@ def train_classifier_on_features(classifier: nn.Module, z: torch.Tensor, y: torc
     w = torch.ones(len(y), device=z.device) if weights is None else weights
 
     def step_fn(step: int):
-        idx = batch_fn(step) if batch_fn else shuffled_batch(len(y), batch_size, step, seed)
-        idx = idx.to(z.device)
+        idx = batch_fn(step).to(z.device) if batch_fn else shuffled_batch(len(y), batch_size, step, seed, z.device)
         per_example = nn.functional.cross_entropy(classifier(z[idx]), y[idx], reduction="none")
         return (w[idx] * per_example).sum() / w[idx].sum(), {}
 

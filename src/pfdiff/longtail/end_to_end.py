@@ -391,7 +391,7 @@ class EndToEnd:
             self.refresh(step)
         plan = plan_step(step, self.e, self.variant.strategy, self.steps)
         r = self.routing
-        idx = shuffled_batch(len(self.y), self.batch_size, step, self.seed).to(self.device)
+        idx = shuffled_batch(len(self.y), self.batch_size, step, self.seed, self.device)
         x, y = self.x[idx], self.y[idx]
         if self.augment is not None:
             x = self.augment(x, self.seed, step)
