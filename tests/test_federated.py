@@ -333,3 +333,91 @@ def test_wire_returns_replies_in_partition_order_whatever_the_arrival_order():
     replies = wire.exchange([instruction(n) for n in (1, 2, 3)], "x")
     assert [int(r.content["metrics"]["partition-id"]) for r in replies] == [0, 1, 2]
     assert set(wire.per_client) == {0, 1, 2} and not wire.failures
+
+
+# ---------------------------------------------------------------- device
+
+
+def test_federated_code_puts_models_data_and_resources_on_the_configured_device(monkeypatch, tmp_path):
+    """Issue 17: models, client data and the server's tensors follow ``resolve_device(cfg.device)`` (faked here
+    as the "meta" device: no GPU needed, and nothing can silently stay on the CPU); Ray gets GPUs only then."""
+    from pfdiff import training
+    from pfdiff.federated import client_app, server_app, simulation
+
+    asked = []
+
+    def fake_resolve(name):
+        asked.append(name)
+        return torch.device("meta")
+
+    monkeypatch.setattr(task, "resolve_device", fake_resolve)
+    cfg = tiny()
+    assert task.device_of(cfg) == torch.device("meta") and asked == [cfg.device]
+    for model in (task.build_encoder_classifier(cfg), task.build_global_denoiser(cfg)):
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.device.type for p in task.build_global_denoiser(cfg, torch.device("cpu")).parameters()} == {"cpu"}
+    data = task.load_client_data(cfg, 0, 3)
+    assert data.x.device.type == data.y.device.type == "meta"
+
+    # a client's request: its device and its (lazily loaded) local data
+    config = ConfigRecord({"run-config": task.config_to_text(cfg), "phase": "stats"})
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config={})
+    q = client_app._Request(_message(RecordDict({"arrays": ArrayRecord(), "config": config}), "query.stats"), ctx)
+    assert q.device.type == q.data.x.device.type == "meta"
+    assert task.array_tensor(ArrayRecord({"a": torch.ones(2)})["a"], q.device).device.type == "meta"
+
+    class Grid:  # all the server's constructor asks of a grid
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+    srv = server_app.Server(Grid(), cfg, tmp_path)
+    assert srv.device.type == "meta" and srv.tensor(np.zeros(3)).device.type == "meta"
+
+    # Ray: every GPU and fed.client_gpus of one per client when the device is CUDA, none otherwise
+    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    init, client = simulation.ray_resources(tiny("fed.client_gpus=0.5"))
+    assert init["num_gpus"] == 2 and client == {"num_cpus": 1, "num_gpus": 0.5}
+    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("cpu"))
+    init, client = simulation.ray_resources(cfg)
+    assert init == {"num_cpus": cfg.fed.num_cpus, "num_gpus": 0} and client == {"num_cpus": 1, "num_gpus": 0.0}
+
+
+def test_every_client_reply_goes_on_the_wire_as_cpu_numpy_arrays(monkeypatch):
+    """Whatever a client sends (and caches in its context) is built by ``task.to_wire``: CPU numpy arrays."""
+    from flwr.app import MetricRecord
+
+    from pfdiff.federated.client_app import app
+
+    built = []
+    to_wire = task.to_wire
+
+    def spy(tensors):
+        record = to_wire(tensors)
+        built.append(record)
+        return record
+
+    monkeypatch.setattr(task, "to_wire", spy)
+    owned = lambda rec: any(rec is b for b in built)  # noqa: E731
+    scaler = {"scaler-mean": [0.0] * 64, "scaler-std": [1.0] * 64}
+    for upload in ("features", "model"):
+        cfg = tiny(f"fed.warmup_upload={upload}")
+        c = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                    run_config={})
+        enc = ArrayRecord(task.build_encoder_classifier(cfg).state_dict())
+        den = ArrayRecord(task.build_global_denoiser(cfg).state_dict())
+        clf = ArrayRecord(task.build_encoder_classifier(cfg)["classifier"].state_dict())
+        replies = [_send(app, cfg, "encoder", enc, c), _send(app, cfg, "stats", enc, c),
+                   _send(app, cfg, "reweight", clf, c, **{"class-weights": [1.0] * 10}),
+                   _send(app, cfg, "warmup", den, c, **scaler, **{"n-total": 1000}),
+                   _send(app, cfg, "diffusion", den, c, **scaler)]
+        assert owned(c.state["features"])
+        for r in replies:
+            assert not r.has_error() and isinstance(r.content["metrics"], MetricRecord)
+            if "arrays" in r.content:
+                assert owned(r.content["arrays"])
+                assert all(type(a.numpy()) is np.ndarray for a in r.content["arrays"].values())
+    t = torch.ones(3, requires_grad=True) * 2
+    wire = to_wire({"t": t})["t"].numpy()
+    assert type(wire) is np.ndarray and wire.tolist() == [2.0, 2.0, 2.0]

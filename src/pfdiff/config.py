@@ -251,6 +251,7 @@ class FederatedConfig(Section):
     round_timeout: float = Field(600.0, gt=0)  # seconds a round waits for replies
     fail_partitions: list[int] = []  # fault injection (tests): these clients raise during training
     num_cpus: int = Field(2, ge=1)  # Ray simulation
+    client_gpus: float = Field(0.25, gt=0, le=1)  # Ray simulation on CUDA: share of one GPU per simulated client
 
 
 class DPDMConfig(Section, DiffusionSpec):

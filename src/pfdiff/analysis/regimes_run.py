@@ -6,10 +6,15 @@ measures speciation by cloning and collapse with the trained model, compares few
 (uniform vs around t_S), and for features also the dp-promise S table and collapse vs n against the
 membership attack's AUC. Writes ``regimes.json``, ``regimes_<dataset>.png`` (+ ``regimes_collapse_vs_n.png``)
 and ``regimes.md`` under the output folder.
+
+Device (features): the run config's ``device`` (CUDA when present, else CPU) trains, loads and encodes the
+models and samples from them; the measurements themselves (``analysis.regimes``: cloning, collapse, step
+placement) draw their noise from CPU generators and run on the CPU, so ``FeatureSetup`` hands them CPU copies.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ from pfdiff.analysis import regimes as R
 from pfdiff.config import RegimesConfig
 from pfdiff.diffusion import Denoiser, NoiseSchedule, make_schedule, sample_ddim
 from pfdiff.runs import atomic_write_json, atomic_write_text
-from pfdiff.training import derive_seed
+from pfdiff.training import derive_seed, resolve_device
 
 Quality = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 
@@ -154,12 +159,14 @@ class FeatureSetup:
     y_test: torch.Tensor
     source: str
     seconds: float
+    device: torch.device  # where models are trained and sampled (the fields above are CPU copies)
 
 
 def feature_setup(rc: RegimesConfig, run_dir: Path | None = None, data: str | None = None,
                   path: str | None = None) -> FeatureSetup:
     """Stage-1 encoder + classifier and the LDMLR feature denoiser: loaded from ``run_dir``'s checkpoints
-    (seed ``rc.seed``) or trained here (``rc.feature_steps`` denoiser steps); features standardised."""
+    (seed ``rc.seed``) or trained here (``rc.feature_steps`` denoiser steps) on the config's device; features
+    standardised. Models and features are returned on the CPU (module doc)."""
     from pfdiff.config import load_config
     from pfdiff.longtail.baselines import train_stage1
     from pfdiff.longtail.common import encode, init_encoder_classifier, make_split, to_tensors
@@ -168,6 +175,8 @@ def feature_setup(rc: RegimesConfig, run_dir: Path | None = None, data: str | No
     from pfdiff.training import load_modules
 
     t0 = time.perf_counter()
+    # CPU-only on purpose: the measurements (analysis.regimes) draw from CPU generators, so that they replay exactly
+    # on any machine; everything FeatureSetup hands them is moved here once trained / encoded on the device
     cpu = torch.device("cpu")
     if run_dir is not None:
         run = RunDir.open(run_dir)
@@ -179,29 +188,32 @@ def feature_setup(rc: RegimesConfig, run_dir: Path | None = None, data: str | No
         extra = [f"data.name={data}"] + ([f"data.path={path}"] if path else []) if data else []
         cfg = load_config(rc.preset, [*rc.overrides, *extra])
         cfg = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"steps": rc.feature_steps})})
+    device = resolve_device(cfg.device)
     split = make_split(cfg)
     C = split.num_classes
-    x, y = to_tensors(split.train, cpu)
+    x, y = to_tensors(split.train, device)
     if run_dir is not None:
-        enc, g = init_encoder_classifier(cfg, split.train.input_shape, C, rc.seed, cpu)
+        enc, g = init_encoder_classifier(cfg, split.train.input_shape, C, rc.seed, device)
         load_modules(ck / "stage1.safetensors", {"encoder": enc, "classifier": g})
     else:
-        enc, g = train_stage1(split, cfg, rc.seed, cpu, None, None)
+        enc, g = train_stage1(split, cfg, rc.seed, device, None, None)
     enc.eval(), g.eval()
     z = encode(enc, x)
     scaler = FeatureScaler.fit(z)
     u = scaler.transform(z)
     if run_dir is not None:
-        den = build_denoiser(cfg, u.shape[1], C)
+        den = build_denoiser(cfg, u.shape[1], C).to(device)
         load_modules(ck / "stage2.safetensors", {"denoiser": den}, use_ema_for="denoiser")
         schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.T)
     else:
         den, schedule = train_feature_diffusion(u, y, C, cfg, rc.seed, None, None)
-    xh, yh = to_tensors(split.heldout, cpu)
-    xt, yt = to_tensors(split.test, cpu)
-    return FeatureSetup(cfg, split, enc, g, scaler, den.eval(), schedule, u, y, scaler.transform(encode(enc, xh)), yh,
-                        scaler.transform(encode(enc, xt)), yt, str(run_dir) if run_dir else "trained here",
-                        time.perf_counter() - t0)
+    xh, yh = to_tensors(split.heldout, device)
+    xt, yt = to_tensors(split.test, device)
+    u_held, u_test = scaler.transform(encode(enc, xh)), scaler.transform(encode(enc, xt))
+    return FeatureSetup(cfg, split, enc.to(cpu), g.to(cpu), FeatureScaler(scaler.mean.to(cpu), scaler.std.to(cpu)),
+                        den.eval().to(cpu), schedule.to(cpu), u.to(cpu), y.to(cpu), u_held.to(cpu), yh.to(cpu),
+                        u_test.to(cpu), yt.to(cpu), str(run_dir) if run_dir else "trained here",
+                        time.perf_counter() - t0, device=device)
 
 
 def _feature_quality(fs: FeatureSetup, classify: Callable) -> Quality:
@@ -222,27 +234,27 @@ def promise_table(fs: FeatureSetup, t_S_upper: float, classify: Callable, rc: Re
     the label withheld on t ≥ S (``PhasedLabels``, as dp-promise samples; the configured sampler) — the share
     the classifier assigns to the requested class. Withholding labels above t_S should cost nothing."""
     from pfdiff.config import load_config
-    from pfdiff.data import class_counts
     from pfdiff.longtail.ldmlr import sample_features
-    from pfdiff.longtail.private import PhasedLabels, noisy_counts, public_private_split
+    from pfdiff.longtail.private import PhasedLabels, count_event, public_private_split
 
     dcfg = load_config("dp", ["privacy.mechanism=dp-promise", f"data.name={fs.cfg.data.name}",
                               *([f"data.path={fs.cfg.data.path}"] if fs.cfg.data.path else [])])
     p, C = dcfg.privacy, fs.split.num_classes
     _, priv = public_private_split(fs.split.train.y, C, p.public_fraction, dcfg.data.split_seed)
-    _, count_event = noisy_counts(class_counts(fs.split.train.y[priv], C), p, rc.seed)
+    counts_event = count_event(p)  # the noisy class counts' release (its σ depends only on the config)
     schedule = make_schedule(dcfg.diffusion.schedule, dcfg.diffusion.T)
     out = R.promise_S_table(p, len(priv), schedule, rc.promise_candidates, t_S_upper,
-                            [e for e in (count_event,) if e is not None], rc.promise_eps_share)
+                            [e for e in (counts_event,) if e is not None], rc.promise_eps_share)
     out["default_S"] = p.promise_S
     out["schedule"] = {"name": schedule.name, "T": schedule.T}
     d = fs.cfg.diffusion
     if (d.schedule, d.T) == (schedule.name, schedule.T):
         per_class = np.full(C, rc.samples_per_class)
+        den = copy.deepcopy(fs.denoiser).to(fs.device)  # sampled on the device, classified on the CPU
         for row in out["rows"]:
-            u, y = sample_features(PhasedLabels(fs.denoiser, row["S"], C), fs.schedule, per_class, d, rc.seed,
-                                   torch.device("cpu"), tag="regimes-promise")
-            row["label_accuracy_withheld_above_S"] = float((classify(u) == y).float().mean())
+            u, y = sample_features(PhasedLabels(den, row["S"], C), fs.schedule, per_class, d, rc.seed,
+                                   fs.device, tag="regimes-promise")
+            row["label_accuracy_withheld_above_S"] = float((classify(u.cpu()) == y.cpu()).float().mean())
         out["label_accuracy_sampler"] = f"{d.sampler}, {d.sample_steps} steps, η = {d.eta}"
     return out
 
@@ -250,7 +262,8 @@ def promise_table(fs: FeatureSetup, t_S_upper: float, classify: Callable, rc: Re
 def collapse_vs_n(fs: FeatureSetup, classify: Callable, rc: RegimesConfig) -> dict[str, Any]:
     """Train one denoiser per n on n examples per class drawn from features the encoder never saw (held-out
     ∪ test); per n: t_C (formula, Monte Carlo), collapse curve, copy share of fresh samples, and the
-    membership attacks' AUC (members vs the rest, balanced per class)."""
+    membership attacks' AUC (members vs the rest, balanced per class). Each denoiser is trained, sampled and
+    attacked on ``fs.device``; the collapse curve runs on a CPU copy (module doc)."""
     from pfdiff.evaluation.mia import attack_settings, balanced_pairs, nearest_neighbour_check, run_attacks
     from pfdiff.longtail.ldmlr import sample_features, train_feature_diffusion
 
@@ -271,22 +284,25 @@ def collapse_vs_n(fs: FeatureSetup, classify: Callable, rc: RegimesConfig) -> di
             mem.append(idx[:k]), rest.append(idx[k:])
         mem, rest = torch.cat(mem), torch.cat(rest)
         um, ym, ur, yr = pool_u[mem], pool_y[mem], pool_u[rest], pool_y[rest]
-        den, _ = train_feature_diffusion(um, ym, C, cfg, derive_seed(rc.seed, "sweep-model", n), None, None)
+        dev = fs.device
+        den, _ = train_feature_diffusion(um.to(dev), ym.to(dev), C, cfg, derive_seed(rc.seed, "sweep-model", n),
+                                         None, None)
         den.eval()
+        den_cpu = copy.deepcopy(den).cpu()
         theory = R.collapse_times(um, ym, ou_grid, rc.entropy_queries, rc.seed)
         per_class = [v for k, v in theory["groups"].items() if k != "all" and "t_C" in v]
         pi, ri = _halves(yr, rc.seed)
         pidx = pi[_pick(len(pi), rc.probes, rc.seed, "sweep-probes")]
-        curve = R.collapse_curve(cfg.diffusion.denoiser(den, schedule), ur[pidx], yr[pidx],
+        curve = R.collapse_curve(cfg.diffusion.denoiser(den_cpu, schedule), ur[pidx], yr[pidx],
                                  _grid(schedule, rc, rc.sweep_grid_points), um, ym, ur[ri], yr[ri],
                                  sampler_steps=rc.sampler_steps, seed=rc.seed)
         counts = torch.bincount(ym, minlength=C).numpy()
-        u_gen, y_gen = sample_features(den, schedule, np.where(counts > 0, 50, 0), cfg.diffusion, rc.seed,
-                                       torch.device("cpu"), tag="regimes-sweep")
+        u_gen, y_gen = sample_features(den, schedule, np.where(counts > 0, 50, 0), cfg.diffusion, rc.seed, dev,
+                                       tag="regimes-sweep")
         copies = nearest_neighbour_check(u_gen, y_gen, um, ym, ur[ri], yr[ri], seed=rc.seed)
         bm, bn = balanced_pairs(ym.numpy(), yr.numpy(), C, rc.seed)
-        attacks, _ = run_attacks(cfg.diffusion.denoiser(den, schedule), um[bm], ym[bm], ur[bn], yr[bn], seed=rc.seed,
-                                 attack_kwargs=attack_settings(schedule.T))
+        attacks, _ = run_attacks(cfg.diffusion.denoiser(den, schedule), um[bm].to(dev), ym[bm].to(dev), ur[bn].to(dev),
+                                 yr[bn].to(dev), seed=rc.seed, attack_kwargs=attack_settings(schedule.T))
         finite = lambda vals: [v for v in vals if math.isfinite(v)]  # noqa: E731
         rows.append({"n_per_class": n, "n_members": len(mem), "members_per_class": counts.tolist(),
                      "t_C_formula_median": float(np.median([v["t_C_formula"] for v in per_class])),

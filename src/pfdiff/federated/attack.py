@@ -12,6 +12,8 @@ centrally, as LDMLR's stage 2, on data containing neither the members nor the no
 part; without one, the reserved half of the test split and unused candidates with the clients' class
 counts where available). It is not trained federatedly: its AUC says what the features alone give a denoiser of
 this kind, not what a federation of the same size would leak.
+
+Device: models, features and attacks on ``task.device_of(cfg)`` (as the run's server).
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ from pfdiff.runs import load_state
 
 def _control(cfg, split, enc, scaler: FeatureScaler, pub: np.ndarray, pools, non: np.ndarray, run_dir: Path):
     """The run's control denoiser (see the module doc), cached at ``<run>/attack-control.safetensors``."""
-    y_all = torch.as_tensor(split.train.y)
+    device = task.device_of(cfg)
+    y_all = torch.as_tensor(split.train.y).to(device)
     if len(pub):
-        u = scaler.transform(encode(enc, torch.as_tensor(split.train.x[pub])))
+        u = scaler.transform(encode(enc, torch.as_tensor(split.train.x[pub]).to(device)))
         y, source = y_all[pub], "the server's public part, trained centrally as LDMLR's stage 2"
     else:
         cand, reserve = pools
         z_pool, y_pool = outside_pool(enc, (reserve, []), (cand, non))
-        pick = draw_per_class(y_pool.numpy(), split.counts, np.random.default_rng([cfg.seeds[0], 13]))
+        pick = draw_per_class(y_pool.cpu().numpy(), split.counts, np.random.default_rng([cfg.seeds[0], 13]))
         u, y = scaler.transform(z_pool[pick]), y_pool[pick]
         source = ("reserved half of the test split + unused non-member candidates (the FedAvg encoder saw none), "
                   "trained centrally")
@@ -55,15 +58,16 @@ def load_fed_targets(run_dir: Path, seed: int = 0) -> list[Target]:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     split = task.split_of(cfg)
+    device = task.device_of(cfg)
     enc_clf = task.load_arrays(task.build_encoder_classifier(cfg), load_state(run_dir / "encoder.safetensors")["model"])
     enc, g = enc_clf["encoder"].eval(), enc_clf["classifier"].eval()
-    sc = load_state(run_dir / "scaler.safetensors")
+    sc = load_state(run_dir / "scaler.safetensors", device)
     scaler = FeatureScaler(sc["mean"], sc["std"])
     pub, priv = task.public_private_indices(cfg)
-    x, y = torch.as_tensor(split.train.x[priv]), torch.as_tensor(split.train.y[priv])
+    x, y = torch.as_tensor(split.train.x[priv]).to(device), torch.as_tensor(split.train.y[priv]).to(device)
     cand, reserve = candidate_pools(split, seed)
-    x_out, y_out = torch.as_tensor(cand.x), torch.as_tensor(cand.y)
-    mem, non = balanced_pairs(y.numpy(), y_out.numpy(), split.num_classes, seed)
+    x_out, y_out = torch.as_tensor(cand.x).to(device), torch.as_tensor(cand.y).to(device)
+    mem, non = balanced_pairs(y.cpu().numpy(), y_out.cpu().numpy(), split.num_classes, seed)
     z, z_out = encode(enc, x[mem]), encode(enc, x_out[non])
     u, u_out = scaler.transform(z), scaler.transform(z_out)
     upstream = upstream_scores(g, z, y[mem], z_out, y_out[non])

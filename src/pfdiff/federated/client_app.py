@@ -13,6 +13,9 @@ the phase needs (round, scaler, class weights); ``"arrays"`` carries the model o
 - ``train.warmup``: the initial denoiser; trains the client's own denoiser, then uploads it or N
   pseudo-features sampled from it (``fed.warmup_upload``);
 - ``train.diffusion``: the global denoiser, local diffusion steps (DP-SGD under example-level DP).
+
+Models, local data, cached features and sampling live on ``task.device_of(cfg)`` (``cfg.device``: CUDA
+when this process sees a GPU, else CPU); replies are built with ``task.to_wire`` (CPU arrays).
 """
 
 from __future__ import annotations
@@ -40,17 +43,19 @@ class InjectedFault(RuntimeError):
     """Raised by a client listed in ``fed.fail_partitions`` (fault-tolerance tests)."""
 
 
-def _cached_features(context: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features this client encoded in the 'stats' phase (kept in its Flower ``context.state``)."""
+def _cached_features(context: Context, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features this client encoded in the 'stats' phase (kept, as CPU arrays, in its Flower
+    ``context.state``), on ``device``."""
     if "features" not in context.state:
         raise RuntimeError("this client has no cached features: the server must run the 'stats' phase first")
     rec = context.state["features"]
-    return task.array_tensor(rec["z"]), task.array_tensor(rec["y"])
+    return task.array_tensor(rec["z"], device), task.array_tensor(rec["y"], device)
 
 
-def _scaled_features(cfg_rec, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    z, y = _cached_features(context)
-    mean, std = torch.tensor(list(cfg_rec["scaler-mean"])), torch.tensor(list(cfg_rec["scaler-std"]))
+def _scaled_features(cfg_rec, context: Context, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    z, y = _cached_features(context, device)
+    mean = torch.tensor(list(cfg_rec["scaler-mean"]), device=device)
+    std = torch.tensor(list(cfg_rec["scaler-std"]), device=device)
     return (z - mean) / std, y
 
 
@@ -78,14 +83,15 @@ def _counts(cfg: RunConfig, y: torch.Tensor, pid: int) -> np.ndarray:
 
 
 class _Request:
-    """What every handler reads from a message and its node: config, partition, round, arrays, local data
-    (loaded on first use)."""
+    """What every handler reads from a message and its node: config, device, partition, round, arrays,
+    local data (loaded on first use, on the device)."""
 
     def __init__(self, msg: Message, context: Context):
         self.msg = msg
         self.cfg_rec = msg.content["config"]
         self.cfg = task.config_from_text(str(self.cfg_rec["run-config"]))
         self.f, self.seed = self.cfg.fed, self.cfg.seeds[0]
+        self.device = task.device_of(self.cfg)
         self.pid, self.nparts = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
         self.rnd = int(self.cfg_rec.get("server-round", 0))
         self.arrays: ArrayRecord = msg.content["arrays"]
@@ -111,7 +117,7 @@ def encoder(msg: Message, context: Context) -> Message:
     model = task.load_arrays(task.build_encoder_classifier(q.cfg), q.arrays.to_torch_state_dict())
     loss = task.train_encoder_local(model, q.data.x, q.data.y, q.f.encoder_local_steps, q.f.local_lr,
                                     q.f.local_batch_size, q.seed, (q.rnd, q.pid))
-    return q.reply(ArrayRecord(model.state_dict()), **{"num-examples": q.n, "train_loss": loss})
+    return q.reply(task.to_wire(model.state_dict()), **{"num-examples": q.n, "train_loss": loss})
 
 
 @app.query("stats")
@@ -119,7 +125,7 @@ def stats(msg: Message, context: Context) -> Message:
     q = _Request(msg, context)
     model = task.load_arrays(task.build_encoder_classifier(q.cfg), q.arrays.to_torch_state_dict())
     z = encode(model["encoder"], q.data.x)
-    context.state["features"] = ArrayRecord({"z": z.contiguous(), "y": q.data.y.contiguous()})
+    context.state["features"] = task.to_wire({"z": z.contiguous(), "y": q.data.y.contiguous()})
     metrics = {"num-examples": q.n, "counts": _counts(q.cfg, q.data.y, q.pid).tolist()}
     if q.f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim
         metrics.update({"sum": z.sum(0).double().tolist(), "sumsq": (z.double() ** 2).sum(0).tolist()})
@@ -129,29 +135,29 @@ def stats(msg: Message, context: Context) -> Message:
 @app.train("reweight")
 def reweight(msg: Message, context: Context) -> Message:
     q = _Request(msg, context)
-    z, y = _cached_features(context)
+    z, y = _cached_features(context, q.device)
     clf = task.load_arrays(task.build_encoder_classifier(q.cfg)["classifier"], q.arrays.to_torch_state_dict())
-    weights = torch.tensor(list(q.cfg_rec["class-weights"]), dtype=torch.float32)
+    weights = torch.tensor(list(q.cfg_rec["class-weights"]), dtype=torch.float32, device=q.device)
     loss = task.train_classifier_local(clf, z, y, weights, q.f.encoder_local_steps, q.f.local_lr,
                                        q.f.local_batch_size, q.seed, (q.rnd, q.pid))
-    return q.reply(ArrayRecord(clf.state_dict()), **{"num-examples": q.n, "train_loss": loss})
+    return q.reply(task.to_wire(clf.state_dict()), **{"num-examples": q.n, "train_loss": loss})
 
 
 @app.train("warmup")
 def warmup(msg: Message, context: Context) -> Message:
     q = _Request(msg, context)
     cfg, f = q.cfg, q.f
-    u, y = _scaled_features(q.cfg_rec, context)
+    u, y = _scaled_features(q.cfg_rec, context, q.device)
     model, _ = _local_denoiser(cfg, q.arrays, u, y, "warmup", 0, q.pid)
     counts = _counts(cfg, y, q.pid)
     if f.warmup_upload == "model":
-        return q.reply(ArrayRecord(model.state_dict()), **{"num-examples": q.n, "counts": counts.tolist()})
+        return q.reply(task.to_wire(model.state_dict()), **{"num-examples": q.n, "counts": counts.tolist()})
     n_samples = int(round(f.aux_size * counts.sum() / max(1, int(q.cfg_rec["n-total"]))))
     per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
     u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg),
                                    make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), per_class,
-                                   cfg.diffusion, q.seed, torch.device("cpu"), tag=f"fed-warmup-{q.pid}")
-    return q.reply(ArrayRecord({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), **{"num-examples": q.n})
+                                   cfg.diffusion, q.seed, q.device, tag=f"fed-warmup-{q.pid}")
+    return q.reply(task.to_wire({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), **{"num-examples": q.n})
 
 
 @app.train("diffusion")
@@ -160,9 +166,9 @@ def diffusion(msg: Message, context: Context) -> Message:
     f = q.f
     if q.pid in f.fail_partitions:
         raise InjectedFault(f"client {q.pid}: injected fault in round {q.rnd}")
-    u, y = _scaled_features(q.cfg_rec, context)
+    u, y = _scaled_features(q.cfg_rec, context, q.device)
     model, loss = _local_denoiser(q.cfg, q.arrays, u, y, "diffusion", q.rnd, q.pid)
     # client-level DP: equal weights, so one client moves the average by at most clip/m (the wrapper's σ·clip/m)
     weight = 1 if f.dp == "client" else q.n
     metrics = {"num-examples": weight, "train_loss": loss} if f.dp == "none" else {"num-examples": weight}
-    return q.reply(ArrayRecord(model.state_dict()), **metrics)
+    return q.reply(task.to_wire(model.state_dict()), **metrics)

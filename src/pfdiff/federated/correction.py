@@ -7,6 +7,8 @@ bound on the negative log-likelihood), so it measures what the correction should
 no private data (the slice is pseudo-features the clients released under their privacy plan); fixed
 draws make successive rounds comparable; and the slice never enters the correction, so it is not the
 training loss of the server steps.
+
+Everything runs on the device of the pool and the model (the server's ``task.device_of(cfg)``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def pool_score(model: nn.Module, u_val: torch.Tensor, y_val: torch.Tensor, loss_
                multiplicity: int = 4) -> float:
     """Diffusion loss on the held-out slice with fixed (t, ε) draws (lower is better; see module doc)."""
     model.eval()
-    g = generator("cpu", seed, "fed-score")
+    g = generator(u_val.device, seed, "fed-score")
     return float(loss_fn(model, u_val, y_val, noise_multiplicity=multiplicity, generator=g).loss.mean())
 
 
@@ -99,9 +101,9 @@ def regenerate(model: nn.Module, schedule: NoiseSchedule, pool: AuxPool, scorer:
     start = time.perf_counter()
     f = cfg.fed
     share = pool.class_counts(num_classes).double() / len(pool)
-    per_class = np.round(share.numpy() * f.regen_share * len(pool)).astype(int)
+    per_class = np.round(share.cpu().numpy() * f.regen_share * len(pool)).astype(int)
     model.eval()
-    u, y = sample_features(model, schedule, per_class, cfg.diffusion, seed, torch.device("cpu"),
+    u, y = sample_features(model, schedule, per_class, cfg.diffusion, seed, pool.u.device,
                            tag=f"fed-regen-{round_}")
     result = aid_filter(scorer, u, y, num_classes, cfg.e2e.aid_quantile)
     info = pool.replace(u[result.keep], y[result.keep], result.scores[result.keep], round_, f.evict)

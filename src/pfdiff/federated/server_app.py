@@ -9,6 +9,10 @@ each client's feature cache), 3. the FedAvg re-weighting baseline for G, 4. the 
 the auxiliary pool, 5. every method's diffusion rounds (checkpoint after each round), 6. evaluation on
 the server's test set (used for reporting only: no decision of any method looks at it).
 
+Device: the server's models, the pool, the test features and every server-side step (correction, sampling,
+evaluation) run on ``task.device_of(cfg)``; what it sends is built with ``task.to_wire`` (CPU arrays), what it
+receives is loaded onto the device, and checkpoints are read back onto it.
+
 The round loop is ours, not ``Strategy.start``: it must resume from a checkpointed round, stop early
 (FedDDPM+) and run server steps after the (possibly DP-noised) aggregation; it calls the strategy's
 own ``configure_train`` / ``aggregate_train`` for everything FedAvg does.
@@ -109,7 +113,12 @@ class Server:
         self.cfg_text = task.config_to_text(cfg)
         self.loss_fn = task.make_loss(cfg, self.C)
         self.seed = cfg.seeds[0]
+        self.device = task.device_of(cfg)
         self.pool_scorer: MahalanobisScorer | None = None  # AID scorer of the warm-up pool (``initial_pool``)
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A numpy array of the server's data as a tensor on the server's device."""
+        return torch.as_tensor(array).to(self.device)
 
     def config(self, phase: str, **extra) -> ConfigRecord:
         # the message type routes the message (``MESSAGE_TYPES``); "phase" names it in the record too
@@ -161,11 +170,11 @@ def phase_encoder(srv: Server) -> torch.nn.ModuleDict:
     f = srv.cfg.fed
     if f.encoder == "public":
         pub, _ = task.public_private_indices(srv.cfg)
-        x, y = torch.as_tensor(srv.split.train.x[pub]), torch.as_tensor(srv.split.train.y[pub])
+        x, y = srv.tensor(srv.split.train.x[pub]), srv.tensor(srv.split.train.y[pub])
         task.train_encoder_local(model, x, y, f.encoder_rounds * f.encoder_local_steps, f.local_lr,
                                  f.local_batch_size, srv.seed, ("public",))
     else:
-        arrays = srv.fedavg_rounds("encoder", ArrayRecord(model.state_dict()), f.encoder_rounds)
+        arrays = srv.fedavg_rounds("encoder", task.to_wire(model.state_dict()), f.encoder_rounds)
         model = task.load_arrays(model, arrays.to_torch_state_dict())
     save_state(path, {"model": model.state_dict()})
     return model
@@ -175,7 +184,7 @@ def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
     """Clients encode their data once (cached in their ``context.state``) and report class counts (noisy
     under example-level DP) and, without DP, feature sums; the scaler comes from those sums or, with a
     public encoder, from the public part."""
-    replies = srv.broadcast("stats", ArrayRecord(model.state_dict()), srv.config("stats"))
+    replies = srv.broadcast("stats", task.to_wire(model.state_dict()), srv.config("stats"))
     if len(replies) < len(srv.nodes):
         reasons = sorted({f["reason"] for f in srv.wire.failures if f["phase"] == "stats"})
         raise RuntimeError(f"the statistics phase needs every client; {len(srv.nodes) - len(replies)} failed: "
@@ -185,14 +194,14 @@ def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
     n_per_client = {int(x["partition-id"]): int(x["num-examples"]) for x in m}
     if srv.cfg.fed.encoder == "public":
         pub, _ = task.public_private_indices(srv.cfg)
-        scaler = FeatureScaler.fit(encode(model["encoder"], torch.as_tensor(srv.split.train.x[pub])))
+        scaler = FeatureScaler.fit(encode(model["encoder"], srv.tensor(srv.split.train.x[pub])))
     else:
         n = sum(n_per_client.values())
         s1 = torch.tensor(np.sum([x["sum"] for x in m], axis=0))
         s2 = torch.tensor(np.sum([x["sumsq"] for x in m], axis=0))
         mean = s1 / n
         std = ((s2 / n - mean ** 2).clamp_min(0) * n / max(1, n - 1)).sqrt().clamp_min(1e-6)
-        scaler = FeatureScaler(mean.float(), std.float())
+        scaler = FeatureScaler(mean.float().to(srv.device), std.float().to(srv.device))
     # kept for evaluation and attacks (the server holds it anyway; it is sent to every client)
     save_state(srv.dir / "scaler.safetensors", {"mean": scaler.mean, "std": scaler.std})
     return {"counts": counts, "n_per_client": n_per_client, "scaler": scaler}
@@ -211,7 +220,7 @@ def phase_reweight(srv: Server, model: torch.nn.ModuleDict, counts: np.ndarray) 
     w = 1.0 / np.maximum(counts, 1)
     w = (w / w.mean()).tolist()
     if srv.cfg.fed.reweight_rounds:
-        arrays = srv.fedavg_rounds("reweight", ArrayRecord(clf.state_dict()), srv.cfg.fed.reweight_rounds,
+        arrays = srv.fedavg_rounds("reweight", task.to_wire(clf.state_dict()), srv.cfg.fed.reweight_rounds,
                                    **{"class-weights": w})
         clf = task.load_arrays(clf, arrays.to_torch_state_dict())
     save_state(path, {"model": clf.state_dict()})
@@ -223,9 +232,9 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
     sampled from it; the server turns either into the auxiliary pool (scored by the AID scorer)."""
     path = srv.dir / "warmup.safetensors"
     if path.exists():
-        return load_state(path)
+        return load_state(path, srv.device)
     f = srv.cfg.fed
-    init = ArrayRecord(task.build_global_denoiser(srv.cfg).state_dict())
+    init = task.to_wire(task.build_global_denoiser(srv.cfg).state_dict())
     n_total = int(stats["counts"].sum())
     replies = srv.broadcast("warmup", init, srv.config("warmup", **scaler_config(stats["scaler"]), **{"n-total": n_total}))
     if not replies:
@@ -240,13 +249,13 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
             model = task.load_arrays(task.build_global_denoiser(srv.cfg), arrays.to_torch_state_dict()).eval()
             pid = int(r.content["metrics"]["partition-id"])
             u, y = sample_features(task.sampling_view(model, srv.cfg), srv.loss_fn.schedule, per_class, srv.cfg.diffusion, srv.seed,
-                                   torch.device("cpu"), tag=f"fed-warmup-server-{pid}")
+                                   srv.device, tag=f"fed-warmup-server-{pid}")
         else:
-            u, y = task.array_tensor(arrays["u"]), task.array_tensor(arrays["y"]).long()
+            u, y = task.array_tensor(arrays["u"], srv.device), task.array_tensor(arrays["y"], srv.device).long()
         us.append(u)
         ys.append(y)
     u, y = torch.cat(us), torch.cat(ys)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(srv.seed))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(srv.seed)).to(srv.device)
     u, y = u[perm], y[perm]
     n_val = max(srv.C, int(f.aux_val_share * len(y)))
     state = {"u": u, "y": y, "n_val": n_val, "upload_bytes": upload_bytes,
@@ -279,7 +288,8 @@ def initial_pool(srv: Server, warm: dict[str, Any], method: str) -> tuple[AuxPoo
     if method == "progressive":
         keep = int(round(srv.cfg.fed.pool_initial_share * len(y)))
         u, y = u[:keep], y[:keep]
-    pool = AuxPool(u.clone(), y.clone(), torch.zeros(len(y), dtype=torch.long), scorer.score(u, y).float())
+    pool = AuxPool(u.clone(), y.clone(), torch.zeros(len(y), dtype=torch.long, device=u.device),
+                   scorer.score(u, y).float())
     return pool, u_val, y_val, scorer
 
 
@@ -299,7 +309,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
     st: dict[str, Any] = {"round": 0, "rounds_started": 0, "history": {}, "compute": vars(ServerCompute()),
                           "quick": None, "stopped_at": None, "best_score": None}
     if ckpt_path.exists():
-        saved = load_state(ckpt_path)
+        saved = load_state(ckpt_path, srv.device)
         model.load_state_dict(saved["model"])
         st = saved["state"]
         if pool is not None:
@@ -308,7 +318,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
     compute = ServerCompute(**st["compute"])
     quick = QuickTest(f.quick_test_threshold, f.quick_test_patience, **(st["quick"] or {}))
     strategy = make_strategy(cfg, len(srv.nodes), client_dp=f.dp == "client", message_type=MESSAGE_TYPES["diffusion"])
-    arrays = ArrayRecord(model.state_dict())
+    arrays = task.to_wire(model.state_dict())
     extra = scaler_config(stats["scaler"])
 
     for r in range(st["round"] + 1, f.rounds + 1):
@@ -330,7 +340,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
         else:
             model.load_state_dict(new.to_torch_state_dict())
             row.update(server_round(srv, method, model, pool, u_val, y_val, scorer, quick, compute, st, r))
-        arrays = ArrayRecord(model.state_dict())
+        arrays = task.to_wire(model.state_dict())
         row.update(bytes=srv.wire.totals()["total"] - b0, seconds=time.perf_counter() - t0)
         st["history"][str(r)] = row
         st["round"], st["compute"] = r, vars(compute)
@@ -377,7 +387,7 @@ def _save(path: Path, model, pool: AuxPool | None, st: dict) -> None:
 
 
 def test_features(srv: Server, enc_clf: torch.nn.ModuleDict) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = torch.as_tensor(srv.split.test.x), torch.as_tensor(srv.split.test.y)
+    x, y = srv.tensor(srv.split.test.x), srv.tensor(srv.split.test.y)
     return encode(enc_clf["encoder"], x), y
 
 
@@ -388,7 +398,7 @@ def accuracy(srv: Server, classifier: torch.nn.Module, z: torch.Tensor, y: torch
         logits = classifier(z)
         if counts is not None:
             logits = logit_adjusted(logits, counts, srv.cfg.logit_adjust_tau)
-    out = recognition_metrics(logits.argmax(1).numpy(), y.numpy(), srv.C, srv.split.groups)
+    out = recognition_metrics(logits.argmax(1).cpu().numpy(), y.cpu().numpy(), srv.C, srv.split.groups)
     out.pop("per_class")
     return out
 
@@ -398,12 +408,12 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
     """FD of generated to real test features, and the long-tail repair: G re-trained on class-balanced
     pseudo-features (AID-filtered when a pool scorer exists) sampled by the server."""
     model, cfg = task.sampling_view(out["model"].eval(), srv.cfg), srv.cfg
-    per_test = np.bincount(y_test.numpy(), minlength=srv.C)
-    u, _ = sample_features(model, srv.loss_fn.schedule, per_test, cfg.diffusion, srv.seed, torch.device("cpu"),
+    per_test = np.bincount(y_test.cpu().numpy(), minlength=srv.C)
+    u, _ = sample_features(model, srv.loss_fn.schedule, per_test, cfg.diffusion, srv.seed, srv.device,
                            tag="fed-eval-fd")
-    fd = frechet_distance(scaler.inverse(u).numpy(), z_test.numpy())
+    fd = frechet_distance(scaler.inverse(u).cpu().numpy(), z_test.cpu().numpy())
     per_class = np.full(srv.C, cfg.fed.repair_per_class)
-    u, y = sample_features(model, srv.loss_fn.schedule, per_class, cfg.diffusion, srv.seed, torch.device("cpu"),
+    u, y = sample_features(model, srv.loss_fn.schedule, per_class, cfg.diffusion, srv.seed, srv.device,
                            tag="fed-repair")
     kept, filter_info = len(y), None
     if pool_scorer is not None:  # the same AID filter and per-class bookkeeping as the centralised E2E runs
@@ -550,10 +560,10 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 def fd_references(srv: Server, enc_clf, scaler: FeatureScaler, warm: dict | None, z_test) -> dict[str, float]:
     """Reference points for the FD column (evaluation only): the clients' real features and the warm-up pool."""
     _, priv = task.public_private_indices(srv.cfg)
-    z_train = encode(enc_clf["encoder"], torch.as_tensor(srv.split.train.x[priv]))
-    out = {"real_train": frechet_distance(z_train.numpy(), z_test.numpy())}
+    z_train = encode(enc_clf["encoder"], srv.tensor(srv.split.train.x[priv]))
+    out = {"real_train": frechet_distance(z_train.cpu().numpy(), z_test.cpu().numpy())}
     if warm is not None:
-        out["warmup_pool"] = frechet_distance(scaler.inverse(warm["u"]).numpy(), z_test.numpy())
+        out["warmup_pool"] = frechet_distance(scaler.inverse(warm["u"]).cpu().numpy(), z_test.cpu().numpy())
     return out
 
 

@@ -3,6 +3,11 @@
 Each run lives in ``<output_dir>/<name>/alpha-<α>/`` (checkpoints, ``results.json``); running the same
 command again resumes where it stopped. Nothing here trains: it wires ``server_app.run_server`` and
 ``client_app.app`` into ``flwr.simulation.run_simulation``.
+
+On a GPU (``cfg.device`` resolves to CUDA here): Ray is started with every visible GPU and each simulated
+client asks for ``fed.client_gpus`` of one, so Ray places it on a GPU and it runs its models there (the
+ServerApp runs in this process, on ``cfg.device``). Otherwise no GPU is given to Ray, its clients see
+none and ``device: auto`` resolves to the CPU in every process.
 """
 
 from __future__ import annotations
@@ -43,6 +48,19 @@ def ray_temp_dir(run_dir: Path) -> dict[str, str]:
     return {"_temp_dir": str(temp)}
 
 
+def ray_resources(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Ray ``init_args`` resources, per-client resources): the GPUs and a ``fed.client_gpus`` share per client
+    when ``cfg.device`` resolves to CUDA, else none (as without a GPU)."""
+    import torch
+
+    from pfdiff.training import resolve_device
+
+    f = cfg.fed
+    gpus = torch.cuda.device_count() if resolve_device(cfg.device).type == "cuda" else 0
+    return ({"num_cpus": f.num_cpus, "num_gpus": gpus},
+            {"num_cpus": 1, "num_gpus": float(f.client_gpus) if gpus else 0.0})
+
+
 def simulate(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """One federated run (``cfg.fed.alpha``) with ``cfg.fed.num_clients`` simulated SuperNodes."""
     from flwr.simulation import run_simulation
@@ -64,10 +82,10 @@ def simulate(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             sink["error"] = exc
             raise
 
-    f = cfg.fed
-    init_args = {"num_cpus": f.num_cpus, "num_gpus": 0, "include_dashboard": False, **ray_temp_dir(run_dir)}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=f.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args})
+    ray_init, client_resources = ray_resources(cfg)
+    init_args = {**ray_init, "include_dashboard": False, **ray_temp_dir(run_dir)}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.fed.num_clients,
+                   backend_config={"client_resources": client_resources, "init_args": init_args})
     if "error" in sink:
         raise RuntimeError(f"the federated run failed: {sink['error']!r}") from sink["error"]
     if "results" not in sink:

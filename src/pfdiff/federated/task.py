@@ -10,17 +10,25 @@ server for evaluation only) is partitioned over clients with flwr-datasets (``Ii
 ``DirichletPartitioner`` by label, on an in-memory ``datasets.Dataset``: no download). With
 ``fed.encoder = "public"`` a declared public part (``privacy.public_fraction`` per class) stays on the
 server and only the rest is partitioned.
+
+Device: every process (server, each client) puts its models, data and sampling on ``device_of(cfg)``
+(``cfg.device``; ``auto`` = CUDA when the process sees a GPU, else CPU). Flower sends numpy arrays, so what
+goes on the wire is moved to the CPU first (``to_wire``) and what arrives is moved to the device
+(``load_arrays``, ``array_tensor``). Batch indices are drawn on the CPU as before (identical on any device);
+the diffusion loss's own draws come from a generator on the data's device (on the CPU: the same numbers as
+ever).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import yaml
+from flwr.app import ArrayRecord
 from torch import nn
 
 from pfdiff.config import DataConfig, RunConfig, dump_config
@@ -32,7 +40,7 @@ from pfdiff.longtail.private import sampling_view as private_sampling_view
 from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, check_delta_for_size, gaussian_sigma_for
 from pfdiff.privacy.dpsgd import DPSGD
 from pfdiff.privacy.noise import NoiseSource
-from pfdiff.training import derive_seed, generator, run_steps
+from pfdiff.training import derive_seed, generator, resolve_device, run_steps
 
 # ---------------------------------------------------------------- config over the wire
 
@@ -45,6 +53,21 @@ def config_to_text(cfg: RunConfig) -> str:
 def config_from_text(text: str) -> RunConfig:
     """The run's ``RunConfig`` as the server sent it (YAML in the message's ConfigRecord)."""
     return RunConfig.model_validate(yaml.safe_load(text))
+
+
+# ---------------------------------------------------------------- device and wire
+
+
+def device_of(cfg: RunConfig) -> torch.device:
+    """The device of this process's models, data and sampling: ``resolve_device(cfg.device)``. Resolved in
+    each process: a simulated client that Ray gave no GPU share sees none and runs ``auto`` on the CPU."""
+    return resolve_device(cfg.device)
+
+
+def to_wire(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """An ``ArrayRecord`` of named tensors (a state dict, features) moved to the CPU: Flower serialises numpy
+    arrays, so nothing leaves a process on its device."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
 
 
 # ---------------------------------------------------------------- data
@@ -110,11 +133,13 @@ class ClientData:
 
 
 def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """This client's examples as tensors on ``device_of(cfg)``."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     split = split_of(cfg)
     idx = client_indices(cfg, num_partitions)[partition_id]
-    return ClientData(torch.as_tensor(split.train.x[idx]), torch.as_tensor(split.train.y[idx]))
+    device = device_of(cfg)
+    return ClientData(torch.as_tensor(split.train.x[idx]).to(device), torch.as_tensor(split.train.y[idx]).to(device))
 
 
 def client_histograms(cfg: RunConfig, num_partitions: int) -> np.ndarray:
@@ -127,25 +152,30 @@ def client_histograms(cfg: RunConfig, num_partitions: int) -> np.ndarray:
 # ---------------------------------------------------------------- models
 
 
-def build_encoder_classifier(cfg: RunConfig) -> nn.ModuleDict:
-    """E and G in one module (state-dict keys ``encoder.*`` / ``classifier.*``), seeded as stage 1."""
+def build_encoder_classifier(cfg: RunConfig, device: torch.device | None = None) -> nn.ModuleDict:
+    """E and G in one module (state-dict keys ``encoder.*`` / ``classifier.*``), seeded as stage 1, on
+    ``device`` (default ``device_of(cfg)``; the weights are drawn on the CPU, so they are the same on any)."""
     split = split_of(cfg)
     seed = cfg.seeds[0]
-    enc, clf = init_encoder_classifier(cfg, split.train.input_shape, split.num_classes, seed, torch.device("cpu"))
+    enc, clf = init_encoder_classifier(cfg, split.train.input_shape, split.num_classes, seed,
+                                       device or device_of(cfg))
     return nn.ModuleDict({"encoder": enc, "classifier": clf})
 
 
-def build_global_denoiser(cfg: RunConfig) -> nn.Module:
+def build_global_denoiser(cfg: RunConfig, device: torch.device | None = None) -> nn.Module:
+    """The seeded initial global denoiser on ``device`` (default ``device_of(cfg)``)."""
     split = split_of(cfg)
     return seeded_init(cfg.seeds[0], "fed-denoiser",
-                       lambda: build_denoiser(cfg, cfg.model.feature_dim, split.num_classes), torch.device("cpu"))
+                       lambda: build_denoiser(cfg, cfg.model.feature_dim, split.num_classes), device or device_of(cfg))
 
 
 def make_loss(cfg: RunConfig, num_classes: int) -> DiffusionLoss:
     return feature_loss(cfg.diffusion, make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), num_classes)
 
 
-def load_arrays(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def load_arrays(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``state`` (received arrays, a checkpoint: on the CPU) loaded into ``module``: ``load_state_dict``
+    copies every tensor onto the module's device."""
     module.load_state_dict(state)
     return module
 
@@ -153,8 +183,9 @@ def load_arrays(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 # ---------------------------------------------------------------- local training
 
 
-def _batches(n: int, batch_size: int, seed: int, *tags) -> torch.Tensor:
-    return torch.randint(0, n, (min(batch_size, n),), generator=generator("cpu", seed, *tags))
+def _batches(n: int, batch_size: int, seed: int, *tags, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Batch indices drawn on the CPU (the same on any device), moved to ``device``."""
+    return torch.randint(0, n, (min(batch_size, n),), generator=generator("cpu", seed, *tags)).to(device)
 
 
 def adam_steps(module: nn.Module, lr: float, steps: int, loss_at: Callable[[int], torch.Tensor],
@@ -181,7 +212,7 @@ def train_encoder_local(model: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, 
                         batch_size: int, seed: int, tag: tuple) -> float:
     """Cross-entropy steps on E + G (weight decay as torch's AdamW default)."""
     def loss_at(s: int) -> torch.Tensor:
-        idx = _batches(len(y), batch_size, seed, "fed-enc", *tag, s)
+        idx = _batches(len(y), batch_size, seed, "fed-enc", *tag, s, device=y.device)
         return nn.functional.cross_entropy(model["classifier"](model["encoder"](x[idx])), y[idx])
 
     return adam_steps(model, lr, steps, loss_at, weight_decay=0.01, description="federated E + G steps")
@@ -191,7 +222,7 @@ def train_classifier_local(classifier: nn.Module, z: torch.Tensor, y: torch.Tens
                            steps: int, lr: float, batch_size: int, seed: int, tag: tuple) -> float:
     """Class-weighted cross-entropy on frozen features (the re-weighting baseline's local step)."""
     def loss_at(s: int) -> torch.Tensor:
-        idx = _batches(len(y), batch_size, seed, "fed-rw", *tag, s)
+        idx = _batches(len(y), batch_size, seed, "fed-rw", *tag, s, device=y.device)
         return nn.functional.cross_entropy(classifier(z[idx]), y[idx], weight=class_weights)
 
     return adam_steps(classifier, lr, steps, loss_at, weight_decay=0.01, description="federated G steps")
@@ -200,10 +231,10 @@ def train_classifier_local(classifier: nn.Module, z: torch.Tensor, y: torch.Tens
 def train_denoiser_local(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss, steps: int,
                          lr: float, batch_size: int, seed: int, tag: tuple, stream: str = "fed-ldm") -> float:
     """Plain local steps of the diffusion loss (also the server's correction on the pool, ``stream`` naming
-    its own random draws)."""
+    its own random draws). One generator on the data's device draws the batch and then the loss's (t, ε)."""
     def loss_at(s: int) -> torch.Tensor:
-        g = generator("cpu", seed, stream, *tag, s)
-        idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=g)
+        g = generator(u.device, seed, stream, *tag, s)
+        idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=g, device=u.device)
         return loss_fn(model, u[idx], y[idx], generator=g).loss.mean()
 
     return adam_steps(model, lr, steps, loss_at, description=f"federated denoiser steps ({stream})")
@@ -323,12 +354,12 @@ def sampling_view(model: nn.Module, cfg: RunConfig) -> nn.Module:
 def noisy_label_counts(y: torch.Tensor, num_classes: int, count_sigma: float | None, noise: NoiseSource) -> np.ndarray:
     """This client's class counts; with ``count_sigma``, + N(0, σ²) from its private noise source, rounded and
     clamped ≥ 0 (sensitivity 1)."""
-    counts = np.bincount(y.numpy(), minlength=num_classes).astype(np.float64)
+    counts = np.bincount(y.cpu().numpy(), minlength=num_classes).astype(np.float64)
     if count_sigma:
         counts = counts + noise.gaussian(num_classes, count_sigma, "fed-counts").numpy()
     return np.maximum(0, np.round(counts)).astype(np.int64)
 
 
-def array_tensor(array) -> torch.Tensor:
-    """A Flower ``Array`` as a tensor that owns its memory."""
-    return torch.from_numpy(array.numpy().copy())
+def array_tensor(array, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A received Flower ``Array`` as a tensor that owns its memory, on ``device``."""
+    return torch.from_numpy(array.numpy().copy()).to(device)

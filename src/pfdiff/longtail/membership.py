@@ -25,6 +25,9 @@ What is attacked, and why the comparison is fair (issue 13, item 12):
 Features are computed with the run's own stage-1 encoder and scaled (and, for DP, clipped) exactly as the
 denoiser saw them during training. Results per class and per class group (many / medium / few) sit
 beside the pooled ones (``mia.grouped_metrics``).
+
+Device: the run's models, features and attacks run on ``resolve_device(cfg.device)`` (CUDA when present,
+else CPU); the attack scores come back on the CPU (``mia``), as numpy for the metrics.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifie
 from pfdiff.longtail.ldmlr import FeatureScaler, build_denoiser, sample_features
 from pfdiff.longtail.private import clip_rows, public_private_split, sampling_view
 from pfdiff.runs import RunDir
-from pfdiff.training import load_modules
+from pfdiff.training import load_modules, module_device, resolve_device
 
 CONTROL = "control"
 NONMEMBERS = ("never trained on: LongTailSplit.heldout + half of the test split (candidate_pools), balanced per "
@@ -100,16 +103,18 @@ class Target:
 # pieces
 # ---------------------------------------------------------------------------------------------------
 
-def _stage1(cfg: RunConfig, split: LongTailSplit, ck: Path, seed: int) -> tuple[nn.Module, nn.Module, str]:
-    """The run's stage-1 E and G (the DP ones under ``privacy.encoder: dp``) and the checkpoint name."""
+def _stage1(cfg: RunConfig, split: LongTailSplit, ck: Path, seed: int, device: torch.device
+            ) -> tuple[nn.Module, nn.Module, str]:
+    """The run's stage-1 E and G (the DP ones under ``privacy.encoder: dp``) on ``device`` and the checkpoint
+    name."""
     name = "dp-stage1" if (ck / "dp-stage1.safetensors").exists() else "stage1"
-    enc, g = init_encoder_classifier(cfg, split.train.input_shape, split.num_classes, seed, torch.device("cpu"))
+    enc, g = init_encoder_classifier(cfg, split.train.input_shape, split.num_classes, seed, device)
     load_modules(ck / f"{name}.safetensors", {"encoder": enc, "classifier": g})
     return enc.eval(), g.eval(), name
 
 
-def _denoiser(cfg: RunConfig, path: Path, dim: int, num_classes: int) -> nn.Module:
-    model = build_denoiser(cfg, dim, num_classes)
+def _denoiser(cfg: RunConfig, path: Path, dim: int, num_classes: int, device: torch.device) -> nn.Module:
+    model = build_denoiser(cfg, dim, num_classes).to(device)
     load_modules(path, {"denoiser": model}, use_ema_for="denoiser")
     return model.eval()
 
@@ -151,7 +156,7 @@ def upstream_scores(classifier: nn.Module, z_mem: torch.Tensor, y_mem: torch.Ten
     negated stage-1 classifier loss −CE(G(E(x)), y). If these separate members from non-members, the
     encoder (not the denoiser) is leaking, and a denoiser attack inherits it."""
     def both(fn):
-        return fn(z_mem, y_mem).double().numpy(), fn(z_non, y_non).double().numpy()
+        return fn(z_mem, y_mem).double().cpu().numpy(), fn(z_non, y_non).double().cpu().numpy()
 
     ce = lambda z, y: -nn.functional.cross_entropy(classifier(z), y, reduction="none")  # noqa: E731
     return {"feature_norm": both(lambda z, y: z.norm(dim=1)), "stage1_loss": both(ce)}
@@ -190,12 +195,15 @@ def candidate_pools(split: LongTailSplit, seed: int) -> tuple[ArrayDataset, Arra
 
 def outside_pool(enc: nn.Module, *parts: tuple[ArrayDataset, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw features and labels of every example of the given datasets except the listed indices (those in the
-    attack set): data the attacker may hold that is neither an attacked member nor a non-member."""
+    attack set): data the attacker may hold that is neither an attacked member nor a non-member. On the
+    encoder's device."""
     xs, ys = [], []
     for ds, used in parts:
         keep = np.setdiff1d(np.arange(len(ds.y)), np.asarray(used, dtype=np.int64))
         xs.append(ds.x[keep]), ys.append(ds.y[keep])
-    return encode(enc, torch.as_tensor(np.concatenate(xs))), torch.as_tensor(np.concatenate(ys))
+    device = module_device({"encoder": enc})
+    return (encode(enc, torch.as_tensor(np.concatenate(xs)).to(device)),
+            torch.as_tensor(np.concatenate(ys)).to(device))
 
 
 def trained_control(cfg: RunConfig, u: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int,
@@ -209,7 +217,7 @@ def trained_control(cfg: RunConfig, u: torch.Tensor, y: torch.Tensor, num_classe
         model, _ = train_feature_diffusion(u, y, num_classes, cfg, seed, checkpoint, None)
         return wrap(model.eval())
 
-    counts = np.bincount(y.numpy(), minlength=num_classes).tolist()
+    counts = np.bincount(y.cpu().numpy(), minlength=num_classes).tolist()
     return Control(source, counts, build, (u, y))
 
 
@@ -230,11 +238,12 @@ def load_targets(run_dir: Path, seed: int) -> list[Target]:
         raise FileNotFoundError(f"{run_dir} has no checkpoints for seed {seed}")
     check_split(run, split)
     C = split.num_classes
-    enc, g, stage1 = _stage1(cfg, split, ck, seed)
+    device = resolve_device(cfg.device)
+    enc, g, stage1 = _stage1(cfg, split, ck, seed, device)
     cand, reserve = candidate_pools(split, seed)
-    z = encode(enc, torch.as_tensor(split.train.x))
-    z_out = encode(enc, torch.as_tensor(cand.x))
-    y, y_out = torch.as_tensor(split.train.y), torch.as_tensor(cand.y)
+    z = encode(enc, torch.as_tensor(split.train.x).to(device))
+    z_out = encode(enc, torch.as_tensor(cand.x).to(device))
+    y, y_out = torch.as_tensor(split.train.y).to(device), torch.as_tensor(cand.y).to(device)
     private = private_mode(cfg)
     if private:
         pub, priv = public_private_split(split.train.y, C, cfg.privacy.public_fraction, cfg.data.split_seed)
@@ -252,15 +261,16 @@ def load_targets(run_dir: Path, seed: int) -> list[Target]:
     targets = []
     if (ck / "stage2.safetensors").exists():
         scaler = FeatureScaler.fit(z)  # as in training: fit on every training feature
-        feats = load_file(str(ck / "features.safetensors")) if (ck / "features.safetensors").exists() else None
+        feats = (load_file(str(ck / "features.safetensors"), device=str(device))
+                 if (ck / "features.safetensors").exists() else None)
         pseudo = (scaler.transform(feats["z_pseudo"]), feats["y_pseudo"]) if feats else None
-        model = _denoiser(cfg, ck / "stage2.safetensors", z.shape[1], C)
+        model = _denoiser(cfg, ck / "stage2.safetensors", z.shape[1], C, device)
         if private and len(pub):  # the public part: disjoint from the private members and the non-members
             z_c, y_c = z[pub], y[pub]
             source = "the public part (disjoint from the private members and from the non-members)"
         else:  # the members are all training examples: data outside the training set and the attack set
             z_pool, y_pool = outside_pool(enc, (reserve, []), (cand, non))
-            pick = draw_per_class(y_pool.numpy(), split.counts, np.random.default_rng([seed, 13]))
+            pick = draw_per_class(y_pool.cpu().numpy(), split.counts, np.random.default_rng([seed, 13]))
             z_c, y_c = z_pool[pick], y_pool[pick]
             source = ("reserved half of the test split + unused non-member candidates, with the target's class "
                       "counts where available (the encoder saw none of them, as it saw none of the non-members)")
@@ -276,14 +286,14 @@ def load_targets(run_dir: Path, seed: int) -> list[Target]:
         scaler = FeatureScaler.fit(z[pub])
         space = lambda v: clip_rows(scaler.transform(v), p.feature_radius)  # noqa: E731 — as in training
         view = lambda m: sampling_view(m, p, C)  # noqa: E731
-        model = view(_denoiser(cfg, ck / "dp-stage2.safetensors", z.shape[1], C))
+        model = view(_denoiser(cfg, ck / "dp-stage2.safetensors", z.shape[1], C, device))
         warm = ck / "public-stage2.safetensors"
         if not len(pub):
             raise ValueError(f"{run_dir}: the run has no public part, so its DP denoiser has no control")
         if warm.exists():  # DP-LDMLR's own public warm start: the DP target minus the private data
             control = Control("the public part: DP-LDMLR's public warm start (the target before its private "
                               "training)", np.bincount(split.train.y[pub], minlength=C).tolist(),
-                              lambda: view(_denoiser(cfg, warm, z.shape[1], C)), (space(z[pub]), y[pub]))
+                              lambda: view(_denoiser(cfg, warm, z.shape[1], C, device)), (space(z[pub]), y[pub]))
         else:
             control = trained_control(cfg, space(z[pub]), y[pub], C, seed, ck / "control-dp-stage2.safetensors",
                                       "the public part, trained as the non-private stage 2 in the DP feature space",
@@ -347,7 +357,7 @@ def lira_attack(t: Target, cfg: RunConfig, schedule, seed: int, shadows: int
     rng = np.random.default_rng([seed, 17])
     shortfall = np.zeros(C, dtype=np.int64)
     for k in range(shadows):
-        inside, fill, short = shadow_split(y.numpy(), y_pop.numpy(), t.train_counts, rng)
+        inside, fill, short = shadow_split(y.cpu().numpy(), y_pop.cpu().numpy(), t.train_counts, rng)
         shortfall = np.maximum(shortfall, short)
         x_s, y_s = torch.cat([u[inside], u_pop[fill]]), torch.cat([y[inside], y_pop[fill]])
         shadow, _ = train_feature_diffusion(x_s, y_s, C, cfg, seed * 1000 + k + 1, None, None)
@@ -372,12 +382,13 @@ def lira_attack(t: Target, cfg: RunConfig, schedule, seed: int, shadows: int
 # ---------------------------------------------------------------------------------------------------
 
 def _copying(model, t: Target, cfg: RunConfig, schedule, seed: int, pseudo=None) -> dict[str, Any]:
-    """The copying check on released pseudo-features (or 50 fresh samples per class of ``model``)."""
+    """The copying check on released pseudo-features (or 50 fresh samples per class of ``model``, sampled on
+    the device of the target's features)."""
     from pfdiff.evaluation import mia
 
     if pseudo is None:
         C = int(max(t.members[1].max(), t.nonmembers[1].max())) + 1
-        pseudo = sample_features(model, schedule, np.full(C, 50), cfg.diffusion, seed, torch.device("cpu"),
+        pseudo = sample_features(model, schedule, np.full(C, 50), cfg.diffusion, seed, t.members[0].device,
                                  tag="attack-pseudo")
     return mia.nearest_neighbour_check(*pseudo, *t.members, *t.nonmembers, seed=seed)
 

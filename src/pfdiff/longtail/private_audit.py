@@ -193,6 +193,9 @@ def run_phase1_audit(cfg: RunConfig, seed: int = 0, out_dir: Path | None = None,
     p, dim = cfg.privacy, cfg.model.feature_dim
     mech = phase1_mechanism(cfg, num_classes)
     alpha_bar_S = float(mech.loss.schedule.alpha_bar[p.promise_S - 1])  # as the ledger: index S − 1 (conservative)
+    # CPU-only on purpose, whatever cfg.device says: ``promise_attack.distinguish`` runs every trial on the CPU in
+    # float32 (it moves the model there) with CPU generators, so the audit's error counts replay exactly on any
+    # machine; the model is built there directly
     model = seeded_init(seed, "dp-denoiser", lambda: build_denoiser(cfg, dim, num_classes), torch.device("cpu"))
     bg = _clip(background_features(background, dim, num_classes, seed)[0], p.feature_radius) if background else None
     test = distinguish(model, mech, unit_canary(dim, p.feature_radius, seed), background=bg, steps=uses,
