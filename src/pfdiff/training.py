@@ -299,10 +299,11 @@ def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
 
 
 def module_device(modules: dict[str, nn.Module]) -> torch.device:
+    """The device of the first parameter; modules without parameters have no device of their own: the CPU."""
     for m in modules.values():
         for p in m.parameters():
             return p.device
-    return torch.device("cpu")
+    return torch.device("cpu")  # CPU only as the answer for parameter-free modules
 
 
 def _save(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, ema: EMA | None,
