@@ -352,3 +352,34 @@ def test_stratified_split() -> None:
     assert not np.array_equal(te, stratified_split(y, 0.2, seed=1)[1])
     with pytest.raises(DataError, match="stratified"):
         stratified_split(np.array([0, 0, 0, 1]), 0.5, seed=0)
+
+
+def _npz(path, y, dim=3, seed=0):
+    np.savez(path, x=np.random.default_rng(seed).random((len(y), dim)).astype(np.float32), y=np.asarray(y))
+    return path
+
+
+@pytest.mark.parametrize("labels,needle", [
+    ([0] * 40, "1 class with examples (1 class, inferred from the largest label)"),
+    ([0] * 30 + [1] * 30 + [3] * 30, "4 classes (inferred from the largest label), but class(es) [2] have [0]"),
+    ([0] * 30 + [1] * 30 + [2], "class(es) [2] have [1] example(s)"),
+])
+def test_split_refuses_unusable_classes_naming_the_file(tmp_path, labels, needle):
+    from pfdiff.config import load_config
+    from pfdiff.longtail.common import make_split
+
+    path = _npz(tmp_path / "d.npz", labels)
+    cfg = load_config(None, ["data.name=npz", f"data.path={path}", "data.val_per_class=0"])
+    with pytest.raises(DataError) as err:
+        make_split(cfg)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_random_bytes_are_not_an_npz_and_no_unsafe_advice(tmp_path):
+    from pfdiff.data.sources import load_npz
+
+    path = tmp_path / "noise.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(512))
+    with pytest.raises(DataError, match="not a .npz archive") as err:
+        load_npz(path)
+    assert "allow_pickle" not in str(err.value) and "pickle.load" not in str(err.value)

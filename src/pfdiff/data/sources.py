@@ -33,6 +33,7 @@ class ArrayDataset:
     y: np.ndarray
     num_classes: int
     name: str
+    classes_inferred: bool = False  # num_classes came from the largest label (the source declared none)
 
     @property
     def is_features(self) -> bool:
@@ -44,7 +45,7 @@ class ArrayDataset:
 
     def subset(self, idx: np.ndarray) -> "ArrayDataset":
         """The examples at ``idx`` (same classes and name)."""
-        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name)
+        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name, self.classes_inferred)
 
 
 # ---------------------------------------------------------------- validation
@@ -93,7 +94,7 @@ def _scaled(a: np.ndarray, top: float) -> np.ndarray:
 
 def _dataset(x: Any, y: Any, num_classes: int | None, source: str, name: str) -> ArrayDataset:
     x, y, c = validate_arrays(x, y, num_classes, source)
-    return ArrayDataset(x, y, c, name)
+    return ArrayDataset(x, y, c, name, num_classes is None)
 
 
 # ---------------------------------------------------------------- digits
@@ -345,6 +346,11 @@ def load_cifar(path: str | Path, name: str = "cifar10") -> ArrayDataset:
 def load_npz(path: str | Path, name: str | None = None) -> ArrayDataset:
     """A .npz with ``x`` (images [N,H,W] / [N,C,H,W] or features [N,D]) and ``y``; optional ``num_classes``."""
     path = _existing_file(Path(path))
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # what np.savez writes; anything else would be read as a pickle, which we never do
+        raise DataError(f"{path}: not a .npz archive (a .npz is a zip file of arrays x and y; this file starts "
+                        f"with bytes {magic!r})")
     try:
         archive = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:

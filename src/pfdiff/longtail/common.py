@@ -121,12 +121,36 @@ def validation_indices(y: np.ndarray, per_class: int, seed: int, num_classes: in
                                    for c in range(num_classes)]))
 
 
+def check_classes(data: ArrayDataset, source: str) -> None:
+    """At least 2 classes, and every class 0..K−1 with at least 2 examples (one to train on, one to test);
+    the message says where K came from (declared by the source, or inferred from the largest label)."""
+    counts = class_counts(data.y, data.num_classes)
+    how = "inferred from the largest label" if data.classes_inferred else "as the source declares"
+    present = int((counts > 0).sum())
+    if present < 2:
+        total = f"{data.num_classes} class" + ("" if data.num_classes == 1 else "es")
+        raise DataError(f"{source}: {present} class with examples ({total}, {how}); "
+                        "long-tailed recognition needs at least 2")
+    few = np.flatnonzero(counts < 2)
+    if few.size:
+        raise DataError(f"{source}: {data.num_classes} classes ({how}), but class(es) {few[:8].tolist()} have "
+                        f"{counts[few[:8]].tolist()} example(s); every class needs one to train on and one to test "
+                        "(relabel the classes to 0..K−1, or drop the rare ones)")
+
+
 def make_split(cfg: RunConfig) -> LongTailSplit:
     """Load the configured data, split it (seeded by ``data.split_seed``), hold out the balanced validation set
     (``data.val_per_class``) and draw the long-tailed subset from the rest of the training pool."""
     d = cfg.data
     data = load_dataset(d.name, d.path, **dataset_options(d))
+    source = d.path or d.name
+    check_classes(data, source)
     train_idx, test_idx = stratified_split(data.y, d.test_fraction, d.split_seed)
+    empty = np.flatnonzero(class_counts(data.y[test_idx], data.num_classes) == 0)
+    if empty.size:
+        raise DataError(f"{source}: class(es) {empty[:8].tolist()} get no test example at data.test_fraction="
+                        f"{d.test_fraction} (they have {class_counts(data.y, data.num_classes)[empty[:8]].tolist()} "
+                        "examples); raise data.test_fraction or drop those classes")
     # exactly balanced test set; the few extra test examples go back to the training pool
     keep = test_idx[balanced_indices(data.y[test_idx], d.split_seed, data.num_classes)]
     pool = data.subset(np.union1d(train_idx, np.setdiff1d(test_idx, keep)))
