@@ -383,3 +383,16 @@ def test_random_bytes_are_not_an_npz_and_no_unsafe_advice(tmp_path):
     with pytest.raises(DataError, match="not a .npz archive") as err:
         load_npz(path)
     assert "allow_pickle" not in str(err.value) and "pickle.load" not in str(err.value)
+
+
+@pytest.mark.parametrize("args,needle", [(["--samples", "0"], "at least 4 examples per class"),
+                                         (["--class-sep", "-1"], "class separation > 0"),
+                                         (["--classes", "1"], "at least 2 classes")])
+def test_make_data_refuses_bad_arguments_and_writes_nothing(tmp_path, args, needle):
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    res = CliRunner().invoke(app, ["make-data", str(tmp_path / "d.npz"), *args])
+    assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# no locals in tracebacks: they would print configs and, worse, tensors of private data
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="pfdiff: private, federated diffusion in feature space for long-tailed recognition.")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error (no wrapping), also with --quiet
@@ -95,9 +96,12 @@ def make_data(out: Path = typer.Argument(..., help="the .npz file to write"),
               seed: int = typer.Option(0, help="generator seed"),
               class_sep: float = typer.Option(1.0, help="cluster separation (smaller is harder)")):
     """Write a synthetic feature dataset (scikit-learn make_classification) for `data.name=npz`."""
-    from pfdiff.data import write_synthetic_npz
+    from pfdiff.data import DataError, write_synthetic_npz
 
-    path = write_synthetic_npz(out, samples, 64, classes, seed, class_sep)
+    try:
+        path = write_synthetic_npz(out, samples, 64, classes, seed, class_sep)
+    except DataError as e:
+        _fail(str(e))
     console.print(f"wrote {path}; run it with: pfdiff run ablation --set data.name=npz --set data.path={path}")
 
 

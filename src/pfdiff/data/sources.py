@@ -414,6 +414,13 @@ def write_synthetic_npz(path, n_samples: int = 6000, dim: int = 64, num_classes:
     (Guyon 2003: Gaussian clusters on a hypercube, 2 per class, 16 informative of ``dim`` features)."""
     from sklearn.datasets import make_classification
 
+    if num_classes < 2:
+        raise DataError(f"make-data needs at least 2 classes, got {num_classes}")
+    if n_samples < 4 * num_classes:  # 2 clusters per class, each with a training and a test example
+        raise DataError(f"make-data needs at least 4 examples per class ({4 * num_classes} for {num_classes} "
+                        f"classes), got {n_samples}")
+    if not (np.isfinite(class_sep) and class_sep > 0):
+        raise DataError(f"make-data needs a class separation > 0, got {class_sep}")
     x, y = make_classification(n_samples=n_samples, n_features=dim, n_informative=16, n_redundant=16,
                                n_classes=num_classes, n_clusters_per_class=2, class_sep=class_sep,
                                random_state=seed)
