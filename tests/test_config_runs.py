@@ -117,3 +117,25 @@ def test_cli_refuses_bad_values_in_one_line_before_writing(tmp_path, override, n
     assert res.exit_code == 2 and needle in res.output, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 3
     assert not (tmp_path / "runs").exists()
+
+
+def test_metrics_of_a_resumed_run_hold_each_event_once(tmp_path):
+    """A resume re-logs the steps after its checkpoint: the later record replaces the earlier, in place;
+    records without a key are all kept; compact_metrics rewrites the file that way."""
+    run = RunDir.create(RunConfig(), tmp_path)
+    for step in (50, 100, 150):
+        run.log({"stage": "seed 0 · stage 1", "step": step, "loss": 1.0, "seed": 0, "split_seed": 0})
+    run.log({"event": "test", "method": "ce", "seed": 0, "split_seed": 0, "top1": 0.5})
+    run.log({"note": "free"})
+    for step in (150,):  # resumed from the checkpoint at step 100
+        run.log({"stage": "seed 0 · stage 1", "step": step, "loss": 0.5, "seed": 0, "split_seed": 0})
+    run.log({"stage": "seed 0 · stage 1", "step": 150, "loss": 0.7, "seed": 0, "split_seed": 1})  # other split
+    run.log({"event": "test", "method": "ce", "seed": 0, "split_seed": 0, "top1": 0.6})
+    run.log({"note": "free"})
+    rows = run.metrics()
+    assert [r.get("step") for r in rows if "stage" in r] == [50, 100, 150, 150]
+    assert [r["loss"] for r in rows if r.get("step") == 150] == [0.5, 0.7]
+    assert [r["top1"] for r in rows if r.get("event") == "test"] == [0.6]
+    assert sum(1 for r in rows if "note" in r) == 2
+    run.compact_metrics()
+    assert len(run.metrics_path.read_text().splitlines()) == len(rows) and run.metrics() == rows

@@ -93,6 +93,16 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]
     return _unflatten("", tensors, meta)
 
 
+def metric_key(record: dict[str, Any]) -> tuple | None:
+    """What identifies a logged event: a training step (stage and step) or a named event (event, method, seeds,
+    step); None for a record that has neither (kept however often it appears)."""
+    if "stage" in record and "step" in record:
+        return ("step", *(json.dumps(record.get(k)) for k in ("stage", "split_seed", "seed", "step")))
+    if "event" in record:
+        return ("event", *(json.dumps(record.get(k)) for k in ("event", "method", "split_seed", "seed", "step")))
+    return None
+
+
 class RunDir:
     """``runs/<name>-<time>/``: config.yaml, metrics.jsonl, results.json, checkpoints/, plots/, report.md."""
 
@@ -137,15 +147,24 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl, each event once: a resumed run logs the steps after its last checkpoint
+        again, so a record with the key of an earlier one (``metric_key``) replaces it, in place."""
         if not self.metrics_path.exists():
             return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        rows: dict[Any, dict[str, Any]] = {}
+        for i, line in enumerate(self.metrics_path.read_text().splitlines()):
             try:
-                rows.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a crash: skip it, keep the rest
                 continue
-        return rows
+            key = metric_key(record)
+            rows[i if key is None else key] = record
+        return list(rows.values())
+
+    def compact_metrics(self) -> None:
+        """Rewrite metrics.jsonl without the records a resume repeats (atomically), e.g. before resuming."""
+        if self.metrics_path.exists():
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.metrics()))
 
     def write_json(self, name: str, obj: Any) -> Path:
         atomic_write_json(self.path / name, obj)
