@@ -3,6 +3,7 @@ Parses and delegates only."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -23,16 +24,21 @@ def _fail(message: str) -> None:
 
 
 @app.callback()
-def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars; log messages from ERROR up"),
+def main(ctx: typer.Context,
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars; log messages from ERROR up"),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="a metrics line every log_every steps "
                                       "(also on a terminal) and INFO messages of pfdiff and its libraries")):
     """Options for every command (before the command: ``pfdiff -q run quickstart``)."""
     import logging
 
+    from pfdiff.distributed import requested_world_size
     from pfdiff.training import set_verbosity
 
     if quiet and verbose:
         _fail("--quiet and --verbose exclude each other")
+    if requested_world_size() > 1 and ctx.invoked_subcommand not in (None, "run"):
+        _fail(f"only `pfdiff run` runs under torchrun (WORLD_SIZE={requested_world_size()}); "
+              f"start `pfdiff {ctx.invoked_subcommand}` as one process")
     level = 0 if quiet else 2 if verbose else 1
     set_verbosity(level)
     logging.basicConfig(level={0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}[level],
@@ -44,31 +50,51 @@ def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set diffusion.steps=2000"),
         resume: Optional[Path] = typer.Option(None, help="resume an interrupted run directory"),
         out: Optional[Path] = typer.Option(None, help="parent folder of the run directory (default: runs/)")):
-    """Train and evaluate every configured method over all seeds; write a run directory and report."""
+    """Train and evaluate every configured method over all seeds; write a run directory and report.
+    Under torchrun (``torchrun --nproc-per-node N -m pfdiff run …``) stages 1 and 2 split every batch between
+    the N processes; only rank 0 writes the run directory, prints and renders the report (the others run the
+    same pipeline into a scratch directory that is removed; to resume, rank 0 sends them its run directory)."""
+    import tempfile
+
+    from pfdiff import distributed
     from pfdiff.config import ConfigError, load_config
     from pfdiff.data import DataError
     from pfdiff.longtail.pipeline import prepare, run_experiment
     from pfdiff.report import render_report
     from pfdiff.runs import RunDir
+    from pfdiff.training import set_verbosity
 
+    if resume is not None and (config or set_):
+        _fail("--resume uses the run's saved config.yaml; drop CONFIG and --set")
+    distributed.init_from_env()
+    main = distributed.is_main()
+    if not main:
+        set_verbosity(0)  # one progress display: rank 0's
     try:
-        if resume is not None:
-            if config or set_:
-                _fail("--resume uses the run's saved config.yaml; drop CONFIG and --set")
-            run_dir = RunDir.open(resume)
-            cfg = run_dir.config()
-            split = prepare(cfg)
-        else:
-            cfg = load_config(config, set_)
-            split = prepare(cfg)  # refuses bad methods, data, devices and privacy plans before anything is written
-            run_dir = RunDir.create(cfg, out)
-        console.print(f"run directory: [bold]{run_dir.path}[/]")
-        if cfg.privacy.reproducible_noise and any(m.startswith("dp-") for m in cfg.methods):
-            console.print("[bold red]NOT PRIVATE:[/] privacy.reproducible_noise derives the DP noise from the run "
-                          "seed (debugging only); no ε printed for this run is a guarantee")
-        results = run_experiment(cfg, run_dir, split)
+        scratch_dir = nullcontext() if main else tempfile.TemporaryDirectory(prefix=f"pfdiff-rank{distributed.rank()}-")
+        with scratch_dir as scratch:  # None on rank 0
+            if resume is not None:
+                path = resume if main else Path(scratch) / "resume"
+                distributed.mirror(resume, path)  # rank 0's run directory onto the others (no shared disk needed)
+                run_dir = RunDir.open(path)
+                cfg = run_dir.config()
+                split = prepare(cfg)
+            else:
+                cfg = load_config(config, set_)
+                split = prepare(cfg)  # refuses bad methods, data, devices and privacy plans before anything is written
+                run_dir = RunDir.create(cfg, out if main else scratch)
+            if main:
+                console.print(f"run directory: [bold]{run_dir.path}[/]")
+            if main and cfg.privacy.reproducible_noise and any(m.startswith("dp-") for m in cfg.methods):
+                console.print("[bold red]NOT PRIVATE:[/] privacy.reproducible_noise derives the DP noise from the run "
+                              "seed (debugging only); no ε printed for this run is a guarantee")
+            results = run_experiment(cfg, run_dir, split)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    finally:
+        distributed.finish()
+    if not main:
+        return
     report = render_report(run_dir)
     print_table(results)
     console.print(f"report: [bold]{report}[/]")

@@ -98,16 +98,34 @@ class DiffusionLoss:
             y_rep = torch.where(drop, torch.full_like(y_rep, self.null_label), y_rep)
         return t, eps, y_rep
 
+    def _shard_draw(self, z0_rep: torch.Tensor, y_rep: torch.Tensor, generator: torch.Generator | None,
+                    offset: int, total: int):
+        """The draws of rows ``offset`` … ``offset + len(z0_rep)`` of a batch of ``total`` rows: drawn for the
+        whole batch (as ``_draw`` would for it), then these rows' kept."""
+        n = len(z0_rep)
+        if not 0 <= offset <= offset + n <= total:
+            raise ValueError(f"rows {offset}…{offset + n} do not lie in a batch of {total}")
+        y_all = torch.zeros(total, dtype=y_rep.dtype, device=y_rep.device)
+        y_all[offset:offset + n] = y_rep
+        t, eps, y_all = self._draw(z0_rep.new_empty((total, *z0_rep.shape[1:])), y_all, generator)
+        return t[offset:offset + n], eps[offset:offset + n], y_all[offset:offset + n]
+
     def __call__(self, model, z0: torch.Tensor, y: torch.Tensor, noise_multiplicity: int = 1,
-                 generator: torch.Generator | None = None, inner_multiplicity: bool | None = None
-                 ) -> DiffusionOutput:
+                 generator: torch.Generator | None = None, inner_multiplicity: bool | None = None,
+                 shard: tuple[int, int] | None = None) -> DiffusionOutput:
+        """``shard=(offset, total)``: ``z0``, ``y`` are rows ``offset`` … of a batch of ``total`` examples split
+        across processes (``pfdiff.distributed``); every draw is then the one the whole batch would get from
+        ``generator``, so the processes' rows together see exactly the draws of the unsplit batch."""
         B, K = len(z0), noise_multiplicity
         if K < 1:
             raise ValueError(f"noise_multiplicity must be ≥ 1, got {K}")
         # DPDM (Dockhorn et al. 2022, §3.2): K draws of (t, ε) per example in one batched call, averaged
         # per example *before* any clipping, so K does not change the per-example sensitivity.
         z0_rep, y_rep = z0.repeat_interleave(K, dim=0), y.repeat_interleave(K, dim=0)
-        t, eps, y_rep = self._draw(z0_rep, y_rep, generator)
+        if shard is None:
+            t, eps, y_rep = self._draw(z0_rep, y_rep, generator)
+        else:
+            t, eps, y_rep = self._shard_draw(z0_rep, y_rep, generator, shard[0] * K, shard[1] * K)
         a = self.schedule.sqrt_alpha_bar(t, z0.ndim, z0.dtype)
         b = self.schedule.sqrt_one_minus_alpha_bar(t, z0.ndim, z0.dtype)
         z_t = a * z0_rep + b * eps  # q(z_t | z_0), DDPM eq. 4

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pfdiff import distributed
 from pfdiff.config import RunConfig
 from pfdiff.config import OptimConfig
 from pfdiff.data import class_counts
@@ -53,7 +54,13 @@ def train_stage1(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.
 
     ``ldam-drw`` uses a normalised (cosine) classifier with scale s = ``stage1.ldam_scale``, as LDAM's code does
     (its margins are in cosine units); every other loss uses ``model.classifier``. Every loss starts from the
-    same seeded initial E (and G where the kind matches), so the losses are compared on paired runs."""
+    same seeded initial E (and G where the kind matches), so the losses are compared on paired runs.
+
+    Under torchrun (``pfdiff.distributed``) every process draws and augments the same batch and takes its rows
+    through DDP-wrapped E+G; the averaged gradient is that of the whole batch, so the weights equal a single
+    process's up to float rounding (the all-reduce sums in another order). This holds for every encoder here:
+    they normalise with GroupNorm, per example (BatchNorm's batch statistics would differ per process). The
+    logged loss is rank 0's part of the batch loss (×W), not the batch's."""
     if loss not in STAGE1_LOSSES:
         raise ValueError(f"unknown stage-1 loss {loss!r}; choose from {sorted(STAGE1_LOSSES)}")
     o = cfg.stage1
@@ -69,10 +76,18 @@ def train_stage1(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.
     params = list(encoder.parameters()) + list(classifier.parameters())
     opt = stage1_optimizer(params, o)
 
+    world = distributed.world_size()
+    distributed.check_batch_size(o.batch_size, "stage1.batch_size")
+    net = distributed.wrap(nn.Sequential(encoder, classifier))  # DDP under torchrun; E and G keep their params
+
     def step_fn(step: int):
         idx = shuffled_batch(len(y), o.batch_size, step, seed).to(device)
         xb = x[idx] if augment is None else augment(x[idx], seed, step)
-        return criterion(classifier(encoder(xb)), y[idx], step), {}
+        if world == 1:
+            return criterion(classifier(encoder(xb)), y[idx], step), {}
+        # the whole batch drawn and augmented as by one process (same draws); this process's rows through DDP
+        rows = distributed.rows(len(idx))
+        return distributed.part(*criterion.shard_terms(net(xb[rows]), y[idx], rows, step)), {}
 
     name = "" if loss == "ce" else f" ({loss})"
     train({"encoder": encoder, "classifier": classifier}, opt, step_fn, o.epochs * per_epoch,

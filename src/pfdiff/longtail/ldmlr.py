@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pfdiff import distributed
 from pfdiff.config import DiffusionConfig, PseudoConfig, RunConfig
 from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
 from pfdiff.longtail.common import seeded_init, train_classifier_on_features
@@ -56,7 +57,12 @@ def feature_loss(d: DiffusionConfig, schedule: NoiseSchedule, num_classes: int, 
 def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, seed: int,
                             checkpoint: Path | None, log: Callable[[dict], None] | None,
                             ) -> tuple[nn.Module, NoiseSchedule]:
-    """Stage 2: fit ε_θ on standardised features ``u``; returns the EMA denoiser and its schedule."""
+    """Stage 2: fit ε_θ on standardised features ``u``; returns the EMA denoiser and its schedule.
+
+    Under torchrun (``pfdiff.distributed``) every process takes its rows of the same batch through the
+    DDP-wrapped denoiser, with the diffusion draws (t, ε, label drop) the whole batch gets from the step's
+    generator; the averaged gradient is the whole batch's, so the weights equal a single process's up to float
+    rounding. The logged loss is rank 0's part of the batch loss (×W)."""
     d = cfg.diffusion
     schedule = make_schedule(d.schedule, d.T).to(u.device)
     denoiser = seeded_init(seed, "denoiser", lambda: build_denoiser(cfg, u.shape[1], num_classes), u.device)
@@ -64,10 +70,18 @@ def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, 
     opt = torch.optim.Adam(denoiser.parameters(), lr=d.lr, **optimizer_options())
     ema = EMA(denoiser, d.ema_decay)
 
+    world = distributed.world_size()
+    distributed.check_batch_size(d.batch_size, "diffusion.batch_size")
+    net = distributed.wrap(denoiser)  # DDP under torchrun; optimizer, EMA and checkpoint keep the denoiser
+
     def step_fn(step: int):
         idx = shuffled_batch(len(y), d.batch_size, step, seed).to(u.device)
-        out = loss_fn(denoiser, u[idx], y[idx], generator=generator(u.device, seed, "ldm", step))
-        return out.loss.mean(), {}
+        g = generator(u.device, seed, "ldm", step)
+        if world == 1:
+            return loss_fn(denoiser, u[idx], y[idx], generator=g).loss.mean(), {}
+        rows = distributed.rows(len(idx))  # this process's rows, with the draws the whole batch gets from g
+        out = loss_fn(net, u[idx[rows]], y[idx[rows]], generator=g, shard=(rows.start, len(idx)))
+        return distributed.part(out.loss.sum(), len(idx)), {}
 
     train({"denoiser": denoiser}, opt, step_fn, d.steps, description=f"seed {seed} · stage 2: ε_θ",
           ema=ema, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, log=log)

@@ -113,6 +113,17 @@ class Stage1Loss:
         w = self.weights(y, step)
         return loss.mean() if w is None else (w * loss).sum() / w.sum()
 
+    def shard_terms(self, logits: torch.Tensor, y_batch: torch.Tensor, rows: slice, step: int
+                    ) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """A batch split across processes (``pfdiff.distributed``): (Σ_rows w_i ℓ_i, Σ_batch w_i) for the rows
+        ``rows`` of the batch with labels ``y_batch`` (``logits``: of those rows only). The first summed over the
+        processes' rows, divided by the second, is this loss of the whole batch."""
+        loss = self.per_example(logits, y_batch[rows])
+        w = self.weights(y_batch, step)
+        if w is None:
+            return loss.sum(), len(y_batch)
+        return (w[rows] * loss).sum(), w.sum()
+
 
 def stage1_loss(name: str, counts: np.ndarray | torch.Tensor, o: OptimConfig, steps_per_epoch: int) -> Stage1Loss:
     """The configured stage-1 loss ``name`` for a training set with ``counts`` per class. DRW starts at epoch

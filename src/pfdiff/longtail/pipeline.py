@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pfdiff import distributed
 from pfdiff.config import RunConfig
 from pfdiff.data import class_counts
 from pfdiff.evaluation import GROUPS, recognition_metrics
@@ -74,7 +75,8 @@ def run_key(cfg: RunConfig, split_seed: int, seed: int) -> str:
 def prepare(cfg: RunConfig) -> LongTailSplit:
     """Everything that can refuse a run, before its directory exists: the methods, the device, the data, the
     stage-1 augmentation and the validation plan and, for a private run, the whole privacy plan (δ < 1/N_private,
-    σ reachable, ε within the target). Returns the first split, its test set sealed."""
+    σ reachable, ε within the target); under torchrun, batch sizes the processes cannot share and dp-… methods.
+    Returns the first split, its test set sealed."""
     methods = [parse_method(m) for m in cfg.methods]
     resolve_device(cfg.device)
     if cfg.pseudo_weight_grid and cfg.data.val_per_class == 0:
@@ -83,6 +85,12 @@ def prepare(cfg: RunConfig) -> LongTailSplit:
     if private and cfg.privacy.encoder == "dp" and any(m.stage1 != "ce" for m in methods):
         raise ValueError("privacy.encoder=dp trains stage 1 with DP-SGD and cross-entropy only; drop the @LOSS of "
                          f"{[m.name for m in methods if m.stage1 != 'ce']} or use privacy.encoder=public")
+    if distributed.world_size() > 1:  # torchrun: stages 1 and 2 split each batch between the processes
+        if private:
+            raise ValueError(f"the dp-… methods do not run under torchrun (WORLD_SIZE={distributed.world_size()}): "
+                             "DP-SGD's noise and accounting are those of one process; run them without torchrun")
+        distributed.check_batch_size(cfg.stage1.batch_size, "stage1.batch_size")
+        distributed.check_batch_size(cfg.diffusion.batch_size, "diffusion.batch_size")
     split = make_split(split_config(cfg, split_seeds(cfg)[0]))
     augmentation_kind(cfg.stage1, split.train.input_shape)
     if private:
