@@ -186,3 +186,17 @@ def test_cli_takes_config_and_set_and_saves_config(tmp_path):
     assert (tmp_path / "d" / "dpdm_results.json").exists()
     bad = CliRunner().invoke(app, ["dpdm", "--out", str(tmp_path / "e"), "--set", "dpdm.stepz=3"])
     assert bad.exit_code == 2 and not (tmp_path / "e").exists()  # refused before anything is written
+
+
+def test_dpdm_models_are_built_on_their_datas_device(monkeypatch):
+    """device: the DPDM reference builds every model where its data are (here the "meta" device stands in for a
+    GPU: shapes and placement only, no numbers)."""
+    from pfdiff.imagespace import dpdm as D
+
+    x = torch.zeros(4, 1, 8, 8, device="meta")
+    unet = D.make_unet(TINY, (1, 8, 8), 3, 0).to(x.device)
+    assert next(unet.parameters()).device.type == "meta"
+    splits = D.ImageSplits(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 8, 8),
+                           torch.zeros(2, dtype=torch.long), 3, "t").to(torch.device("meta"))
+    assert {t.device.type for t in (splits.x_train, splits.y_train, splits.x_test, splits.y_test)} == {"meta"}
+    assert TINY.device == "auto"

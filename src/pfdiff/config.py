@@ -264,6 +264,7 @@ class DPDMConfig(Section, DiffusionSpec):
 
     # data: a stratified split of the (balanced) digits; the test part is FID reference and CAS test set
     dataset: str = "digits"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: CUDA when present)
     data_path: str | None = None
     test_fraction: float = 0.25
     split_seed: int = 0

@@ -48,7 +48,7 @@ from pfdiff.privacy.accounting import epsilon as privacy_epsilon
 from pfdiff.privacy.dpsgd import DPSGD
 from pfdiff.privacy.noise import NoiseSource
 from pfdiff.runs import atomic_write_bytes, atomic_write_json
-from pfdiff.training import EMA, derive_seed, generator, run_steps, shuffled_batch, train
+from pfdiff.training import EMA, derive_seed, generator, resolve_device, run_steps, shuffled_batch, train
 
 T_DISTRIBUTIONS = ("lognormal", "uniform")
 DPSGD_EVENT = "dpdm denoiser DP-SGD"
@@ -148,6 +148,10 @@ class ImageSplits:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def to(self, device: torch.device) -> "ImageSplits":
+        return ImageSplits(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                           self.y_test.to(device), self.num_classes, self.name)
+
 
 def load_image_splits(dataset: str = "digits", path: str | None = None, test_fraction: float = 0.25,
                       split_seed: int = 0, balanced_train: bool = True) -> ImageSplits:
@@ -217,7 +221,7 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
     t0 = time.perf_counter()
     schedule = make_schedule(cfg.schedule, cfg.T)
     loss_fn = make_loss(cfg, schedule, num_classes)
-    model = make_unet(cfg, tuple(x.shape[1:]), num_classes, seed).train()
+    model = make_unet(cfg, tuple(x.shape[1:]), num_classes, seed).to(x.device).train()  # the data's device
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = EMA(model, cfg.ema_decay)
     plan = dp_plan(cfg, target_epsilon, len(x))
@@ -237,7 +241,8 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
                       description=f"DPDM U-Net (ε = {target_epsilon:g}, σ = {plan['sigma']:.3f})")
         else:
             def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-                idx = shuffled_batch(len(x), min(cfg.batch_size, len(x)), step, derive_seed(seed, "dpdm-batches"))
+                idx = shuffled_batch(len(x), min(cfg.batch_size, len(x)), step, derive_seed(seed, "dpdm-batches"),
+                                     x.device)
                 g = generator(x.device, seed, "dpdm-draws", step)
                 return (loss_fn(model, x[idx], y[idx], noise_multiplicity=K, generator=g).loss.mean(),
                         {"batch_size": float(len(idx))})
@@ -260,10 +265,11 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
 def sample_balanced(model: nn.Module, num_classes: int, n_per_class: int, shape: tuple[int, ...],
                     cfg: DPDMConfig = DPDMConfig(), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_per_class`` images of every class with the few-step sampler; (x in [-1, 1], y)."""
-    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    device = next(model.parameters()).device
+    y = torch.arange(num_classes, device=device).repeat_interleave(n_per_class)
     net = model if cfg.guidance_scale == 1.0 else ClassifierFreeGuidance(model, num_classes, cfg.guidance_scale)
     x = generate(cfg.sampler, cfg.denoiser(net), (len(y), *shape), y, cfg.sampler_steps,
-                 generator=generator("cpu", seed, "dpdm-sample"), spacing=cfg.spacing)
+                 generator=generator(device, seed, "dpdm-sample"), spacing=cfg.spacing)
     return x.clamp(-1, 1), y
 
 
@@ -291,9 +297,10 @@ def train_image_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *
     """Cross-entropy training with Adam on shuffled batches; returned in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, tag, "init"))
-        clf = ImageClassifier(tuple(x.shape[1:]), num_classes, feature_dim, width)
+        clf = ImageClassifier(tuple(x.shape[1:]), num_classes, feature_dim, width).to(x.device)
+
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = shuffled_batch(len(x), min(batch_size, len(x)), step, derive_seed(seed, tag, "batches"))
+        idx = shuffled_batch(len(x), min(batch_size, len(x)), step, derive_seed(seed, tag, "batches"), x.device)
         return F.cross_entropy(clf(x[idx]), y[idx]), {}
 
     train({"classifier": clf}, torch.optim.Adam(clf.parameters(), lr=lr), step_fn, steps,
@@ -314,8 +321,8 @@ def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 @torch.no_grad()
 def feature_fid(extractor: ImageClassifier, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Fréchet distance between the extractor's features of two image sets (project's ``frechet_distance``)."""
-    f_real = _batched(extractor.features, real).double().numpy()
-    f_fake = _batched(extractor.features, fake).double().numpy()
+    f_real = _batched(extractor.features, real).double().cpu().numpy()
+    f_fake = _batched(extractor.features, fake).double().cpu().numpy()
     return frechet_distance(f_real, f_fake)
 
 
@@ -404,6 +411,7 @@ def run_dpdm(out_dir: Path, epsilons: tuple[float | None, ...] = (1.0, 10.0, Non
 def _run(out_dir: Path, epsilons: tuple[float | None, ...], seed: int, cfg: DPDMConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     data = load_image_splits(cfg.dataset, cfg.data_path, cfg.test_fraction, cfg.split_seed, cfg.balanced_train)
+    data = data.to(resolve_device(cfg.device))  # every model below is built on its data's device
     C = data.num_classes
     clf_kw = dict(steps=cfg.clf_steps, batch_size=cfg.clf_batch_size, lr=cfg.clf_lr,
                   feature_dim=cfg.clf_feature_dim, width=cfg.clf_width)
