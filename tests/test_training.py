@@ -243,3 +243,15 @@ def test_shuffled_batch_is_an_epoch_permutation_drawn_once_on_the_device():
     assert torch.equal(shuffled_batch(10, 4, 1, 7, "cpu"), batches[1])  # stateless: same arguments, same batch
     assert _epoch_permutation.cache_info().misses == 1  # the permutation was drawn once for the whole epoch
     assert not torch.equal(torch.cat([shuffled_batch(10, 4, s, 7) for s in range(3, 6)]), torch.cat(batches))
+
+
+def test_default_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    from pfdiff import training as T
+
+    assert T.default_threads(3) == 3  # an explicit setting wins
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert T.available_cores() == 1 and T.default_threads(None) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert T.available_cores() <= 64 and T.default_threads(None) <= torch.get_num_threads()

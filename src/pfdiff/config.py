@@ -347,7 +347,7 @@ class RunConfig(Section):
     seeds: list[int] = [0, 1, 2]
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs"
-    threads: int | None = None  # torch CPU threads; None keeps torch's default
+    threads: int | None = None  # torch CPU threads; None: torch's default capped by the cores this process may use
     # the non-private training loops of `pfdiff run` (stages 1–3, E2E; DP-SGD steps always run in fp32):
     # auto = bf16 autocast + TF32 matmuls on a CUDA device, fp32 on the CPU (CPU numbers unchanged)
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -65,6 +66,25 @@ def configure_acceleration(precision: str, compile: bool, fused: str, device: to
 def optimizer_options() -> dict[str, Any]:
     """Keyword arguments for torch's Adam/AdamW under the configured acceleration (``fused``)."""
     return {"fused": True} if _ACCELERATION.fused else {}
+
+
+def available_cores() -> int:
+    """The CPU cores this process may actually use: its affinity mask, capped by a cgroup CPU quota (a container
+    limited to 2 CPUs on a 64-core host gets 2, where torch's default would start 64 threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_threads(threads: int | None) -> int:
+    """torch's intra-op threads for a run: ``threads`` when set, else torch's default capped by
+    ``available_cores`` (equal to torch's default on an unconstrained machine, so its numbers are unchanged)."""
+    return threads if threads else min(torch.get_num_threads(), available_cores())
 
 
 def derive_seed(*parts: int | str) -> int:

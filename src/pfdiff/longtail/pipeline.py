@@ -37,7 +37,7 @@ from pfdiff.longtail.private import (clip_rows, count_event, noisy_counts, prefl
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.privacy.noise import noise_source
 from pfdiff.runs import RunDir, atomic_write_json
-from pfdiff.training import configure_acceleration, resolve_device, steps_per_epoch
+from pfdiff.training import configure_acceleration, default_threads, resolve_device, steps_per_epoch
 
 
 class Timer:
@@ -104,8 +104,7 @@ def run_experiment(cfg: RunConfig, run: RunDir, split: LongTailSplit | None = No
     checks), else prepared here."""
     split = (split or prepare(cfg)).sealed()
     methods = [parse_method(m) for m in cfg.methods]
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(default_threads(cfg.threads))
     device = resolve_device(cfg.device)
     configure_acceleration(cfg.precision, cfg.compile, cfg.fused_optimizer, device)
     summaries: dict[int, dict] = {}
