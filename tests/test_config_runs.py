@@ -139,3 +139,13 @@ def test_metrics_of_a_resumed_run_hold_each_event_once(tmp_path):
     assert sum(1 for r in rows if "note" in r) == 2
     run.compact_metrics()
     assert len(run.metrics_path.read_text().splitlines()) == len(rows) and run.metrics() == rows
+
+
+def test_fed_alpha_is_validated_before_any_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    res = CliRunner().invoke(app, ["fed", "--alpha", "0.5", "--alpha", "-1", "--out", str(tmp_path / "fed")])
+    assert res.exit_code == 2 and "fed.alpha" in res.output and "(got -1.0)" in res.output, res.output
+    assert not (tmp_path / "fed").exists()  # the valid α = 0.5 did not start either

@@ -177,8 +177,10 @@ def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
     try:
         base = load_config(config or "federated", set_)
         root = out or Path(base.output_dir) / base.name
-        for a in alpha or base.fed.compare_alphas:
-            cfg = base.model_copy(update={"fed": base.fed.model_copy(update={"alpha": float(a)})})
+        # every α validated (as a --set fed.alpha=… would be) before the first run starts
+        configs = [(a, load_config(config or "federated", [*set_, f"fed.alpha={float(a)!r}"]))
+                   for a in alpha or base.fed.compare_alphas]
+        for a, cfg in configs:
             console.print(f"α = {a:g} → [bold]{alpha_dir(root, a)}[/]")
             simulate(cfg, alpha_dir(root, a))
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
