@@ -6,7 +6,8 @@ peak memory should follow the chunk, not the request. Measured here, for one pro
 nothing else: DDIM (10 steps) of a FeatureDenoiser (hidden 256, depth 3, 10 classes).
 
 - n sweep (dim 64): 1k → 100k features, chunked (sample_batch 4096) and in one call (sample_batch = n).
-- dim sweep (n 10k, chunked): 64 → 2048.
+- dim sweep (n 10k, chunked): 64 → 2048, with the config's default skip (``model.denoiser_skip: auto``:
+  the full linear skip up to 512-d, per-dimension above; the full one made 2048-d 7.4× the 64-d cost).
 
 Peak memory: every measurement runs in a fresh process; ``rss_growth_mib`` is its peak resident memory
 (ru_maxrss) during the request minus the peak after a 100-row warm-up (CUDA: the allocator's peak too). Target (issue 17): cost per feature within 1.3× from
@@ -29,7 +30,7 @@ import torch
 from pfdiff.config import DiffusionConfig
 from pfdiff.diffusion import make_schedule
 from pfdiff.longtail.ldmlr import sample_features
-from pfdiff.models import FeatureDenoiser
+from pfdiff.models import FeatureDenoiser, skip_for
 from pfdiff.runs import atomic_write_json
 from pfdiff.training import resolve_device
 
@@ -46,7 +47,7 @@ def _child(dim: int, n: int, sample_batch: int, device: str, threads: int) -> di
     dev = torch.device(device)
     schedule = make_schedule("linear", 1000).to(dev)
     torch.manual_seed(0)
-    model = FeatureDenoiser(dim, CLASSES, hidden=256, depth=3).to(dev).eval()
+    model = FeatureDenoiser(dim, CLASSES, hidden=256, depth=3, skip=skip_for(dim)).to(dev).eval()
     d = DiffusionConfig(sample_steps=STEPS, sample_batch=sample_batch)
     sample_features(model, schedule, np.full(CLASSES, 10), d, 0, dev)  # warm-up (100 rows)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -59,7 +60,7 @@ def _child(dim: int, n: int, sample_batch: int, device: str, threads: int) -> di
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"dim": dim, "n": len(u), "sample_batch": sample_batch, "seconds": seconds,
+    out = {"dim": dim, "skip": skip_for(dim), "n": len(u), "sample_batch": sample_batch, "seconds": seconds,
            "us_per_feature": 1e6 * seconds / len(u), "peak_rss_mib": peak, "rss_growth_mib": peak - base}
     if dev.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20

@@ -19,9 +19,9 @@ D, CLASSES = 4, 3
 SCHEDULE = make_schedule("linear", 1000)
 
 
-def _model(seed=0):
+def _model(seed=0, skip="linear"):
     torch.manual_seed(seed)
-    model = FeatureDenoiser(D, CLASSES, hidden=16, depth=1, time_dim=8)
+    model = FeatureDenoiser(D, CLASSES, hidden=16, depth=1, time_dim=8, skip=skip)
     for p in model.parameters():  # fc2 starts at zero; make every parameter matter for the gradients
         torch.nn.init.normal_(p, std=0.3)
     return model
@@ -150,16 +150,16 @@ def test_dpoptimizer_clips_B_units_not_B_times_K(method):
 
 
 # book-keeping against the vmap reference: same per-example norms and clipped sum
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_bk_matches_vmap_reference(prediction):
+@pytest.mark.parametrize("prediction,skip", [("eps", "linear"), ("v", "linear"), ("v", "diagonal")])
+def test_bk_matches_vmap_reference(prediction, skip):
     B, K = 7, 3
     data, loss_fn = _data(B, K), _fixed_loss(prediction=prediction)
-    ref = per_example_grads(_model(), loss_fn, *data)
+    ref = per_example_grads(_model(skip=skip), loss_fn, *data)
     ref_norms = per_sample_norms(list(ref.values()))
     C = ref_norms.median().item()  # about half the examples clipped
     assert (ref_norms > C).any() and (ref_norms < C).any()
 
-    model = _model()
+    model = _model(skip=skip)
     engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=C, method="bk")
     norms = engine._bk_microbatch(loss_fn, data)
     torch.testing.assert_close(norms, ref_norms, atol=1e-5, rtol=1e-5)
@@ -173,7 +173,10 @@ def test_bk_matches_vmap_reference(prediction):
 def test_bk_rules_cover_exactly_the_layers_auto_sends_to_bk():
     from pfdiff.privacy.dpsgd import BK_RULES, INNER_DIM_LAYERS
 
-    assert set(INNER_DIM_LAYERS) == set(BK_RULES) == {torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding}
+    from pfdiff.models import DiagonalAffine
+
+    assert set(INNER_DIM_LAYERS) == set(BK_RULES) == {torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding,
+                                                      DiagonalAffine}
     conv = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3))
     with pytest.raises(ValueError, match="Conv1d"):
         _engine(conv, torch.optim.SGD(conv.parameters(), lr=0.1), method="bk")

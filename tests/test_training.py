@@ -255,3 +255,19 @@ def test_default_threads_follow_the_cores_this_process_may_use(monkeypatch):
     assert T.available_cores() == 1 and T.default_threads(None) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert T.available_cores() <= 64 and T.default_threads(None) <= torch.get_num_threads()
+
+
+def test_the_denoiser_skip_is_linear_for_small_and_diagonal_for_large_features():
+    from pfdiff.config import load_config
+    from pfdiff.longtail.ldmlr import build_denoiser
+    from pfdiff.models import DiagonalAffine, skip_for
+
+    assert (skip_for(64), skip_for(512), skip_for(513), skip_for(64, "diagonal")) == ("linear", "linear",
+                                                                                    "diagonal", "diagonal")
+    cfg = load_config(None, [])
+    assert isinstance(build_denoiser(cfg, 64, 10).skip, torch.nn.Linear)  # every preset: unchanged
+    wide = build_denoiser(cfg, 2048, 10)
+    assert isinstance(wide.skip, DiagonalAffine) and sum(p.numel() for p in wide.skip.parameters()) == 4096
+    assert wide(torch.randn(3, 2048), torch.tensor([1, 2, 3]), torch.tensor([0, 1, 10])).shape == (3, 2048)
+    with pytest.raises(ValueError, match="denoiser skip"):
+        skip_for(64, "conv")

@@ -55,6 +55,9 @@ class ModelConfig(Section):
     classifier: Literal["linear", "cosine"] = "linear"
     denoiser_hidden: int = Field(256, ge=8)
     denoiser_depth: int = Field(3, ge=1)
+    # the denoiser's skip from z_t to ε̂: a full dim × dim linear map, or per-dimension (O(dim)); auto: linear
+    # up to 512-d features (every preset's 64-d), diagonal above (e.g. 2048-d ResNet-50 features)
+    denoiser_skip: Literal["auto", "linear", "diagonal"] = "auto"
     time_dim: int = Field(64, ge=4)
 
 

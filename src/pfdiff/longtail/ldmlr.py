@@ -20,7 +20,7 @@ from pfdiff import distributed
 from pfdiff.config import DiffusionConfig, PseudoConfig, RunConfig
 from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
 from pfdiff.longtail.common import seeded_init, train_classifier_on_features
-from pfdiff.models import FeatureDenoiser
+from pfdiff.models import FeatureDenoiser, skip_for
 from pfdiff.training import EMA, generator, optimizer_options, shuffled_batch, steps_per_epoch, train
 
 
@@ -44,7 +44,8 @@ class FeatureScaler:
 
 def build_denoiser(cfg: RunConfig, feature_dim: int, num_classes: int) -> FeatureDenoiser:
     m = cfg.model
-    return FeatureDenoiser(feature_dim, num_classes, m.denoiser_hidden, m.denoiser_depth, m.time_dim)
+    return FeatureDenoiser(feature_dim, num_classes, m.denoiser_hidden, m.denoiser_depth, m.time_dim,
+                           skip=skip_for(feature_dim, m.denoiser_skip))
 
 
 def feature_loss(d: DiffusionConfig, schedule: NoiseSchedule, num_classes: int, **kwargs) -> DiffusionLoss:

@@ -17,7 +17,7 @@ Linear / LayerNorm / Embedding such as ``FeatureDenoiser``, vmap otherwise, e.g.
   hooks); per-example squared norms come from [B, K, K] Gram matrices — for a Linear layer
   ‖Σ_k g_k a_kᵀ‖²_F = Σ_{k,k'} (g_k·g_k')(a_k·a_k') — and the clipped sum Σ_b c_b g_b with
   c_b = min(1, C/(‖g_b‖ + 1e-6)) (DPOptimizer's factor) is one contraction per layer. No per-example
-  gradient is materialised. The per-layer formulas are a registry (``BK_RULES``: Linear, LayerNorm,
+  gradient is materialised. The per-layer formulas are a registry (``BK_RULES``: Linear, LayerNorm, DiagonalAffine,
   Embedding); a model with any other parameterised layer is refused (use vmap). Opacus'
   ``DPOptimizerFastGradientClipping`` then adds the noise and scales.
 - ``"vmap"``: ``torch.func`` — ``vmap`` over examples of ``grad`` of the example's loss (the model through
@@ -64,6 +64,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from pfdiff.models.denoisers import DiagonalAffine
 from pfdiff.privacy.noise import NoiseSource
 from pfdiff.training import EMA
 
@@ -245,6 +246,11 @@ BK_RULES: dict[type[nn.Module], LayerRule] = {
         keep=lambda layer, x: x,
         sq_norms=lambda layer, a, g: [(_gram(g) * (a.unsqueeze(2) == a.unsqueeze(1)).to(g.dtype)).sum((1, 2))],
         write=_embedding_write, flat_inputs=True),
+    # w ⊙ x + b: LayerNorm's affine part on the raw input (weight Σ_r G_br ⊙ x_br, bias Σ_r G_br)
+    DiagonalAffine: LayerRule(
+        keep=lambda layer, x: x,
+        sq_norms=lambda layer, a, g: [(g * a).sum(1).pow(2).sum(1), *_bias_sq(layer, g)],
+        write=_layernorm_write),
 }
 #: Layers with a book-keeping rule: a call on [B, K, …] gives per-example quantities summed over K.
 INNER_DIM_LAYERS = tuple(BK_RULES)
