@@ -149,3 +149,17 @@ def test_fed_alpha_is_validated_before_any_run(tmp_path):
     res = CliRunner().invoke(app, ["fed", "--alpha", "0.5", "--alpha", "-1", "--out", str(tmp_path / "fed")])
     assert res.exit_code == 2 and "fed.alpha" in res.output and "(got -1.0)" in res.output, res.output
     assert not (tmp_path / "fed").exists()  # the valid α = 0.5 did not start either
+
+
+def test_tidy_for_resume_removes_stale_temporaries_only(tmp_path):
+    run = RunDir.create(RunConfig(), tmp_path)
+    (run.checkpoints / "seed0").mkdir(parents=True)
+    stale = run.checkpoints / "seed0" / ".stage1.safetensors.abc123.tmp"
+    stale.write_bytes(b"half")
+    keep = run.checkpoints / "seed0" / "stage1.safetensors"
+    keep.write_bytes(b"whole")
+    run.log({"stage": "s", "step": 1, "loss": 2.0})
+    run.log({"stage": "s", "step": 1, "loss": 1.0})
+    assert run.tidy_for_resume() == [stale]
+    assert not stale.exists() and keep.read_bytes() == b"whole"
+    assert len(run.metrics_path.read_text().splitlines()) == 1

@@ -79,6 +79,7 @@ def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
                 run_dir = RunDir.open(path)
                 cfg = run_dir.config()
                 split = prepare(cfg)
+                run_dir.tidy_for_resume()  # temporaries of the killed run gone, metrics.jsonl without repeats
             else:
                 cfg = load_config(config, set_)
                 split = prepare(cfg)  # refuses bad methods, data, devices and privacy plans before anything is written

@@ -161,6 +161,15 @@ class RunDir:
             rows[i if key is None else key] = record
         return list(rows.values())
 
+    def tidy_for_resume(self) -> list[Path]:
+        """Before resuming a killed run: remove the temporary files its atomic writes left behind
+        (``.<name>.*.tmp``, never a finished file) and compact metrics.jsonl. Returns the removed paths."""
+        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        self.compact_metrics()
+        return stale
+
     def compact_metrics(self) -> None:
         """Rewrite metrics.jsonl without the records a resume repeats (atomically), e.g. before resuming."""
         if self.metrics_path.exists():
