@@ -238,7 +238,9 @@ def _read(pending: list[tuple[int, dict[str, Any]]], description: str) -> dict[s
     One device → host transfer per window: the steps in between never wait for the device."""
     losses = [(step, m["loss"]) for step, m in pending if "loss" in m]
     if losses:
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for _, v in losses]).tolist()
+        vals = [torch.as_tensor(v).detach().double() for _, v in losses]
+        device = next((v.device for v in vals if v.device.type != "cpu"), torch.device("cpu"))
+        values = torch.stack([v.to(device) for v in vals]).tolist()  # one transfer for the window
         for (step, _), v in zip(losses, values):
             if not math.isfinite(v):
                 raise FloatingPointError(f"{description}: loss is {v} at step {step}; lower the learning rate")
