@@ -111,8 +111,7 @@ def shuffled_batch(n: int, batch_size: int, step: int, seed: int,
     ``device``. The epoch's permutation is drawn once per epoch (cached), on the device with a generator of
     that device: no per-step host-to-device copy. The CPU draws are the ones this function always made; on
     CUDA the permutations are another (equally reproducible) stream."""
-    per_epoch = max(1, math.ceil(n / batch_size))
-    epoch, i = divmod(step, per_epoch)
+    epoch, i = divmod(step, steps_per_epoch(n, batch_size))
     return _epoch_permutation(n, seed, epoch, str(torch.device(device)))[i * batch_size:(i + 1) * batch_size]
 
 

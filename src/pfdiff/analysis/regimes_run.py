@@ -204,7 +204,7 @@ def feature_setup(rc: RegimesConfig, run_dir: Path | None = None, data: str | No
     if run_dir is not None:
         den = build_denoiser(cfg, u.shape[1], C).to(device)
         load_modules(ck / "stage2.safetensors", {"denoiser": den}, use_ema_for="denoiser")
-        schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.T)
+        schedule = cfg.diffusion.make_schedule()
     else:
         den, schedule = train_feature_diffusion(u, y, C, cfg, rc.seed, None, None)
     xh, yh = to_tensors(split.heldout, device)
@@ -242,7 +242,7 @@ def promise_table(fs: FeatureSetup, t_S_upper: float, classify: Callable, rc: Re
     p, C = dcfg.privacy, fs.split.num_classes
     _, priv = public_private_split(fs.split.train.y, C, p.public_fraction, dcfg.data.split_seed)
     counts_event = count_event(p)  # the noisy class counts' release (its σ depends only on the config)
-    schedule = make_schedule(dcfg.diffusion.schedule, dcfg.diffusion.T)
+    schedule = dcfg.diffusion.make_schedule()
     out = R.promise_S_table(p, len(priv), schedule, rc.promise_candidates, t_S_upper,
                             [e for e in (counts_event,) if e is not None], rc.promise_eps_share)
     out["default_S"] = p.promise_S

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pfdiff.diffusion.schedules import NoiseSchedule
-from pfdiff.diffusion.denoiser import Denoiser, check_prediction, split_prediction, training_target
+from pfdiff.diffusion.denoiser import check_prediction, split_prediction, training_target
 
 
 def _uniform(schedule: NoiseSchedule, t: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
@@ -83,10 +83,6 @@ class DiffusionLoss:
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """λ_t, float32 [len(t)]."""
         return loss_weight(self.schedule, t, self.weighting, self.prediction, self.gamma)
-
-    def denoiser(self, net) -> Denoiser:
-        """``net`` (trained with this loss) as the denoiser samplers and attacks take."""
-        return Denoiser(net, self.schedule, self.prediction)
 
     def _draw(self, z0_rep: torch.Tensor, y_rep: torch.Tensor, generator: torch.Generator | None):
         n, dev = len(z0_rep), z0_rep.device

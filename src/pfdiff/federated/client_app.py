@@ -32,7 +32,6 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from pfdiff.config import RunConfig  # noqa: E402
 from pfdiff.federated import task  # noqa: E402
-from pfdiff.diffusion import make_schedule  # noqa: E402
 from pfdiff.longtail.common import encode  # noqa: E402
 from pfdiff.longtail.ldmlr import sample_features  # noqa: E402
 
@@ -155,7 +154,7 @@ def warmup(msg: Message, context: Context) -> Message:
     n_samples = int(round(f.aux_size * counts.sum() / max(1, int(q.cfg_rec["n-total"]))))
     per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
     u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg),
-                                   make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), per_class,
+                                   cfg.diffusion.make_schedule(), per_class,
                                    cfg.diffusion, q.seed, q.device, tag=f"fed-warmup-{q.pid}")
     return q.reply(task.to_wire({"u": u_hat.contiguous(), "y": y_hat.contiguous()}), **{"num-examples": q.n})
 

@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from pfdiff.config import DataConfig, RunConfig, dump_config
-from pfdiff.diffusion import DiffusionLoss, make_schedule
+from pfdiff.diffusion import DiffusionLoss
 from pfdiff.longtail.common import LongTailSplit, init_encoder_classifier, make_split, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.longtail.private import clip_rows, public_private_split
@@ -170,7 +170,7 @@ def build_global_denoiser(cfg: RunConfig, device: torch.device | None = None) ->
 
 
 def make_loss(cfg: RunConfig, num_classes: int) -> DiffusionLoss:
-    return feature_loss(cfg.diffusion, make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), num_classes)
+    return feature_loss(cfg.diffusion, cfg.diffusion.make_schedule(), num_classes)
 
 
 def load_arrays(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:

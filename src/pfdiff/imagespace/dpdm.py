@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from pfdiff.config import DPDMConfig
 from pfdiff.data import balanced_indices, load_dataset, stratified_split
-from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
+from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate
 from pfdiff.evaluation.fid import frechet_distance
 from pfdiff.evaluation.mia import attack_settings, balanced_pairs, run_attacks
 from pfdiff.models import create_encoder
@@ -219,7 +219,7 @@ def train_denoiser(x: torch.Tensor, y: torch.Tensor, num_classes: int, target_ep
     Adam on the same loss, batch size, steps and EMA (no clipping, no noise).
     """
     t0 = time.perf_counter()
-    schedule = make_schedule(cfg.schedule, cfg.T)
+    schedule = cfg.make_schedule()
     loss_fn = make_loss(cfg, schedule, num_classes)
     model = make_unet(cfg, tuple(x.shape[1:]), num_classes, seed).to(x.device).train()  # the data's device
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from pfdiff.config import E2EConfig, RunConfig
-from pfdiff.diffusion import make_schedule, sample_ddim
+from pfdiff.diffusion import sample_ddim
 from pfdiff.evaluation import frechet_distance
 from pfdiff.longtail.common import LongTailSplit, augmenter, encode, init_encoder_classifier, seeded_init
 from pfdiff.longtail.filtering import FilterResult, MahalanobisScorer, aid_filter, boundary_filter
@@ -261,7 +261,7 @@ class EndToEnd:
         self.mass = LabelMass(C).to(device)
         self.totals = Totals(C).to(device)
         d = cfg.diffusion
-        self.schedule = make_schedule(d.schedule, d.T).to(device)
+        self.schedule = d.make_schedule().to(device)
         self.loss_fn = feature_loss(d, self.schedule, C)
         self.x = torch.as_tensor(split.train.x, device=device)
         self.y = torch.as_tensor(split.train.y, device=device)

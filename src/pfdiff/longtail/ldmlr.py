@@ -18,7 +18,7 @@ from torch import nn
 
 from pfdiff import distributed
 from pfdiff.config import DiffusionConfig, PseudoConfig, RunConfig
-from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate, make_schedule
+from pfdiff.diffusion import ClassifierFreeGuidance, DiffusionLoss, NoiseSchedule, generate
 from pfdiff.longtail.common import seeded_init, train_classifier_on_features
 from pfdiff.models import FeatureDenoiser, skip_for
 from pfdiff.training import EMA, generator, optimizer_options, shuffled_batch, steps_per_epoch, train
@@ -65,7 +65,7 @@ def train_feature_diffusion(u: torch.Tensor, y: torch.Tensor, num_classes: int, 
     generator; the averaged gradient is the whole batch's, so the weights equal a single process's up to float
     rounding. The logged loss is rank 0's part of the batch loss (×W)."""
     d = cfg.diffusion
-    schedule = make_schedule(d.schedule, d.T).to(u.device)
+    schedule = d.make_schedule().to(u.device)
     denoiser = seeded_init(seed, "denoiser", lambda: build_denoiser(cfg, u.shape[1], num_classes), u.device)
     loss_fn = feature_loss(d, schedule, num_classes)
     opt = torch.optim.Adam(denoiser.parameters(), lr=d.lr, **optimizer_options())

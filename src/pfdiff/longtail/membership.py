@@ -44,7 +44,6 @@ from torch import nn
 
 from pfdiff.config import RunConfig
 from pfdiff.data import ArrayDataset
-from pfdiff.diffusion import make_schedule
 from pfdiff.evaluation.mia import attack_settings, balanced_pairs
 from pfdiff.longtail.common import LongTailSplit, encode, init_encoder_classifier, make_split
 from pfdiff.longtail.ldmlr import FeatureScaler, build_denoiser, sample_features
@@ -413,7 +412,7 @@ def attack_targets(targets: list[Target], cfg: RunConfig, seed: int, attacks: tu
     """Run the attacks and the copying check on each target and on its control:
     ({target: results, with results["control"] = the control's results}, {curve name: scores}). The control
     is nested, so the keys stay the released models; one control serving several targets is attacked once."""
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.T)
+    schedule = cfg.diffusion.make_schedule()
     results, curves, done = {}, {}, {}  # done: id(control) → its results
     for t in targets:
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pfdiff.config import PrivacyConfig, RunConfig
-from pfdiff.diffusion import NoiseSchedule, make_schedule
+from pfdiff.diffusion import NoiseSchedule
 from pfdiff.longtail.common import init_encoder_classifier, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.privacy.accounting import (BudgetError, GaussianEvent, PrivacyLedger, calibrate_noise,
@@ -142,7 +142,7 @@ def preflight(cfg: RunConfig, n_train: int) -> dict[str, Any]:
     p = cfg.privacy
     n_private = n_train - public_size(n_train, p.public_fraction)
     fixed = [e for e in ((encoder_plan(p, n_private) if p.encoder == "dp" else None), count_event(p)) if e]
-    plan = plan_denoiser(p, n_private, make_schedule(cfg.diffusion.schedule, cfg.diffusion.T), fixed)
+    plan = plan_denoiser(p, n_private, cfg.diffusion.make_schedule(), fixed)
     return {"n_private": n_private, "sigma": plan.sigma, "planned_epsilon": epsilon(plan.events, p.delta)}
 
 
@@ -178,7 +178,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     p, d, device = cfg.privacy, cfg.diffusion, u.device
     noise = noise or NoiseSource()
     u = clip_rows(u, p.feature_radius)
-    schedule = make_schedule(d.schedule, d.T).to(device)
+    schedule = d.make_schedule().to(device)
     plan = plan_denoiser(p, len(u), schedule, fixed)
     done = checkpoint_step(checkpoint)
     planned_eps = ledger.check_resume(plan.events, {PHASE1: min(done, plan.phase1_steps),
