@@ -163,3 +163,58 @@ def test_tidy_for_resume_removes_stale_temporaries_only(tmp_path):
     assert run.tidy_for_resume() == [stale]
     assert not stale.exists() and keep.read_bytes() == b"whole"
     assert len(run.metrics_path.read_text().splitlines()) == 1
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (``umask(0o027)``), restored afterwards."""
+    import os
+
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_give_files_the_mode_of_a_plain_open(tmp_path, umask, mask):
+    """mkstemp's temporaries are 0o600: the final file gets 0o666 & ~umask instead, as open(path, "w") gives a
+    new file, and an existing file keeps its own mode, as open(path, "w") leaves it."""
+    umask(mask)
+    with open(tmp_path / "plain.txt", "w") as f:
+        f.write("x")
+    expected = 0o666 & ~mask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected  # what open() does, for reference
+    atomic_write_text(tmp_path / "a.txt", "new")
+    save_state(tmp_path / "s.safetensors", {"step": 1, "w": torch.zeros(2)})
+    run = RunDir.create(RunConfig(), tmp_path / "runs")
+    run.write_json("results.json", {"a": 1})
+    for path in (tmp_path / "a.txt", tmp_path / "s.safetensors", run.config_path, run.results_path,
+                 run.path / "environment.json"):
+        assert path.stat().st_mode & 0o777 == expected, path
+    (tmp_path / "a.txt").chmod(0o640)
+    (tmp_path / "s.safetensors").chmod(0o604)
+    atomic_write_text(tmp_path / "a.txt", "newer")
+    save_state(tmp_path / "s.safetensors", {"step": 2, "w": torch.zeros(2)})
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "s.safetensors").stat().st_mode & 0o777 == 0o604
+    assert (tmp_path / "a.txt").read_text() == "newer" and load_state(tmp_path / "s.safetensors")["step"] == 2
+
+
+@pytest.mark.parametrize("source, overrides, folder", [
+    ("quickstart", [], "quickstart"),  # a preset on its own data: short
+    ("ablation", [], "ablation"),
+    ("ablation", ["data.name=npz", "data.path=/x/mine.npz"], "ablation-mine"),  # a user file: its stem
+    ("ablation", ["data.name=digits"], "ablation-digits"),  # another dataset: its name
+    ("cifar10lt", ["data.path=/data/cifar"], "cifar10lt"),  # where its own dataset is stored: still its own
+    ("quickstart", ["name=tiny"], "tiny-digits"),  # not a preset: always names its data
+    ("quickstart", ["data.name=npz", "data.path=/x/my data (v2).npz"], "quickstart-my_data_v2_"),
+])
+def test_run_folders_are_named_after_preset_and_data(tmp_path, source, overrides, folder):
+    import re
+
+    cfg = load_config(source, overrides)
+    first, second = RunDir.create(cfg, tmp_path), RunDir.create(cfg, tmp_path)
+    assert re.fullmatch(re.escape(folder) + r"-\d{8}-\d{6}", first.path.name), first.path.name
+    # the same second: -2 appended (or, a second later, a new stamp)
+    assert second.path != first.path and second.path.name.startswith(folder + "-")
+    assert RunDir.open(second.path).config() == cfg

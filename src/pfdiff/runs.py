@@ -1,9 +1,12 @@
-"""Run directories: the only place pfdiff writes files. Every write is atomic (temp file + rename)."""
+"""Run directories: the only place pfdiff writes files. Every write is atomic (temp file + rename) and leaves the
+file with the mode a plain ``open(path, "w")`` would (the umask's)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -12,17 +15,42 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pfdiff.config import RunConfig, dump_config, load_config
+from pfdiff.config import PRESET_DIR, RunConfig, dump_config, list_presets, load_config
+
+
+def new_file_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` leaves on ``path``: an existing file's own, else 0o666 & ~umask
+    (``mkstemp`` creates its temporary files 0o600, which an atomic write must not pass on)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else set back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half; the file
+    gets the mode a plain ``open(path, "w")`` would give it (``new_file_mode``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -68,16 +96,19 @@ def _unflatten(prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, An
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Save a nested state (module/optimizer state dicts, step counters) as one safetensors file."""
+    """Save a nested state (module/optimizer state dicts, step counters) as one safetensors file, atomically and
+    with the mode of ``new_file_mode``."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     _flatten(state, "", tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         # safetensors refuses tensors that share memory; cloning keeps the file self-contained.
         save_file({k: v.clone() for k, v in tensors.items()}, tmp, metadata={"pfdiff": json.dumps(meta)})
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -103,21 +134,44 @@ def metric_key(record: dict[str, Any]) -> tuple | None:
     return None
 
 
+def data_label(cfg: RunConfig) -> str:
+    """What a run folder calls its data: the file stem of a user file (``data.name=npz``, ``data.path=/x/mine.npz``
+    → ``mine``), else the dataset's name (``cifar10``, also when ``data.path`` is where it is stored); characters
+    other than letters, digits, ``.``, ``_`` and ``-`` become ``_``."""
+    d = cfg.data
+    label = Path(d.path).stem if d.name == "npz" and d.path else d.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label) or d.name
+
+
+def run_folder_name(cfg: RunConfig, stamp: str) -> str:
+    """``<name>-<time>`` when ``cfg.name`` is a preset run on its own data (``quickstart-20261204-101500``), else
+    ``<name>-<data>-<time>`` with ``data_label`` (``ablation-mine-20261204-101500`` for ``pfdiff run ablation
+    --set data.name=npz --set data.path=/x/mine.npz``; a config of your own, not a preset, always names its data)."""
+    label = data_label(cfg)
+    if cfg.name in list_presets() and data_label(load_config(PRESET_DIR / f"{cfg.name}.yaml")) == label:
+        return f"{cfg.name}-{stamp}"
+    return f"{cfg.name}-{label}-{stamp}"
+
+
 class RunDir:
-    """``runs/<name>-<time>/``: config.yaml, metrics.jsonl, results.json, checkpoints/, plots/, report.md."""
+    """``runs/<name>[-<data>]-<time>/`` (``run_folder_name``): config.yaml, metrics.jsonl, results.json,
+    checkpoints/, plots/, report.md."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     @classmethod
     def create(cls, cfg: RunConfig, root: str | Path | None = None) -> "RunDir":
+        """A new run folder under ``root`` (default ``cfg.output_dir``) named by ``run_folder_name`` (``-2``, ``-3``
+        … appended when a run of the same name started in the same second), with config.yaml and
+        environment.json written."""
         root = Path(root or cfg.output_dir)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = root / f"{cfg.name}-{stamp}"
+        base = run_folder_name(cfg, time.strftime("%Y%m%d-%H%M%S"))
+        path = root / base
         n = 1
         while path.exists():
             n += 1
-            path = root / f"{cfg.name}-{stamp}-{n}"
+            path = root / f"{base}-{n}"
         run = cls(path)
         path.mkdir(parents=True)
         atomic_write_text(run.config_path, dump_config(cfg))
