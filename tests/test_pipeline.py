@@ -1,6 +1,11 @@
 """End to end on digits with a tiny budget: run dir contents, determinism, resume, report, CLI errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -8,9 +13,9 @@ from typer.testing import CliRunner
 from pfdiff.cli import app
 from pfdiff.config import load_config
 from pfdiff.diffusion import DiffusionLoss
-from pfdiff.longtail.pipeline import run_experiment
+from pfdiff.longtail.pipeline import Timer, run_experiment
 from pfdiff.report import render_report
-from pfdiff.runs import RunDir, load_state
+from pfdiff.runs import RunDir, load_state, metric_key
 
 TINY = ["stage1.epochs=3", "diffusion.steps=60", "diffusion.T=100", "diffusion.sample_steps=5",
         "pseudo.finetune_epochs=2", "model.denoiser_hidden=32", "model.width=8", "seeds=[0]",
@@ -87,6 +92,90 @@ def test_interrupted_run_resumes_to_the_same_numbers(tiny_run, tmp_path, monkeyp
     assert load_state(run.checkpoints / "seed0" / "stage2.safetensors")["step"] == 40
     resumed = run_experiment(RunDir.open(run.path).config(), RunDir.open(run.path))
     assert _numbers(resumed) == _numbers(first)
+
+
+def test_timer_counts_each_call_once_over_the_attempts_of_a_run(tmp_path, monkeypatch):
+    """Bookkeeping on a fake clock: a call an earlier attempt finished counts its ledger seconds (not the restore);
+    a call resumed mid-way counts what its loops restored plus its time now; the ledger gains only new calls."""
+    from pfdiff import training
+
+    now = [0.0]
+    monkeypatch.setattr(training, "_clock", lambda: now[0])
+
+    def work(seconds, restored=0.0):
+        def fn():
+            training.Stopwatch.credit(restored)  # what run_steps does on a resume
+            now[0] += seconds
+            return seconds
+        return fn
+
+    ledger = tmp_path / "timings.json"
+    first = Timer(ledger)
+    assert first("stage1", work(5.0)) == 5.0  # then the process is killed during stage 2
+    assert json.loads(ledger.read_text()) == {"stage1#1": 5.0}
+    again = Timer(ledger)
+    again("stage1", work(0.5))  # restored from its checkpoint: the 5 s it took, not the 0.5 s of loading it
+    again("stage2", work(2.0, restored=3.0))  # resumed: 3 s before the kill + 2 s after
+    again("stage2", work(1.0))  # a second call of the same stage adds up
+    assert again.seconds == {"stage1": 5.0, "stage2": 6.0}
+    assert json.loads(ledger.read_text()) == {"stage1#1": 5.0, "stage2#1": 5.0, "stage2#2": 1.0}
+
+
+KILLED_AT = """
+import os, signal, sys
+from pfdiff.diffusion import DiffusionLoss
+original, calls = DiffusionLoss.__call__, [0]
+def killed_at_step_55(self, *args, **kwargs):  # stage 2: logged step 50, checkpointed step 40, then SIGKILL
+    calls[0] += 1
+    if calls[0] == 55:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+DiffusionLoss.__call__ = killed_at_step_55
+from pfdiff.cli import app
+app(sys.argv[1:], prog_name="pfdiff")
+"""
+
+
+def test_a_killed_run_resumes_with_each_record_once_and_the_times_of_both_attempts(tmp_path):
+    """`pfdiff run` SIGKILLed in stage 2 (no cleanup of any kind), then `pfdiff run --resume DIR`."""
+    import pfdiff
+
+    path = [str(Path(pfdiff.__file__).parents[1]), os.environ.get("PYTHONPATH")]  # this checkout's pfdiff
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    sets = sum((["--set", s] for s in [*TINY, "threads=1"]), [])
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT, "-q", "run", "--out", str(tmp_path), *sets],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run_dir,) = tmp_path.iterdir()
+    ck = run_dir / "checkpoints" / "seed0"
+    assert not (run_dir / "results.json").exists()
+    at_kill = load_state(ck / "stage2.safetensors")
+    assert at_kill["step"] == 40 and at_kill["seconds"] > 0
+    ledger_at_kill = json.loads((ck / "timings.json").read_text())
+    assert set(ledger_at_kill) == {"stage1#1", "crt#1"}  # the stages finished before the kill
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stage2 = [r["step"] for r in lines if "stage 2" in r.get("stage", "")]
+    assert stage2 == [50]  # logged after the last checkpoint: the resume logs it again
+
+    res = CliRunner().invoke(app, ["-q", "run", "--resume", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = [metric_key(r) for r in lines if metric_key(r) is not None]
+    assert len(keys) == len(set(keys)) and RunDir.open(run_dir).metrics() == lines  # each record once
+    assert [r["step"] for r in lines if "stage 2" in r.get("stage", "")] == [50, 60]
+    seed = json.loads((run_dir / "seeds" / "seed0.json").read_text())
+    timings, ledger = seed["timings"], json.loads((ck / "timings.json").read_text())
+    # finished before the kill: the seconds they took then; stage 2: its steps before the kill and after
+    assert timings["stage1"] == ledger_at_kill["stage1#1"] and timings["crt"] == ledger_at_kill["crt#1"]
+    final = load_state(ck / "stage2.safetensors")
+    assert final["step"] == 60 and timings["stage2"] >= final["seconds"] > at_kill["seconds"]
+    assert timings == {name.split("#")[0]: ledger[name] for name in ledger}  # one call per stage here
+    stages = {"ce": ["stage1"], "logit_adjust": ["stage1"], "resample": ["stage1", "crt"],
+              "ldmlr": ["stage1", "stage2", "sampling", "ldmlr"]}
+    results = json.loads((run_dir / "results.json").read_text())
+    for method, names in stages.items():
+        assert seed["methods"][method]["seconds"] == pytest.approx(sum(timings[s] for s in names)), method
+        assert results["methods"][method]["seconds"]["mean"] == pytest.approx(seed["methods"][method]["seconds"])
 
 
 def test_cli_run_and_errors(tmp_path):

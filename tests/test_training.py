@@ -5,7 +5,9 @@ import torch
 from opacus.validators import ModuleValidator
 
 from pfdiff.models import FeatureDenoiser, create_classifier, create_encoder
-from pfdiff.training import EMA, balanced_batch, derive_seed, resolve_device, run_steps, shuffled_batch, train
+from pfdiff.runs import load_state
+from pfdiff.training import (EMA, Stopwatch, balanced_batch, derive_seed, resolve_device, run_steps, shuffled_batch,
+                              train)
 
 
 def _problem(init_seed=0):
@@ -45,6 +47,40 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(p_a, p_d)
     for p_a, p_d in zip(ema_a.module.parameters(), ema_d.module.parameters()):
         torch.testing.assert_close(p_a, p_d)
+
+
+def test_checkpoints_carry_the_seconds_of_every_attempt(tmp_path, monkeypatch):
+    """Bookkeeping on a fake clock (each step takes one second): a checkpoint holds the loop's seconds up to its
+    step over all attempts; a resume credits them to the open stopwatch; the steps after the last checkpoint,
+    lost to the crash and redone, count once; the time between the attempts not at all."""
+    from pfdiff import training
+
+    now = [0.0]
+    monkeypatch.setattr(training, "_clock", lambda: now[0])
+    ck = tmp_path / "ck.safetensors"
+
+    def attempt(steps, crash_at=None):
+        model, opt, fn = _problem()
+
+        def ticking(step):
+            if step == crash_at:
+                raise KeyboardInterrupt
+            now[0] += 1.0
+            return fn(step)
+
+        with Stopwatch() as watch:
+            train({"m": model}, opt, ticking, steps, description="t", checkpoint=ck, checkpoint_every=10)
+        return watch
+
+    with pytest.raises(KeyboardInterrupt), Stopwatch() as killed:
+        attempt(40, crash_at=25)  # steps 20–24 ran after the step-20 checkpoint: lost
+    assert killed.seconds == 25 and load_state(ck)["step"] == 20 and load_state(ck)["seconds"] == 20
+    now[0] += 1000.0  # the machine was down: not the stage's time
+    resumed = attempt(40)
+    assert resumed.restored == 20 and resumed.seconds == 40  # 20 before the kill + 20 after
+    assert load_state(ck)["seconds"] == 40 and not Stopwatch._open
+    finished = attempt(40)  # a finished loop restored: its seconds credited, no step run
+    assert finished.restored == 40 and finished.seconds == 40 and load_state(ck)["seconds"] == 40
 
 
 def test_non_finite_loss_stops_with_a_clear_error():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -252,7 +253,7 @@ def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_
           grad_clip: float | None = None, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
     """Run ``steps`` optimiser steps of ``step_fn(step) -> (loss, metrics)``.
 
-    With ``checkpoint`` set, the modules, optimizer, EMA, LR scheduler and step are saved every
+    With ``checkpoint`` set, the modules, optimizer, EMA, LR scheduler, step and seconds so far are saved every
     ``checkpoint_every`` steps and at the end, and a call that finds the file resumes from it. Batches and
     noise must come from ``step`` (``shuffled_batch``, ``generator``) so that a resumed run repeats the same
     numbers. ``scheduler`` (e.g. :func:`make_scheduler`) is stepped once after every optimiser step.
@@ -280,6 +281,37 @@ def train(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, step_
               checkpoint_every=checkpoint_every, log=log, log_every=log_every, scheduler=scheduler)
 
 
+_clock = time.perf_counter  # the stopwatches' clock (a test may substitute a fake one)
+
+
+class Stopwatch:
+    """Wall seconds of a piece of work across the attempts of a resumed run: the time measured inside the
+    ``with`` block plus the seconds that the training loops run inside it restore from their checkpoints (what
+    their steps before the kill took; ``run_steps`` credits every open stopwatch). Work after a loop's last
+    checkpoint, lost to the kill and redone, counts once: as redone."""
+
+    _open: list["Stopwatch"] = []
+
+    def __init__(self) -> None:
+        self.restored = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._t0 = _clock()
+        Stopwatch._open.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Stopwatch._open.remove(self)
+        self.seconds = self.restored + _clock() - self._t0
+
+    @staticmethod
+    def credit(seconds: float) -> None:
+        """Add the seconds a resumed loop restored (its steps run before the kill) to every open stopwatch."""
+        for watch in Stopwatch._open:
+            watch.restored += seconds
+
+
 def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
               update: Callable[[int], dict[str, float]], steps: int, *, description: str, ema: EMA | None = None,
               checkpoint: Path | None = None, checkpoint_every: int = 500,
@@ -292,8 +324,12 @@ def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
     batch sizes — carry no DP guarantee, so they appear neither in the log nor on the progress bar).
     ``scheduler`` is stepped after every ``update`` and saved/restored with the checkpoint.
     ``progress=False`` shows no bar (short inner loops, e.g. a federated client's local steps of every
-    round). The modules are put in train mode before the first step and in eval mode after the last."""
-    start = _resume(checkpoint, modules, optimizer, ema, scheduler)
+    round). The modules are put in train mode before the first step and in eval mode after the last.
+    The checkpoint also holds ``seconds``, the loop's wall time over all attempts up to its step; a resume
+    credits them to the open stopwatches (``Stopwatch``: pipeline.Timer's stage times)."""
+    start, restored = _resume(checkpoint, modules, optimizer, ema, scheduler)
+    Stopwatch.credit(restored)
+    t0 = _clock()
     for m in modules.values():
         m.train()
     bar = progress_bar(description, steps, start) if progress else nullcontext(lambda metrics=None: None)
@@ -314,7 +350,7 @@ def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
             if log is not None and report:
                 log({"stage": description, "step": step + 1, **(metrics if log_metrics else {})})
             if save:
-                _save(checkpoint, modules, optimizer, ema, step + 1, scheduler)
+                _save(checkpoint, modules, optimizer, ema, step + 1, scheduler, restored + _clock() - t0)
     for m in modules.values():
         m.eval()
 
@@ -328,8 +364,8 @@ def module_device(modules: dict[str, nn.Module]) -> torch.device:
 
 
 def _save(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, ema: EMA | None,
-          step: int, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
-    state: dict[str, Any] = {"step": step, "optimizer": optimizer.state_dict(),
+          step: int, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, seconds: float = 0.0) -> None:
+    state: dict[str, Any] = {"step": step, "seconds": float(seconds), "optimizer": optimizer.state_dict(),
                              "modules": {k: m.state_dict() for k, m in modules.items()}}
     if ema is not None:
         state["ema"] = ema.state_dict()
@@ -339,9 +375,10 @@ def _save(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Opti
 
 
 def _resume(path: Path | None, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-            ema: EMA | None, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> int:
+            ema: EMA | None, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[int, float]:
+    """Restore a checkpoint if there is one: (its step, its loop's wall seconds so far); (0, 0.0) without."""
     if path is None or not path.exists():
-        return 0
+        return 0, 0.0
     state = load_state(path, module_device(modules))
     for k, m in modules.items():
         m.load_state_dict(state["modules"][k])
@@ -351,7 +388,7 @@ def _resume(path: Path | None, modules: dict[str, nn.Module], optimizer: torch.o
     if scheduler is not None:  # the optimizer's state holds the current lr; the scheduler resumes its count
         scheduler.last_epoch = int(state.get("scheduler", {}).get("last_epoch", state["step"]))
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-    return int(state["step"])
+    return int(state["step"]), float(state.get("seconds", 0.0))  # checkpoints written before ``seconds``: 0
 
 
 def checkpoint_step(path: Path | None) -> int:

@@ -10,9 +10,10 @@ loss (``BASE@LOSS``) and shared by every method built on it.
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,19 +38,36 @@ from pfdiff.longtail.private import (clip_rows, count_event, noisy_counts, prefl
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.privacy.noise import noise_source
 from pfdiff.runs import RunDir, atomic_write_json
-from pfdiff.training import configure_acceleration, default_threads, resolve_device, steps_per_epoch
+from pfdiff.training import Stopwatch, configure_acceleration, default_threads, resolve_device, steps_per_epoch
 
 
 class Timer:
-    """Wall-clock seconds per named stage."""
+    """Wall-clock seconds per named stage, summed over the stage's calls and over the attempts of a resumed run.
 
-    def __init__(self) -> None:
+    A call counts the time of the attempt that finished it. With a ``ledger`` (a JSON file
+    ``{"NAME#k": seconds}`` for the k-th call of stage NAME, rewritten atomically after every call), a call that
+    an earlier attempt finished counts the seconds recorded then (not the time its restore takes now); a call
+    resumed mid-way counts the seconds its training loops restore from their checkpoints (their steps before the
+    kill, ``training.Stopwatch``) plus its time after the resume. Work after a loop's last checkpoint, lost to
+    the kill and redone, counts once. Calls must come in the same order in every attempt (they do: the same
+    config drives them)."""
+
+    def __init__(self, ledger: Path | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.ledger = ledger
+        self._done: dict[str, float] = json.loads(ledger.read_text()) if ledger and ledger.exists() else {}
+        self._calls: dict[str, int] = {}
 
     def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
-        out = fn()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self._calls[name] = k = self._calls.get(name, 0) + 1
+        key = f"{name}#{k}"
+        with Stopwatch() as watch:
+            out = fn()
+        seconds = self._done.get(key, watch.seconds)
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        if self.ledger is not None and key not in self._done:
+            self._done[key] = seconds
+            atomic_write_json(self.ledger, self._done)
         return out
 
 
@@ -101,7 +119,8 @@ def prepare(cfg: RunConfig) -> LongTailSplit:
 def run_experiment(cfg: RunConfig, run: RunDir, split: LongTailSplit | None = None) -> dict[str, Any]:
     """Every (split seed, seed) pair of ``cfg`` (skipping pairs already finished in ``run``), then the aggregate
     table (mean ± std over all pairs). ``split``: the first split from :func:`prepare` (which also ran the
-    checks), else prepared here."""
+    checks), else prepared here. Stage times and ``seconds`` cover every attempt of a resumed run (``Timer``);
+    at the end metrics.jsonl is compacted (``RunDir.compact_metrics``), so it holds each record once."""
     split = (split or prepare(cfg)).sealed()
     methods = [parse_method(m) for m in cfg.methods]
     torch.set_num_threads(default_threads(cfg.threads))
@@ -122,6 +141,7 @@ def run_experiment(cfg: RunConfig, run: RunDir, split: LongTailSplit | None = No
             per_seed.append(run.read_json(name))
     results = aggregate(per_seed, methods, split, device, summaries[split_seeds(cfg)[0]], summaries, cfg)
     run.write_json("results.json", results)
+    run.compact_metrics()  # a resumed run re-logged the steps after its last checkpoints: each record once
     return results
 
 
@@ -150,7 +170,8 @@ class SeedRun:
         split = split.sealed()
         self.split, self.cfg, self.seed, self.device, self.run_dir = split, cfg, seed, device, run
         self.key = key or f"seed{seed}"
-        self.timer, self.ck = Timer(), run.checkpoints / self.key
+        self.ck = run.checkpoints / self.key
+        self.timer = Timer(self.ck / "timings.json")  # beside the checkpoints whose work it times
         self.diagnostics: dict[str, Any] = {}
         self.x = torch.as_tensor(split.train.x, device=device)
         self.y = torch.as_tensor(split.train.y, device=device)
