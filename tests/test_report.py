@@ -7,7 +7,8 @@ import pytest
 
 from pfdiff import cli
 from pfdiff.cli import print_table
-from pfdiff.report import plural, render_report, verdict
+from pfdiff.report import render_report, verdict
+from pfdiff.text import plural
 from pfdiff.runs import RunDir
 
 C = 3

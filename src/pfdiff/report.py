@@ -18,6 +18,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 
 from pfdiff.data.longtail import GROUPS  # noqa: E402
 from pfdiff.runs import RunDir, atomic_write_bytes, atomic_write_text  # noqa: E402
+from pfdiff.text import plural  # noqa: E402
 
 
 def save_fig(fig, path: Path) -> Path:
@@ -29,13 +30,6 @@ def save_fig(fig, path: Path) -> Path:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
-
-
-def plural(n: int, noun: str, many: str | None = None) -> str:
-    """``"1 class"``, ``"2 classes"``, ``"0 runs"``: ``n`` and the noun in the number it takes."""
-    if n == 1:
-        return f"{n} {noun}"
-    return f"{n} {many or (noun + 'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else noun + 's')}"
 
 
 def n_runs(results: dict) -> int:
@@ -523,6 +517,6 @@ def render_report(run: RunDir) -> Path:
     md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     if short:
         md += ["", f"Too short to plot a training curve (fewer than {MIN_CURVE_POINTS} logged losses, seed {seed}): "
-                   + ", ".join(f"`{s}`" for s in short) + "."]
+                   + ", ".join(f"`{s.split('· ', 1)[-1]}`" for s in short) + "."]
     atomic_write_text(run.report_path, "\n".join(md) + "\n")
     return run.report_path

@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pfdiff.report import markdown_table, plural, save_fig  # noqa: E402
+from pfdiff.report import markdown_table, save_fig  # noqa: E402
+from pfdiff.text import plural  # noqa: E402
 from pfdiff.runs import atomic_write_text  # noqa: E402
 
 Results = dict[str, dict[str, Any]]
