@@ -66,6 +66,7 @@ def test_sweep_composes_every_ledger_of_its_dp_releases(tmp_path):
     assert [r["epsilon_pld"] for r in comp["releases"]] == pytest.approx([epsilon(a, 1e-5), epsilon(b, 1e-5)])
     assert want["pld"] > max(r["epsilon_pld"] for r in comp["releases"])
     assert f"PLD ε = {want['pld']:.3f}" in md and "with them the total is ∞" in md and "NOT PRIVATE" not in md
+    assert "(2 ledgers, 4 events)" in md
     _ledger(tmp_path / "eps3", a, private=False)
     points.append(_point("centralised", 3.0, 0.5, 0.6, run_dir=tmp_path / "eps3"))
     assert "NOT PRIVATE" in write_evidence(tmp_path, points).read_text()

@@ -101,8 +101,9 @@ def test_verdict_is_computed_from_the_numbers(results):
     res = results["α=0.5"]
     text = "\n".join(verdict("α=0.5", res))
     assert "lowest FD: `fedavg` (70.13)" in text
-    assert "FD 70.27 vs 70.13 (+0.14): does not beat fedavg" in text
-    assert "few-class accuracy 0.634 vs 0.634 (+0.000): ties fedavg" in text
+    assert "FD 70.27 vs 70.13 (+0.14): higher" in text
+    assert "few-class accuracy 0.634 vs 0.634 (+0.000): equal" in text
+    assert "beat" not in text and "better" not in text  # one run per partition: no spread, no claim
     assert "`fedddpm+` stopped after 2 of 4 rounds, saving 2 rounds, 60 client steps and 2.0 MB" in text
     assert "`fedavg-ce+la` (0.606)" in text
 
@@ -112,8 +113,11 @@ def test_verdict_is_computed_from_the_numbers(results):
     better["methods"]["fedddpm+"]["rounds_saved"] = 0
     text = "\n".join(verdict("α=0.5", better))
     assert "lowest FD: `fedddpm` (50.00)" in text
-    assert "FD 50.00 vs 70.13 (-20.13): beats fedavg" in text and "(+0.066): beats fedavg" in text
-    assert "the quick test never stopped it" in text
+    assert "FD 50.00 vs 70.13 (-20.13): lower" in text and "(+0.066): higher" in text
+    assert "ran all 2 rounds (the quick test never stopped it)" in text
+    one = copy.deepcopy(res)
+    one["methods"]["fedddpm+"].update(rounds=3, rounds_saved=1)
+    assert "stopped after 3 of 4 rounds, saving 1 round," in "\n".join(verdict("α=0.5", one))
 
 
 def test_privacy_section_per_mode(tmp_path, results):
@@ -145,3 +149,37 @@ def test_load_results_labels_and_orders_partitions(tmp_path):
     loaded = load_results(tmp_path)
     assert list(loaded) == ["IID", "α=0.1", "α=0.5", "α=10"]
     assert loaded["α=0.5"]["methods"]["fedavg"]["fd"] == 70.1255
+
+
+def test_no_rounds_plot_when_only_fedavg_ran(tmp_path, results):
+    for res in results.values():  # FedAvg records no score per round and has no pool
+        res["methods"] = {"fedavg": res["methods"]["fedavg"]}
+    (tmp_path / "fed_rounds.png").write_bytes(b"stale")  # an earlier render's plot is not linked as this one's
+    assert plot_rounds(tmp_path, results) is None and not (tmp_path / "fed_rounds.png").exists()
+    text = write_report(tmp_path, results).read_text()
+    assert "fed_rounds.png" not in text and "## Rounds" not in text
+
+
+def test_rounds_plot_only_for_partitions_with_a_series(tmp_path, results):
+    results["α=0.5"]["methods"] = {"fedavg": results["α=0.5"]["methods"]["fedavg"]}
+    assert plot_rounds(tmp_path, results) == tmp_path / "fed_rounds.png"
+
+
+def test_skipped_reweight_baseline_is_named_with_its_reason(tmp_path, results):
+    res = results["α=0.5"]
+    del res["baselines"]["fedavg-reweight"]
+    res["skipped_baselines"] = {"fedavg-reweight": "fed.reweight_rounds = 0: no re-weighting round"}
+    res["num_clients"] = 1
+    text = write_report(tmp_path, results).read_text()
+    part = text.split("### α=0.5", 1)[1].split("## Verdict", 1)[0]
+    assert "| fedavg-reweight |" not in part and "`fedavg-reweight` skipped: fed.reweight_rounds = 0" in part
+    assert "1 client;" in part and "1 clients" not in part
+
+
+def test_skipped_baselines_follow_the_config():
+    from pfdiff.config import load_config
+    from pfdiff.federated.server_app import skipped_baselines
+
+    assert skipped_baselines(load_config("federated", ["fed.reweight_rounds=2"])) == {}
+    assert "reweight_rounds = 0" in skipped_baselines(load_config("federated", ["fed.reweight_rounds=0"]))[
+        "fedavg-reweight"]

@@ -63,6 +63,8 @@ def test_report_has_table_and_plots(tiny_run):
     assert "| few | balanced |" in text and "rule used: thresholds" in text and "## Protocol" in text
     for png in ("per_class_accuracy.png", "training_curves.png", "feature_projection.png"):
         assert (run.plots / png).stat().st_size > 1000
+    assert not (run.plots / "drift.png").exists() and "drift" not in text.split("## Plots", 1)[1]  # no E2E variant
+    assert "± n/a (1 seed)" in text and "± 0.000" not in text and " beats " not in text  # seeds=[0]: no spread
 
 
 def test_same_seed_same_numbers(tiny_run, tmp_path):

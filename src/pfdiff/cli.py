@@ -335,17 +335,19 @@ def presets():
 
 def print_table(results: dict) -> None:
     from pfdiff.evaluation import GROUPS
+    from pfdiff.report import mean_spread, n_runs
 
     cols = ("top1", *GROUPS, "balanced")  # balanced beside few, as in report.md
     proto = results.get("protocol") or {}
     over = (f"split seeds {proto['split_seeds']} × seeds {proto['seeds']}" if proto.get("split_seeds")
             else f"seeds {results['seeds']}")
-    table = Table(title=f"test accuracy, mean ± std over {over}")
+    n = n_runs(results)
+    table = Table(title=f"test accuracy, mean ± std over {over}" + (": ± n/a (1 seed)" if n < 2 else ""))
     table.add_column("method")
     for c in cols:
         table.add_column(c, justify="right")
     for method, row in results["methods"].items():
-        table.add_row(method, *(f"{row[c]['mean']:.3f} ± {row[c]['std']:.3f}" for c in cols))
+        table.add_row(method, *(mean_spread(row[c], n, why=False) for c in cols))
     console.print(table)
 
 

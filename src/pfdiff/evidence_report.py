@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pfdiff.runs import atomic_write_json, atomic_write_text
+from pfdiff.text import plural
 
 ATTACKS = ("loss", "secmi", "pia")  # the attacks of every point, in table order
 INF = math.inf
@@ -28,11 +29,12 @@ def composition_markdown(comp: dict[str, Any]) -> list[str]:
     flag = lambda x: "" if x["private"] else " — **NOT PRIVATE: reproducible (seed-derived) noise**"  # noqa: E731
     if c:
         e = c["epsilon"]
-        md.append(f"- centralised DP releases ({len(c['releases'])} ledger(s), {c['events']} events): PLD ε = "
+        md.append(f"- centralised DP releases ({plural(len(c['releases']), 'ledger')}, "
+                  f"{plural(c['events'], 'event')}): PLD ε = "
                   f"{e['pld']:.3f} (RDP {e['rdp']:.3f}, PRV {e['prv']:.3f}) at δ = {c['delta']:g}, exact composition"
                   f"{flag(c)}")
     if f:
-        md.append(f"- federated DP releases ({f['runs']} run(s)): ε ≤ {f['epsilon']:.3f} for the worst client at "
+        md.append(f"- federated DP releases ({plural(f['runs'], 'run')}): ε ≤ {f['epsilon']:.3f} for the worst client at "
                   f"δ = {f['delta']:g} (basic composition of each run's per-client ε){flag(f)}")
     if a:
         md.append(f"- all DP releases together, for an example in both the centralised private part and a client: "

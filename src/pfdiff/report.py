@@ -18,6 +18,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 
 from pfdiff.data.longtail import GROUPS  # noqa: E402
 from pfdiff.runs import RunDir, atomic_write_bytes, atomic_write_text  # noqa: E402
+from pfdiff.text import plural  # noqa: E402
 
 
 def save_fig(fig, path: Path) -> Path:
@@ -29,6 +30,18 @@ def save_fig(fig, path: Path) -> Path:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def n_runs(results: dict) -> int:
+    """How many (split seed, seed) runs the means of ``results`` are over."""
+    return len(results.get("per_seed") or results.get("seeds") or [])
+
+
+def mean_spread(cell: dict, n: int, fmt: str = ".3f", why: bool = True) -> str:
+    """``"mean ± std"``; with one run there is no spread: ``"mean ± n/a (1 seed)"`` (``why=False``: without
+    the parenthesis, for a table whose title says it), never a ``± 0.000``."""
+    spread = format(cell["std"], fmt) if n >= 2 else "n/a (1 seed)" if why else "n/a"
+    return f"{cell['mean']:{fmt}} ± {spread}"
 
 
 def plot_per_class(results: dict, path: Path) -> Path:
@@ -46,19 +59,34 @@ def plot_per_class(results: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"Per-class accuracy, mean of {len(results['seeds'])} seed(s)")
+    ax.set_title(f"Per-class accuracy, mean of {plural(n_runs(results), 'run')}")
     return save_fig(fig, path)
 
 
+MIN_CURVE_POINTS = 2  # a stage logged fewer times than this (one point: a dot, no curve) gets no panel
+
+
+def stage_losses(metrics: list[dict], seed: int) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) points of every training stage of one seed, stages in the order they were logged."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in metrics:
+        if r.get("seed") == seed and "stage" in r and "loss" in r:
+            out.setdefault(r["stage"], []).append((r["step"], r["loss"]))
+    return out
+
+
+def short_stages(metrics: list[dict], seed: int) -> list[str]:
+    """The stages of one seed logged too few times for a curve (they have no panel in training_curves.png)."""
+    return [s for s, pts in stage_losses(metrics, seed).items() if len(pts) < MIN_CURVE_POINTS]
+
+
 def plot_training_curves(metrics: list[dict], seed: int, path: Path) -> Path | None:
-    """Loss against step for every training stage of one seed."""
-    rows = [r for r in metrics if r.get("seed") == seed and "stage" in r and "loss" in r]
-    stages = list(dict.fromkeys(r["stage"] for r in rows))
-    if not stages:
+    """Loss against step for every training stage of one seed that has a curve; None (no figure) when none has."""
+    curves = {s: pts for s, pts in stage_losses(metrics, seed).items() if len(pts) >= MIN_CURVE_POINTS}
+    if not curves:
         return None
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        pts = [(r["step"], r["loss"]) for r in rows if r["stage"] == stage]
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), squeeze=False)
+    for ax, (stage, pts) in zip(axes[0], curves.items()):
         ax.plot(*zip(*pts))
         ax.set_title(stage.split("· ", 1)[-1], fontsize=9)
         ax.set_xlabel("step")
@@ -123,10 +151,6 @@ def plot_drift(metrics: list[dict], path: Path) -> Path | None:
     return save_fig(fig, path)
 
 
-def _fmt(cell: dict) -> str:
-    return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
-
-
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A Markdown table: one header row, a ``|---|`` separator, one line per row (cells via ``str``)."""
     def line(cells: Sequence[Any]) -> str:
@@ -144,13 +168,14 @@ def _label(method: str, results: dict) -> str:
     such a row is not a test of generation."""
     f = results.get("e2e", {}).get(method.partition("+")[0], {}).get("filter")
     if f and f.get("no_generation_runs"):
-        return f"{method} (no generation in {f['no_generation_runs']} run(s))"
+        return f"{method} (no generation in {plural(f['no_generation_runs'], 'run')})"
     return method
 
 
 def results_table(results: dict) -> str:
     """Accuracy per group with balanced beside few, and the budget: encoder optimiser steps and wall seconds."""
-    rows = [[_label(method, results), *(_fmt(row[c]) for c in TABLE_COLUMNS),
+    n = n_runs(results)
+    rows = [[_label(method, results), *(mean_spread(row[c], n) for c in TABLE_COLUMNS),
              f"{row['encoder_steps']['mean']:.0f}" if "encoder_steps" in row else "–",
              f"{row['seconds']['mean']:.1f}" if "seconds" in row else "–"]
             for method, row in results["methods"].items()]
@@ -233,11 +258,22 @@ def plot_coverage(results: dict, path: Path) -> Path | None:
 BASELINES = ("ce", "logit_adjust", "ce+la", "resample")  # results written before results["baselines"] existed
 
 
+def _compare(diff: float, spread: float) -> str:
+    """"beats" only where the few-class difference exceeds the spread (the sum of the two stds, so that
+    the mean ± std intervals do not overlap); "does not beat" where it falls below minus the spread."""
+    if diff > spread:
+        return "beats"
+    if diff < -spread:
+        return "does not beat"
+    return f"is within the spread ({spread:.3f}) of"
+
+
 def verdict(results: dict) -> list[str]:
     """Honest sentences: does each diffusion method beat CE and the strongest baseline on the few classes,
-    and at what balanced accuracy?"""
+    and at what balanced accuracy? A claim needs a spread: with one run the numbers are given, no claim."""
     table = results["methods"]
     few = {m: r["few"]["mean"] for m, r in table.items()}
+    std = {m: r["few"].get("std", 0.0) for m, r in table.items()}
     bal = {m: r["balanced"]["mean"] for m, r in table.items()}
     names = results.get("baselines", BASELINES)
     baselines = {m: v for m, v in few.items() if m in names}
@@ -245,12 +281,16 @@ def verdict(results: dict) -> list[str]:
     if not baselines or not ours:
         return []
     best = max(baselines, key=baselines.get)
+    n = n_runs(results)
     lines = [f"Strongest baseline on the few classes: {best} (few {baselines[best]:.3f}, balanced {bal[best]:.3f})."]
+    if n < 2:
+        lines.append("One run (1 seed): no spread, so no method is claimed to beat another; the differences below "
+                     "are of one draw.")
     for m in ours:
-        word = "beats" if few[m] > baselines[best] else "does not beat"
         delta = f", {few[m] - few['ce']:+.3f} vs CE" if "ce" in few else ""
-        lines.append(f"- {m}: few {few[m]:.3f}{delta} (balanced {bal[m]:.3f}, {bal[m] - bal[best]:+.3f} vs {best}); "
-                     f"{word} {best}.")
+        claim = "" if n < 2 else f"; {_compare(few[m] - few[best], std[m] + std[best])} {best}"
+        lines.append(f"- {m}: few {few[m]:.3f}{delta} (balanced {bal[m]:.3f}, {bal[m] - bal[best]:+.3f} vs {best})"
+                     f"{claim}.")
     return lines
 
 
@@ -270,10 +310,11 @@ def protocol_lines(results: dict) -> list[str]:
         return []
     md = ["", "## Protocol", ""]
     n = len(results["per_seed"])
-    md.append(f"Mean ± std over {n} run(s): split seeds {proto['split_seeds']} × training seeds {proto['seeds']} "
+    md.append(f"Mean ± std over {plural(n, 'run')}" + (" (no spread)" if n < 2 else "")
+              + f": split seeds {proto['split_seeds']} × training seeds {proto['seeds']} "
               "(each split seed draws its own test, validation and long-tailed training sets).")
     if proto["val_per_class"]:
-        md += ["", f"Validation: {proto['val_per_class']} examples per class ({split.get('val_size')} in all), held out "
+        md += ["", f"Validation: {plural(proto['val_per_class'], 'example')} per class ({split.get('val_size')} in all), held out "
                    "of the training pool before the long-tailed subsampling, never trained on. Every choice is made "
                    f"on it by balanced accuracy: τ of +la from {proto['la_tau_grid']} (the smallest among equals)"
                    + (f", the pseudo weight from {proto['pseudo_weight_grid']}" if proto["pseudo_weight_grid"] else "")
@@ -359,7 +400,7 @@ def privacy_section(results: dict) -> list[str]:
     if "all_seeds_epsilon" in results:
         e = results["all_seeds_epsilon"]
         md += ["", f"Each seed is a separate training run on the same private data: releasing the models of all "
-                   f"{len(seeds)} seeds together costs their composition, PLD ε = {e['pld']:.3f} "
+                   f"{plural(len(seeds), 'seed')} together costs their composition, PLD ε = {e['pld']:.3f} "
                    f"(RDP {e['rdp']:.3f}, PRV {e['prv']:.3f}). Ledgers: `privacy/seedN.json`."]
     return md
 
@@ -423,17 +464,25 @@ def render_report(run: RunDir) -> Path:
     key = results.get("run_keys", [f"seed{seed}"])[0]
     split_seed = results["per_seed"][0].get("split_seed")
     metrics = [r for r in run.metrics() if r.get("split_seed", split_seed) == split_seed]
-    plots = [plot_per_class(results, run.plots / "per_class_accuracy.png"),
-             plot_training_curves(metrics, seed, run.plots / "training_curves.png"),
-             plot_projection(run.checkpoints / key / "features.safetensors",
-                             run.plots / "feature_projection.png"),
-             plot_drift(run.metrics(), run.plots / "drift.png"),
-             plot_coverage(results, run.plots / "coverage.png")]
+    drawn = {"per_class_accuracy.png": plot_per_class(results, run.plots / "per_class_accuracy.png"),
+             "training_curves.png": plot_training_curves(metrics, seed, run.plots / "training_curves.png"),
+             "feature_projection.png": plot_projection(run.checkpoints / key / "features.safetensors",
+                                                       run.plots / "feature_projection.png"),
+             # drift is measured as the encoder moves: without an E2E variant it is one flat line per method
+             "drift.png": plot_drift(run.metrics(), run.plots / "drift.png") if results.get("e2e") else None,
+             "coverage.png": plot_coverage(results, run.plots / "coverage.png")}
+    for name, p in drawn.items():
+        if p is None:  # a figure of an earlier render that this one does not draw is not left beside the report
+            (run.plots / name).unlink(missing_ok=True)
+    plots = [p for p in drawn.values() if p is not None]
+    short = short_stages(metrics, seed)
+    n = n_runs(results)
+    over = plural(n, "run") + (" (one seed: no spread)" if n < 2 else "")
     split = results["split"]
     g = split["groups"]
     md = [f"# pfdiff run: {run.path.name}", "",
           f"Dataset **{split['dataset']}**: {split['train_size']} long-tailed training examples, "
-          f"{split['test_size']} balanced test examples, {split['num_classes']} classes; " +
+          f"{split['test_size']} balanced test examples, {plural(split['num_classes'], 'class')}; " +
           (f"split seeds {results['protocol']['split_seeds']} × seeds {results['protocol']['seeds']}"
            if "protocol" in results else f"seeds {results['seeds']}") + f"; device {results['device']}.", "",
           (f"Training counts per class: {split['train_counts']}" if "train_counts" in split else
@@ -442,12 +491,13 @@ def render_report(run: RunDir) -> Path:
            "released only through the accountant, see Privacy)"), "",
           f"Class groups by training count, rule used: {g['rule']}: many {g['many']}, medium {g['medium']}, "
           f"few {g['few']}.", "", *_other_splits(results),
-          f"## Test accuracy (mean ± std over {len(results['per_seed'])} run(s))", "", results_table(results), ""]
+          f"## Test accuracy (mean ± std over {over})", "", results_table(results), ""]
     md += verdict(results)
     md += protocol_lines(results) + [""]
     md += ["Methods:", ""] + [f"- `{m}`: {d}" for m, d in results["method_names"].items()] + [""]
-    md += [f"## Wall time per stage (s, mean ± std over {len(results['per_seed'])} run(s))", "",
-           markdown_table(["stage", "seconds"], [(k, _fmt(v)) for k, v in results["timings"].items()])]
+    md += [f"## Wall time per stage (s, mean ± std over {over})", "",
+           markdown_table(["stage", "seconds"], [(k, mean_spread(v, n_runs(results)))
+                                                 for k, v in results["timings"].items()])]
     diag = results["per_seed"][0]["diagnostics"].get("ldmlr")
     if diag:
         fd = ", ".join("–" if d is None else f"{d:.2f}" for d in diag["frechet_per_class"])
@@ -464,6 +514,9 @@ def render_report(run: RunDir) -> Path:
     md += coverage_section(results)
     md += privacy_section(results)
     md += membership_section(run)
-    md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots if p is not None]
+    md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    if short:
+        md += ["", f"Too short to plot a training curve (fewer than {MIN_CURVE_POINTS} logged losses, seed {seed}): "
+                   + ", ".join(f"`{s.split('· ', 1)[-1]}`" for s in short) + "."]
     atomic_write_text(run.report_path, "\n".join(md) + "\n")
     return run.report_path

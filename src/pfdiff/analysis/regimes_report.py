@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from pfdiff.report import plt, save_fig
+from pfdiff.text import plural
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -238,7 +239,7 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
          "f^e(t) = s^sep(t) − s(t) vanishes (Monte Carlo over noised training points, leave-one-out density), and the "
          "large-d formula ½ log(1 + σ²/(n^{2/d} − 1)). Measured t_S: where the cloning probability crosses the midpoint "
          "of its plateaus.", "",
-         f"Total wall time {results.get('wall_seconds', 0):.0f} s on {results['threads']} thread(s); seed {cfg['seed']}.", ""]
+         f"Total wall time {results.get('wall_seconds', 0):.0f} s on {plural(results['threads'], 'thread')}; seed {cfg['seed']}.", ""]
     for name, res in results["datasets"].items():
         res = {**res, "config_starts": cfg["starts"], "config_clones": cfg["clones"],
                "placement_samples": cfg["samples_per_class"] * len(res["train_counts"])}

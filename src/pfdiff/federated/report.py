@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pfdiff.report import markdown_table, save_fig  # noqa: E402
+from pfdiff.text import plural  # noqa: E402
 from pfdiff.runs import atomic_write_text  # noqa: E402
 
 Results = dict[str, dict[str, Any]]
@@ -109,25 +110,22 @@ def _lowest_fd(methods: dict[str, dict[str, Any]]) -> str | None:
     return min(fds, key=fds.get) if fds else None
 
 
-def _versus(metric: str, a: float, b: float, other: str, lower_better: bool, fmt: str) -> str:
-    """"<metric> a vs b (+d): beats / ties / does not beat <other>"; a tie is a difference that rounds to 0
-    at the printed precision."""
+def _versus(metric: str, a: float, b: float, fmt: str) -> str:
+    """"<metric> a vs b (+d): lower / higher / equal": one run per partition has no spread, so the
+    direction is stated, never a win; equal is a difference that rounds to 0 at the printed precision."""
     diff = a - b
-    if float(format(abs(diff), fmt)) == 0:
-        word = "ties"
-    else:
-        word = "beats" if (diff < 0) == lower_better else "does not beat"
-    return f"{metric} {a:{fmt}} vs {b:{fmt}} ({diff:+{fmt}}): {word} {other}"
+    word = "equal" if float(format(abs(diff), fmt)) == 0 else ("lower" if diff < 0 else "higher")
+    return f"{metric} {a:{fmt}} vs {b:{fmt}} ({diff:+{fmt}}): {word}"
 
 
 def _pair_sentence(methods: dict[str, dict[str, Any]], ours: str, theirs: str) -> str:
     a, b = methods[ours], methods[theirs]
     parts = []
     if not (_missing(a.get("fd")) or _missing(b.get("fd"))):
-        parts.append(_versus("FD", a["fd"], b["fd"], theirs, True, ".2f"))
+        parts.append(_versus("FD", a["fd"], b["fd"], ".2f"))
     fa, fb = a.get("repair", {}).get("few"), b.get("repair", {}).get("few")
     if not (_missing(fa) or _missing(fb)):
-        parts.append(_versus("few-class accuracy", fa, fb, theirs, False, ".3f"))
+        parts.append(_versus("few-class accuracy", fa, fb, ".3f"))
     return f"`{ours}` vs `{theirs}`: " + ("; ".join(parts) or "no comparable numbers") + "."
 
 
@@ -138,16 +136,17 @@ def _savings_sentence(methods: dict[str, dict[str, Any]]) -> str | None:
         return None
     planned = plus.get("rounds", 0) + plus.get("rounds_saved", 0)
     if not plus.get("rounds_saved"):
-        return f"`fedddpm+` ran all {planned} rounds (the quick test never stopped it): it saved nothing."
-    text = f"`fedddpm+` stopped after {plus['rounds']} of {planned} rounds, saving {plus['rounds_saved']} rounds"
+        return f"`fedddpm+` ran all {plural(planned, 'round')} (the quick test never stopped it): it saved nothing."
+    text = (f"`fedddpm+` stopped after {plus['rounds']} of {plural(planned, 'round')}, saving "
+            f"{plural(plus['rounds_saved'], 'round')}")
     if full is not None:
         steps = full.get("client_steps", 0) - plus.get("client_steps", 0)
-        text += f", {steps} client steps and {_mb(full.get('bytes', 0) - plus.get('bytes', 0))} MB vs `fedddpm`"
+        text += f", {plural(steps, 'client step')} and {_mb(full.get('bytes', 0) - plus.get('bytes', 0))} MB vs `fedddpm`"
     return text + "."
 
 
 def _few_sentence(res: dict[str, Any]) -> str | None:
-    """Which repaired methods beat the strongest baseline on the few classes, and which do not."""
+    """Which repaired methods score above the strongest baseline on the few classes (one run: no spread)."""
     base = {n: a["few"] for n, a in res.get("baselines", {}).items() if not _missing(a.get("few"))}
     ours = {n: m["repair"]["few"] for n, m in res.get("methods", {}).items()
             if not _missing(m.get("repair", {}).get("few"))}
@@ -183,6 +182,16 @@ def _filter_sentence(methods: dict[str, Any]) -> str | None:
     return ("Repair filter (AID on the pool scorer): " + "; ".join(parts) + ".") if parts else None
 
 
+def _clients(n: Any) -> str:
+    return "? clients" if n is None else plural(int(n), "client")
+
+
+def _skipped_lines(res: dict[str, Any]) -> list[str]:
+    """The baselines the run skipped (no row in the table), each with its reason."""
+    skipped = res.get("skipped_baselines") or {}
+    return ["", *(f"`{name}` skipped: {why}." for name, why in skipped.items())] if skipped else []
+
+
 def _fd_reference_line(res: dict[str, Any]) -> list[str]:
     ref = res.get("fd_reference") or {}
     if not ref:
@@ -200,10 +209,11 @@ def comparison_section(results: Results) -> list[str]:
           "(rounds skipped by an early stop). MB: diffusion rounds, server→clients plus clients→server."]
     for label, res in results.items():
         md += ["", f"### {label}", "",
-               f"{res.get('num_clients', '?')} clients; class counts {res.get('counts', DASH)}; "
+               f"{_clients(res.get('num_clients'))}; class counts {res.get('counts', DASH)}; "
                f"wall time {_num(res.get('seconds'), '.1f')} s.", "", comparison_table(res)]
-        md += _fd_reference_line(res)
-    md += ["", "## Verdict", ""]
+        md += _skipped_lines(res) + _fd_reference_line(res)
+    md += ["", "## Verdict", "", "Each partition is one run (one seed): the differences below have no spread, so "
+           "they are stated, not claimed as wins.", ""]
     for label, res in results.items():
         md += verdict(label, res)
     return md
@@ -375,10 +385,29 @@ def _round_axis(ax) -> None:
     ax.grid(alpha=0.3)
 
 
+MIN_ROUNDS = 2  # a per-round series needs two rounds; FedAvg records no score, so FedAvg alone has none
+
+
+def _scores(m: dict[str, Any]) -> list[tuple[int, float]]:
+    return [(r, row["score"]) for r, row in _history(m) if not _missing(row.get("score"))]
+
+
+def _pool_rows(m: dict[str, Any] | None) -> list[tuple[int, dict[str, Any]]]:
+    return [(r, row) for r, row in _history(m or {}) if "pool" in row]
+
+
+def _has_scores(res: dict[str, Any]) -> bool:
+    return any(len(_scores(m)) >= MIN_ROUNDS for m in res.get("methods", {}).values())
+
+
+def _has_pool(res: dict[str, Any]) -> bool:
+    return len(_pool_rows(res.get("methods", {}).get("progressive"))) >= MIN_ROUNDS
+
+
 def _plot_scores(ax, label: str, methods: dict[str, dict[str, Any]]) -> None:
     """Held-out aux-pool diffusion loss per round, one line per method with a score; FedDDPM+'s stop marked."""
     for name, m in methods.items():
-        pts = [(r, row["score"]) for r, row in _history(m) if not _missing(row.get("score"))]
+        pts = _scores(m)
         if not pts:
             continue
         (line,) = ax.plot(*zip(*pts), marker=".", label=name)
@@ -387,16 +416,19 @@ def _plot_scores(ax, label: str, methods: dict[str, dict[str, Any]]) -> None:
                 ax.plot([r], [row["score"]], marker="X", ms=10, color=line.get_color(), ls="none",
                         label=f"{name} stop (round {r})")
     ax.set_title(f"{label}: score per round")
+    if not ax.get_legend_handles_labels()[0]:
+        ax.text(0.5, 0.5, "no score per round", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
     _round_axis(ax)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
 
 
-def _plot_pool(ax, progressive: dict[str, Any] | None) -> None:
+def _plot_pool(ax, label: str, progressive: dict[str, Any] | None) -> None:
     """The progressive pool's mean age (line) and the features replaced per round (bars)."""
-    rows = [(r, row) for r, row in _history(progressive or {}) if "pool" in row]
+    rows = _pool_rows(progressive)
     if not rows:
-        ax.text(0.5, 0.5, "no progressive pool", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"{label}: no progressive pool", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
     rounds = [r for r, _ in rows]
@@ -407,19 +439,32 @@ def _plot_pool(ax, progressive: dict[str, Any] | None) -> None:
     ax.patch.set_visible(False)
     ax.plot(rounds, [row["pool"].get("mean_age") for _, row in rows], marker=".", color="tab:purple")
     ax.set_ylabel("pool mean age (rounds)", color="tab:purple")
-    ax.set_title("progressive pool: mean age (line), replaced (bars)", fontsize=9)
+    ax.set_title(f"{label}: progressive pool, mean age (line), replaced (bars)", fontsize=9)
     _round_axis(ax)
 
 
-def plot_rounds(root: Path, results: Results) -> Path:
-    """``<root>/fed_rounds.png``: per partition, the score per round (top) and the progressive pool (bottom)."""
-    fig, axes = plt.subplots(2, max(1, len(results)), figsize=(4.5 * max(1, len(results)), 6.5), squeeze=False)
-    for col, (label, res) in enumerate(results.items()):
-        _plot_scores(axes[0][col], label, res.get("methods", {}))
-        _plot_pool(axes[1][col], res.get("methods", {}).get("progressive"))
-    axes[0][0].set_ylabel("held-out aux-pool diffusion loss")
+def plot_rounds(root: Path, results: Results) -> Path | None:
+    """``<root>/fed_rounds.png``: per partition with a per-round series, the score per round and the progressive
+    pool (a row only where some partition has it). None, and no file, when there is nothing per round to show
+    (FedAvg alone, or a single round): write_report then links no plot."""
+    path = Path(root) / PLOT_NAME
+    shown = {label: res for label, res in results.items() if _has_scores(res) or _has_pool(res)}
+    kinds = [k for k, has in (("score", _has_scores), ("pool", _has_pool)) if any(has(r) for r in shown.values())]
+    if not shown:
+        path.unlink(missing_ok=True)  # an earlier render's plot would be linked as if it were this one's
+        return None
+    fig, axes = plt.subplots(len(kinds), len(shown), figsize=(4.5 * len(shown), 3.25 * len(kinds)), squeeze=False)
+    for col, (label, res) in enumerate(shown.items()):
+        methods = res.get("methods", {})
+        for ax, kind in zip(axes[:, col], kinds):
+            if kind == "score":
+                _plot_scores(ax, label, methods)
+            else:
+                _plot_pool(ax, label, methods.get("progressive"))
+    if kinds[0] == "score":
+        axes[0][0].set_ylabel("held-out aux-pool diffusion loss")
     fig.tight_layout()
-    return save_fig(fig, Path(root) / PLOT_NAME)
+    return save_fig(fig, path)
 
 
 def render(root: Path) -> Path:

@@ -219,10 +219,9 @@ def phase_reweight(srv: Server, model: torch.nn.ModuleDict, counts: np.ndarray) 
         return task.load_arrays(clf, load_state(path)["model"])
     w = 1.0 / np.maximum(counts, 1)
     w = (w / w.mean()).tolist()
-    if srv.cfg.fed.reweight_rounds:
-        arrays = srv.fedavg_rounds("reweight", task.to_wire(clf.state_dict()), srv.cfg.fed.reweight_rounds,
-                                   **{"class-weights": w})
-        clf = task.load_arrays(clf, arrays.to_torch_state_dict())
+    arrays = srv.fedavg_rounds("reweight", task.to_wire(clf.state_dict()), srv.cfg.fed.reweight_rounds,
+                               **{"class-weights": w})
+    clf = task.load_arrays(clf, arrays.to_torch_state_dict())
     save_state(path, {"model": clf.state_dict()})
     return clf
 
@@ -522,6 +521,16 @@ def _composed_over_methods(srv: Server, stats: dict, results: dict[str, Any]) ->
 # ---------------------------------------------------------------- the whole run
 
 
+def skipped_baselines(cfg: RunConfig) -> dict[str, str]:
+    """The baselines this configuration does not run, each with the reason (for the report)."""
+    if cfg.fed.dp != "none":
+        return {"fedavg-reweight": f"not run under fed.dp = {cfg.fed.dp}: its FedAvg of G on private features "
+                                   "has no DP guarantee"}
+    if cfg.fed.reweight_rounds == 0:
+        return {"fedavg-reweight": "fed.reweight_rounds = 0: no re-weighting round, its G would be fedavg-ce's"}
+    return {}
+
+
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     check_plan(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -532,7 +541,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     z_test, y_test = test_features(srv, enc_clf)
     baselines = {"fedavg-ce": accuracy(srv, enc_clf["classifier"], z_test, y_test),
                  "fedavg-ce+la": accuracy(srv, enc_clf["classifier"], z_test, y_test, stats["counts"])}
-    if cfg.fed.dp == "none":  # its FedAvg of G on private features has no DP guarantee: not run under DP
+    skipped = skipped_baselines(cfg)
+    if "fedavg-reweight" not in skipped:
         rw = phase_reweight(srv, enc_clf, stats["counts"])
         baselines["fedavg-reweight"] = accuracy(srv, rw, z_test, y_test)
     warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
@@ -545,6 +555,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         privacy_in[m] = {"rounds_started": out["state"]["rounds_started"]}
     results = {
         "alpha": cfg.fed.alpha, "num_clients": len(srv.nodes), "baselines": baselines, "methods": methods,
+        "skipped_baselines": skipped,
         "warmup": warmup_summary(warm, cfg) if warm else None,
         "bytes": srv.wire.totals(), "failures": srv.wire.failures,
         "privacy": privacy_report(srv, stats, privacy_in), "seconds": time.perf_counter() - t0,
