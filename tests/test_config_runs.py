@@ -218,3 +218,56 @@ def test_run_folders_are_named_after_preset_and_data(tmp_path, source, overrides
     # the same second: -2 appended (or, a second later, a new stamp)
     assert second.path != first.path and second.path.name.startswith(folder + "-")
     assert RunDir.open(second.path).config() == cfg
+
+
+def _bad_npz(tmp_path, kind: str) -> str:
+    """A user dataset that `pfdiff run` must refuse: one class, 10 examples of 2 classes, a label gap, noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"{kind}.npz"
+    if kind == "random":
+        path.write_bytes(rng.bytes(2048))
+        return str(path)
+    y = {"one-class": np.zeros(60, dtype=np.int64), "ten": np.array([0, 1] * 5),
+         "gap": np.repeat([0, 1, 3], 60)}[kind]  # gap: no class 2, no num_classes array
+    np.savez(path, x=rng.standard_normal((len(y), 8)).astype(np.float32), y=y)
+    return str(path)
+
+
+_NPZ = ["quickstart", "--set", "data.name=npz", "--set"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("args,needles", [
+    (["quickstart", "--set", "device=cuda"], ["device 'cuda'", "CUDA is not available"]),
+    (["dp", "--set", "privacy.target_epsilon=0.001"], ["target 0.001"]),
+    ([*_NPZ, "data.path={one-class}"], ["one-class.npz", "1 class with examples", "at least 2"]),
+    ([*_NPZ, "data.path={ten}"], ["data.val_per_class=10", "class 0 has 4 examples"]),
+    ([*_NPZ, "data.path={ten}", "--set", "data.val_per_class=0"],
+     ["ten.npz", "class(es) [1] with [1] example(s)", "at least 2"]),
+    ([*_NPZ, "data.path={ten}", "--set", "data.val_per_class=0", "--set", "data.imbalance_factor=1",
+      "--set", "methods=[dp-ldmlr]"], ["ten.npz", "AID filter of dp-ldmlr", "needs at least 5"]),
+    ([*_NPZ, "data.path={gap}"], ["gap.npz", "4 classes (inferred from the largest label)", "class(es) [2]"]),
+    ([*_NPZ, "data.path={random}"], ["random.npz", "not a .npz archive"]),
+])
+def test_cli_refuses_bad_inputs_before_writing_also_on_a_dry_run(tmp_path, args, needles, dry_run):
+    """Exit 2, one line naming the problem, no folder under --out: `pfdiff run` and `pfdiff run --dry-run` alike
+    (make-data's bad arguments: tests/test_data.py::test_make_data_refuses_bad_arguments_and_writes_nothing)."""
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    if "device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present: device=cuda is valid here")
+    data = tmp_path / "data"
+    data.mkdir()
+    paths = {k: _bad_npz(data, k) for k in ("one-class", "ten", "gap", "random")}
+    args = [a.format(**paths) for a in args]
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(app, ["run", *args, "--out", str(out), *(["--dry-run"] if dry_run else [])],
+                             terminal_width=400)
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data"]

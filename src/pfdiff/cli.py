@@ -1,5 +1,10 @@
-"""Command line: ``pfdiff run``, ``report``, ``fed``, ``attack``, ``audit``, ``evidence``, ``dpdm``, ``regimes``, ``presets``.
-Parses and delegates only."""
+"""Command line: ``pfdiff run``, ``check``, ``config``, ``report``, ``fed``, ``attack``, ``audit``, ``evidence``, ``dpdm``,
+``regimes``, ``presets``. Parses and delegates only.
+
+``pfdiff check CONFIG`` (= ``pfdiff run CONFIG --dry-run``) runs every check ``run`` makes before its run directory
+exists and prints the plan (data, stages and steps per pair, privacy releases and ε, a rough wall time from
+benchmarks/results); it writes nothing. ``--dry-run`` with ``--resume`` is refused: a resumed run's plan is
+``pfdiff check RUN_DIR/config.yaml``. ``pfdiff config [PRESET]`` prints the resolved config with comments."""
 
 from __future__ import annotations
 
@@ -11,6 +16,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+def _keep_argument_help() -> None:
+    """typer 0.20 sets ``TyperArgument.help`` and then calls ``click.Argument.__init__``, which since click 8.5
+    (where arguments take ``help`` themselves) resets it to None: every argument's help vanished from --help.
+    Set it again afterwards (a no-op where click leaves it alone)."""
+    from typer.core import TyperArgument
+
+    init = TyperArgument.__init__
+    if getattr(init, "keeps_help", False):
+        return
+
+    def __init__(self, *args, help=None, **kwargs):  # noqa: A002 (typer's keyword)
+        init(self, *args, help=help, **kwargs)
+        if self.help is None:
+            self.help = help
+
+    __init__.keeps_help = True
+    TyperArgument.__init__ = __init__
+
+
+_keep_argument_help()
 # no locals in tracebacks: they would print configs and, worse, tensors of private data
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="pfdiff: private, federated diffusion in feature space for long-tailed recognition.")
@@ -49,7 +74,9 @@ def main(ctx: typer.Context,
 def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: quickstart)"),
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set diffusion.steps=2000"),
         resume: Optional[Path] = typer.Option(None, help="resume an interrupted run directory"),
-        out: Optional[Path] = typer.Option(None, help="parent folder of the run directory (default: runs/)")):
+        out: Optional[Path] = typer.Option(None, help="parent folder of the run directory (default: runs/)"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="check and print the plan (as `pfdiff check`); "
+                                     "write nothing, train nothing")):
     """Train and evaluate every configured method over all seeds; write a run directory and report.
     Under torchrun (``torchrun --nproc-per-node N -m pfdiff run …``) stages 1 and 2 split every batch between
     the N processes; only rank 0 writes the run directory, prints and renders the report (the others run the
@@ -66,6 +93,10 @@ def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
 
     if resume is not None and (config or set_):
         _fail("--resume uses the run's saved config.yaml; drop CONFIG and --set")
+    if dry_run:
+        if resume is not None:
+            _fail(f"--dry-run plans a new run; for the plan of a resumed one: pfdiff check {resume / 'config.yaml'}")
+        return _print_plan(config, set_)
     distributed.init_from_env()
     main = distributed.is_main()
     if not main:
@@ -99,6 +130,40 @@ def run(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
     report = render_report(run_dir)
     print_table(results)
     console.print(f"report: [bold]{report}[/]")
+
+
+def _print_plan(config: Optional[str], set_: list[str]) -> None:
+    from pfdiff.config import ConfigError, load_config
+    from pfdiff.data import DataError
+    from pfdiff.plan import make_plan, render_plan
+
+    try:
+        plan = make_plan(load_config(config, set_))
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(render_plan(plan))  # plain text: the plan holds [..] that rich would read as markup
+
+
+@app.command()
+def check(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: quickstart)"),
+          set_: list[str] = typer.Option([], "--set", help="override, e.g. --set diffusion.steps=2000")):
+    """The checks `pfdiff run` makes before writing anything, then its plan: data, stages and their steps per
+    (split seed, seed) pair, every privacy release with its ε, a rough wall time. Writes nothing."""
+    _print_plan(config, set_)
+
+
+@app.command("config")
+def config_(preset: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: quickstart)"),
+            set_: list[str] = typer.Option([], "--set", help="override, e.g. --set privacy.target_epsilon=1")):
+    """Print the resolved config as YAML, every key with its comment; [set] marks values the preset or an
+    override changed from the default (the output loads back as a config file)."""
+    from pfdiff.config import ConfigError, annotated_config, load_config
+
+    try:
+        cfg = load_config(preset, set_)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(annotated_config(cfg, preset or "quickstart"), nl=False)
 
 
 @app.command()

@@ -462,3 +462,65 @@ def validation_message(e: ValidationError) -> str:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _source_comments() -> dict[tuple[str, str], str]:
+    """(class name, field name) → the comment of that field in this file: its trailing ``# …``, else the comment
+    lines right above it (the config's documentation lives there; pydantic descriptions take precedence)."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    out: dict[tuple[str, str], str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt in node.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            text = comments.get(stmt.end_lineno, "")
+            if not text:  # a block of comment-only lines directly above
+                above, i = [], stmt.lineno - 1
+                while i >= 1 and lines[i - 1].strip().startswith("#"):
+                    above.insert(0, comments.get(i, ""))
+                    i -= 1
+                text = " ".join(above)
+            if text:
+                out[(node.name, stmt.target.id)] = text
+    return out
+
+
+def _flow(value: Any) -> str:
+    """One YAML value on one line (``[0, 1]``, ``null``, ``'a: b'``)."""
+    return yaml.safe_dump([value], default_flow_style=True, allow_unicode=True, width=10_000).strip()[1:-1]
+
+
+def annotated_config(cfg: RunConfig, source: str = "quickstart") -> str:
+    """``cfg`` as YAML with a comment on every key: its description and, where ``cfg`` differs from
+    RunConfig's default, ``[set: default …]`` (changed by the preset or an override). Loads back to ``cfg``."""
+    notes = _source_comments()
+    lines = [f"# resolved config of {source} (pfdiff config); [set] marks values that differ from the default"]
+
+    def emit(model: BaseModel, default: BaseModel, indent: str) -> None:
+        values, defaults = model.model_dump(mode="json"), default.model_dump(mode="json")
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            note = field.description or notes.get((type(model).__name__, name), "")
+            if isinstance(value, BaseModel):
+                doc = " ".join((type(value).__doc__ or "").strip().split("\n\n")[0].split())
+                lines.append(f"{indent}{name}:" + (f"  # {doc}" if doc else ""))
+                emit(value, getattr(default, name), indent + "  ")
+                continue
+            changed = values[name] != defaults[name]
+            tags = [f"[set: default {_flow(defaults[name])}]"] if changed else []
+            comment = "  # " + " ".join([*tags, note]).strip() if tags or note else ""
+            lines.append(f"{indent}{name}: {_flow(values[name])}{comment}")
+
+    emit(cfg, RunConfig(), "")
+    return "\n".join(lines) + "\n"

@@ -61,7 +61,11 @@ class MahalanobisScorer:
         return d.norm(dim=-1)
 
 
-def _cross_fitted_scores(z: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 5) -> torch.Tensor:
+CROSS_FIT_FOLDS = 5  # K of the real features' cross-fitted scores (a fit needs at least K rows: checked by prepare)
+
+
+def _cross_fitted_scores(z: torch.Tensor, y: torch.Tensor, num_classes: int,
+                         folds: int = CROSS_FIT_FOLDS) -> torch.Tensor:
     """Scores of real features by a scorer that did not see them (K-fold): in-sample Mahalanobis distances
     of a 64-D fit are biased low, which would make every new sample look out of distribution."""
     from sklearn.model_selection import KFold

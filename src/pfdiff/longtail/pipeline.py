@@ -23,18 +23,18 @@ from torch import nn
 
 from pfdiff import distributed
 from pfdiff.config import RunConfig
-from pfdiff.data import class_counts
+from pfdiff.data import DataError, class_counts
 from pfdiff.evaluation import GROUPS, recognition_metrics
 from pfdiff.evaluation.coverage import class_coverage
 from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
 from pfdiff.longtail.common import LongTailSplit, augmentation_kind, encode, make_split, predict_logits
 from pfdiff.longtail.end_to_end import drift_distances, parse_e2e, per_class_frechet, train_end_to_end
-from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
+from pfdiff.longtail.filtering import CROSS_FIT_FOLDS, MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import (FeatureScaler, finetune_encoder_with_pseudo, finetune_with_pseudo, pseudo_counts,
                                    sample_features, stage3_prior, train_feature_diffusion)
 from pfdiff.longtail.methods import Method, parse_method
 from pfdiff.longtail.private import (clip_rows, count_event, noisy_counts, preflight, public_private_split,
-                                     train_private_denoiser, train_private_stage1)
+                                     public_size, train_private_denoiser, train_private_stage1)
 from pfdiff.privacy.accounting import GaussianEvent, PrivacyLedger, epsilon_all
 from pfdiff.privacy.noise import noise_source
 from pfdiff.runs import RunDir, atomic_write_json
@@ -110,10 +110,37 @@ def prepare(cfg: RunConfig) -> LongTailSplit:
         distributed.check_batch_size(cfg.stage1.batch_size, "stage1.batch_size")
         distributed.check_batch_size(cfg.diffusion.batch_size, "diffusion.batch_size")
     split = make_split(split_config(cfg, split_seeds(cfg)[0]))
+    check_training_set(cfg, split, methods)
     augmentation_kind(cfg.stage1, split.train.input_shape)
     if private:
         preflight(cfg, len(split.train.y))
     return split.sealed()
+
+
+MIN_TRAIN_PER_CLASS = 2  # one example per class trains nothing a classifier or a class-conditional denoiser can use
+
+
+def check_training_set(cfg: RunConfig, split: LongTailSplit, methods: list[Method]) -> None:
+    """The long-tailed training set is large enough for every stage asked for: at least
+    ``MIN_TRAIN_PER_CLASS`` examples per class, and enough rows for the AID scorer's cross-fitting
+    (``filtering.CROSS_FIT_FOLDS``) wherever a method filters (on the public part in a private run)."""
+    d, source = cfg.data, cfg.data.path or cfg.data.name
+    n = len(split.train.y)
+    few = np.flatnonzero(split.counts < MIN_TRAIN_PER_CLASS)
+    if few.size:
+        raise DataError(f"{source}: the long-tailed training set ({n} examples at data.imbalance_factor="
+                        f"{d.imbalance_factor:g}, {split.num_classes} classes) leaves class(es) {few[:8].tolist()} with "
+                        f"{split.counts[few[:8]].tolist()} example(s); every class needs at least {MIN_TRAIN_PER_CLASS}: "
+                        "supply more data or lower data.imbalance_factor")
+    filtered = [m.name for m in methods if m.base == "ldmlr-aid" or getattr(parse_e2e(m.base), "aid", False)]
+    n_pub = public_size(n, cfg.privacy.public_fraction)
+    if cfg.privacy.aid_filter and n_pub < CROSS_FIT_FOLDS and any(m.base == "dp-ldmlr" for m in methods):
+        raise DataError(f"{source}: the AID filter of dp-ldmlr is fitted on the public part, {n_pub} example(s) of "
+                        f"{n}; it needs at least {CROSS_FIT_FOLDS} (supply more data, raise privacy.public_fraction "
+                        "or set privacy.aid_filter=false)")
+    if filtered and n < CROSS_FIT_FOLDS:
+        raise DataError(f"{source}: the AID filter of {filtered} needs at least {CROSS_FIT_FOLDS} training examples, "
+                        f"the long-tailed training set has {n}")
 
 
 def run_experiment(cfg: RunConfig, run: RunDir, split: LongTailSplit | None = None) -> dict[str, Any]:

@@ -138,12 +138,14 @@ def encoder_plan(p: PrivacyConfig, n_private: int) -> GaussianEvent:
 
 def preflight(cfg: RunConfig, n_train: int) -> dict[str, Any]:
     """Every privacy check a private run makes, from the config and N alone, before any work: δ < 1/N_private,
-    σ reachable, the whole plan (encoder, counts, denoiser) within the target. Raises BudgetError/ValueError."""
+    σ reachable, the whole plan (encoder, counts, denoiser) within the target. Raises BudgetError/ValueError.
+    Returns N_private, σ, the planned ε (PLD) and every event the seed will spend (``pfdiff check`` prints them)."""
     p = cfg.privacy
     n_private = n_train - public_size(n_train, p.public_fraction)
     fixed = [e for e in ((encoder_plan(p, n_private) if p.encoder == "dp" else None), count_event(p)) if e]
     plan = plan_denoiser(p, n_private, cfg.diffusion.make_schedule(), fixed)
-    return {"n_private": n_private, "sigma": plan.sigma, "planned_epsilon": epsilon(plan.events, p.delta)}
+    return {"n_private": n_private, "sigma": plan.sigma, "planned_epsilon": epsilon(plan.events, p.delta),
+            "events": plan.events, "paper_claim": plan.paper_claim}
 
 
 class PhasedLabels(nn.Module):
