@@ -234,7 +234,7 @@ class FederatedConfig(Section):
     warmup_upload: Literal["features", "model"] = "features"  # what a client uploads to build the aux pool
     aux_size: int = Field(1000, ge=10)  # generation budget B of auxiliary pseudo-features (all methods)
     aux_val_share: float = Field(0.2, gt=0, lt=1)  # held-out slice of the warm-up pool: QUICK-TEST / score
-    server_steps: int = Field(20, ge=0)  # FedDDPM: server SGD steps on the aux pool after each aggregation
+    server_steps: int = Field(20, ge=0)  # FedDDPM: server Adam steps on the aux pool after each aggregation
     server_lr: float = Field(1e-3, gt=0)
     server_batch_size: int = Field(128, ge=1)
     quick_test_threshold: float = Field(0.01, ge=0)  # FedDDPM+: stop when the relative gain falls below
