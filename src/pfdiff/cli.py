@@ -16,26 +16,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-def _keep_argument_help() -> None:
-    """typer 0.20 sets ``TyperArgument.help`` and then calls ``click.Argument.__init__``, which since click 8.5
-    (where arguments take ``help`` themselves) resets it to None: every argument's help vanished from --help.
-    Set it again afterwards (a no-op where click leaves it alone)."""
-    from typer.core import TyperArgument
-
-    init = TyperArgument.__init__
-    if getattr(init, "keeps_help", False):
-        return
-
-    def __init__(self, *args, help=None, **kwargs):  # noqa: A002 (typer's keyword)
-        init(self, *args, help=help, **kwargs)
-        if self.help is None:
-            self.help = help
-
-    __init__.keeps_help = True
-    TyperArgument.__init__ = __init__
-
-
-_keep_argument_help()
 # no locals in tracebacks: they would print configs and, worse, tensors of private data
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="pfdiff: private, federated diffusion in feature space for long-tailed recognition.")
