@@ -215,7 +215,7 @@ def deploy(config: Optional[str] = typer.Argument(None, help="preset name or YAM
     from pfdiff.federated.deploy import DeploymentError, executable, find_app_dir, run_app
     from pfdiff.federated.report import load_results, plot_rounds, write_report
     from pfdiff.federated.server_app import check_plan
-    from pfdiff.federated.simulation import alpha_dir
+    from pfdiff.federated.simulation import FLOWER_NOISE, alpha_dir
 
     if nodes is not None and not 1 <= nodes <= 64:
         _fail(f"--nodes must be between 1 and 64 (one SuperNode process each), got {nodes}")
@@ -243,7 +243,10 @@ def deploy(config: Optional[str] = typer.Argument(None, help="preset name or YAM
     run_dir = alpha_dir(root, cfg.fed.alpha)
     run_config = {"config": source, "set": " ".join(overrides), "run-dir": str(run_dir)}
     console.print(f"α = {cfg.fed.alpha:g} → [bold]{run_dir}[/]; {cfg.fed.num_clients} SuperNodes")
-    echo = None if training._VERBOSITY == 0 else (lambda line: console.out(line, highlight=False))  # -q: none
+    def echo(line: str) -> None:  # the ServerApp's log; -q: none, -v: every line, else without Flower's notices
+        if training._VERBOSITY == 2 or (training._VERBOSITY == 1 and line.split(":", 1)[-1].strip()
+                                        and not any(n in line for n in FLOWER_NOISE)):
+            console.out(line, highlight=False)
 
     def _terminate(signum, frame):  # SIGTERM stops everything, as Ctrl-C does
         raise KeyboardInterrupt

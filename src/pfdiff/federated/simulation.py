@@ -26,6 +26,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from flwr.app import Context  # noqa: E402
+from flwr.common.logger import ConsoleHandler  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from pfdiff.config import RunConfig  # noqa: E402
@@ -61,14 +62,14 @@ def ray_temp_dir() -> Iterator[dict[str, str]]:
 
 
 # Flower log lines a pfdiff user can do nothing about (shown with ``pfdiff -v``)
-_FLOWER_NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0")
+FLOWER_NOISE = ("DEPRECATED FEATURE", "fraction_evaluate is set to 0.0")
 # Python warnings of the libraries under the simulation, also in Ray's workers (shown with ``pfdiff -v``)
 _WARNINGS_NOISE = ("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::PendingDeprecationWarning")
 
 
 class _DropFlowerNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in str(record.msg) for n in _FLOWER_NOISE)
+        return not any(n in str(record.msg) for n in FLOWER_NOISE)
 
 
 @contextmanager
@@ -77,14 +78,15 @@ def flower_output(verbosity: int) -> Iterator[None]:
     deprecation notices, 2 ``-v``: everything, DEBUG included); library deprecation/future warnings hidden
     below 2 (here and, through ``PYTHONWARNINGS``, in Ray's workers). Restores everything on exit.
 
-    Flower's ``flwr`` logger has its own console handler and level DEBUG; it also propagates to the root
-    logger, whose handler (``logging.basicConfig`` of the CLI) has no level: every line came twice, DEBUG
-    ones once. So propagation is off while this is active, and Flower's own handler sets the level."""
+    Flower's ``flwr`` logger has level DEBUG and its own console handler, whose level is the one that counts:
+    ``pfdiff.federated`` turns its propagation to the root logger off (the root's handler printed every
+    line a second time, DEBUG ones too)."""
     flwr = logging.getLogger("flwr")
-    saved = flwr.propagate, [(h, h.level) for h in flwr.handlers], os.environ.get("PYTHONWARNINGS")
+    own = [h for h in flwr.handlers if isinstance(h, ConsoleHandler)]  # not a handler a user added
+    saved = flwr.propagate, [(h, h.level) for h in own], os.environ.get("PYTHONWARNINGS")
     noise = _DropFlowerNoise()
-    flwr.propagate = False
-    for h in flwr.handlers:
+    flwr.propagate = False  # already so (pfdiff.federated's __init__); kept off here whatever changed it
+    for h in own:
         h.setLevel({0: logging.ERROR, 1: logging.INFO, 2: logging.DEBUG}[verbosity])
         if verbosity < 2:
             h.addFilter(noise)
