@@ -236,6 +236,7 @@ def test_simulation_survives_a_failing_client_and_resumes_without_repeating_roun
         assert math.isfinite(res["methods"][m]["fd"]) and res["methods"][m]["bytes"] > 0
     assert res["bytes"]["total"] > 0 and set(res["bytes"]["per_client"]) == {0, 1, 2}
     assert res["warmup"]["crossover_n"] > 0 and json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert not (tmp_path / "ray").exists() and not list(tmp_path.rglob("session_*"))  # Ray's state not in the results
 
     encoder_mtime = (tmp_path / "encoder.safetensors").stat().st_mtime_ns
     res2 = simulate(load_config("federated", [*TINY, "fed.fail_partitions=[1]", "fed.methods=[fedavg]",

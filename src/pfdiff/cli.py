@@ -237,6 +237,131 @@ def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
 
 
 @app.command()
+def deploy(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: federated)"),
+           set_: list[str] = typer.Option([], "--set", help="override, e.g. --set fed.rounds=5 (no spaces inside)"),
+           nodes: Optional[int] = typer.Option(None, "--nodes", help="SuperNodes to start, one client partition each "
+                                               "(sets fed.num_clients; default fed.num_clients)"),
+           alpha: Optional[float] = typer.Option(None, help="Dirichlet α of the partition (0 = IID; default fed.alpha)"),
+           out: Optional[Path] = typer.Option(None, help="root folder (default: <output_dir>/<name>-deploy): results "
+                                              "in <iid|alpha-α>/ as with `pfdiff fed`, the deployment in deploy/"),
+           app_dir: Optional[Path] = typer.Option(None, "--app", help="the Flower app to `flwr run` (default: this "
+                                                  "pfdiff checkout)"),
+           timeout: float = typer.Option(0, help="give up after this many seconds (0: no limit)")):
+    """Run the federated app on a real local Flower deployment: a SuperLink and N SuperNodes on 127.0.0.1
+    (insecure, free ports), `flwr run` with the config, the ServerApp's log streamed here; every process is
+    stopped when the run ends, fails or on Ctrl-C. Exit code 0 when the run completed, 1 when it failed."""
+    import re
+    import signal
+
+    from rich.markup import escape
+
+    from pfdiff import training
+    from pfdiff.config import ConfigError, load_config
+    from pfdiff.federated.deploy import DeploymentError, executable, find_app_dir, run_app
+    from pfdiff.federated.report import load_results, plot_rounds, write_report
+    from pfdiff.federated.server_app import check_plan
+    from pfdiff.federated.simulation import FLOWER_NOISE, alpha_dir
+
+    if nodes is not None and not 1 <= nodes <= 64:
+        _fail(f"--nodes must be between 1 and 64 (one SuperNode process each), got {nodes}")
+    set_ = [re.sub(r",\s+", ",", s.strip()) for s in set_]  # "[a, b]" → "[a,b]": the run config splits at spaces
+    spaced = [s for s in set_ if len(s.split()) != 1]
+    if spaced:
+        _fail(f"--set {escape(spaced[0])!r}: no spaces inside one override (the run config splits them at spaces)")
+    overrides = [*set_, *([f"fed.num_clients={nodes}"] if nodes is not None else []),
+                 *([f"fed.alpha={float(alpha)!r}"] if alpha is not None else [])]
+    source = config or "federated"
+    if Path(source).is_file():  # the SuperLink's processes run elsewhere: an absolute path
+        source = str(Path(source).resolve())
+    try:
+        cfg = load_config(source, overrides)
+        check_plan(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    app_path = app_dir or find_app_dir()
+    if app_path is None or not (app_path / "pyproject.toml").is_file():
+        _fail("the Flower app (a pyproject.toml with [tool.flwr.app]) was not found; pass --app DIR")
+    missing = [x for x in ("flower-superlink", "flower-supernode", "flwr") if executable(x) is None]
+    if missing:
+        _fail(f"{', '.join(missing)} not found (is flwr installed in this environment?)")
+    root = (out or Path(cfg.output_dir) / f"{cfg.name}-deploy").resolve()
+    run_dir = alpha_dir(root, cfg.fed.alpha)
+    run_config = {"config": source, "set": " ".join(overrides), "run-dir": str(run_dir)}
+    console.print(f"α = {cfg.fed.alpha:g} → [bold]{run_dir}[/]; {cfg.fed.num_clients} SuperNodes")
+    def echo(line: str) -> None:  # the ServerApp's log; -q: none, -v: every line, else without Flower's notices
+        if training._VERBOSITY == 2 or (training._VERBOSITY == 1 and line.split(":", 1)[-1].strip()
+                                        and not any(n in line for n in FLOWER_NOISE)):
+            console.out(line, highlight=False)
+
+    def _terminate(signum, frame):  # SIGTERM stops everything, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        info = run_app(app_path, root / "deploy", run_config, cfg.fed.num_clients,
+                       timeout=timeout or float("inf"), echo=echo)
+    except DeploymentError as e:
+        errors.print(f"[bold red]error:[/] {str(e).splitlines()[0]} (logs in {root / 'deploy' / 'logs'})")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        errors.print(f"[bold red]interrupted:[/] every deployment process stopped; re-running resumes {run_dir}")
+        raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print(f"run {info.get('run-id', '')} {info['status']}")
+    results = load_results(root)
+    plot_rounds(root, results)
+    console.print(f"report: [bold]{write_report(root, results)}[/]")
+
+
+@app.command("runs")
+def runs_(root: Optional[Path] = typer.Argument(None, help="folder of run directories, or one run / federated root "
+                                                          "(default: output_dir of the default config, runs/)"),
+          clean_failed: bool = typer.Option(False, "--clean-failed", help="remove the incomplete runs (killed or "
+                                            "failed; of a federated root its incomplete partitions) and say which"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="with --clean-failed: only say what would go")):
+    """List the run directories (`pfdiff run`, `dpdm`, `regimes`) and federated roots (`pfdiff fed`, `deploy`):
+    created, status (finished: results written; running: written to in the last 10 minutes; incomplete:
+    otherwise), methods and size on disk."""
+    import time
+
+    from rich.markup import escape
+
+    from pfdiff.config import RunConfig
+    from pfdiff.run_list import human_size, incomplete_paths, list_runs, remove_incomplete
+
+    if dry_run and not clean_failed:
+        _fail("--dry-run previews --clean-failed; add --clean-failed")
+    root = root or Path(RunConfig.model_fields["output_dir"].default)
+    try:
+        entries = list_runs(root)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    colour = {"finished": "green", "running": "yellow", "incomplete": "red"}
+    table = Table(title=f"runs in {escape(str(root))}")
+    for col in ("name", "created", "status", "methods", "size"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for e in entries:
+        status = f"[{colour[e.status]}]{e.status}[/]"
+        if e.kind == "federated":  # its partitions, with their status where they differ
+            mixed = len(set(e.partitions.values())) > 1
+            status += " (" + ", ".join(f"{n} {s}" if mixed else n for n, s in e.partitions.items()) + ")"
+        table.add_row(escape(e.name), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), status,
+                      escape(", ".join(e.methods)), human_size(e.size))
+    console.print(table)
+    counts = {s: sum(e.status == s for e in entries) for s in colour}
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(entries)}")
+    if clean_failed:
+        removed = remove_incomplete(entries, dry_run=dry_run)
+        for p in removed:
+            console.print(f"{'would remove' if dry_run else 'removed'} {escape(str(p))}")
+        if not removed:
+            console.print("nothing to remove")
+    elif any(incomplete_paths(e) for e in entries):
+        console.print("remove the incomplete ones with: pfdiff runs --clean-failed (preview: --dry-run)")
+
+
+@app.command()
 def attack(run_dir: Path = typer.Argument(..., help="a run directory written by `pfdiff run`"),
            attacks: list[str] = typer.Option(["loss", "secmi", "pia"], "--attack", help="loss | secmi | pia (repeatable)"),
            lira: int = typer.Option(0, help="LiRA with this many shadow denoisers (non-private LDMLR only; each costs one "

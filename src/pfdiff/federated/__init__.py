@@ -8,3 +8,10 @@ aggregate), ``server_app`` (``ServerApp`` ``@app.main``, whose work is :func:`se
 ``simulation`` (:func:`simulation.simulate`, the Ray simulation runner behind ``pfdiff fed``). This
 ``__init__`` imports nothing, so ``import pfdiff.federated`` needs no Flower; the app modules import it.
 """
+
+import logging
+
+# Flower's ``flwr`` logger prints through its own console handler; propagated to a root handler as well (the
+# CLI's ``logging.basicConfig``, or the one Opacus installs on import in every Ray worker, ServerApp and
+# ClientApp process) each of its lines came twice. Flower's handler alone prints them.
+logging.getLogger("flwr").propagate = False

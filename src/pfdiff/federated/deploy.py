@@ -24,13 +24,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import tomli_w
 
@@ -236,16 +237,17 @@ class LocalDeployment:
         """The run's ``flwr ls --run-id`` record (``status`` is e.g. ``running`` or ``finished:completed``)."""
         return self.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
 
-    def wait(self, run_id: int, timeout: float = 600.0) -> dict[str, Any]:
+    def wait(self, run_id: int, timeout: float = 600.0, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Wait until the run finishes; return its ``flwr ls`` record, or raise unless it completed.
 
-        ``flwr log --stream`` (the ServerApp's log, saved to ``logs/run-<id>.log``) returns when the run
-        finishes, so waiting costs no polling; the started processes are checked every half second.
+        ``flwr log --stream`` (the ServerApp's log, saved to ``logs/run-<id>.log`` and, given ``echo``, passed
+        to it line by line) returns when the run finishes, so waiting costs no polling; the started processes
+        are checked every half second.
         """
         deadline = time.monotonic() + timeout
         run_log = self.logs / f"run-{run_id}.log"
         while not (info := self.run_info(run_id))["status"].startswith("finished"):
-            self._stream_log(run_id, run_log, deadline)
+            self._stream_log(run_id, run_log, deadline, echo)
             if time.monotonic() > deadline:
                 raise DeploymentError(f"run {run_id} not finished after {timeout:.0f} s; last lines of {run_log}:\n"
                                       f"{log_tail(run_log)}")
@@ -254,11 +256,13 @@ class LocalDeployment:
                                   f"last lines of {run_log}:\n{log_tail(run_log)}")
         return info
 
-    def _stream_log(self, run_id: int, path: Path, deadline: float) -> None:
-        """Append ``flwr log <run_id> --stream`` to ``path`` until it ends, a process dies or ``deadline``."""
+    def _stream_log(self, run_id: int, path: Path, deadline: float, echo: Callable[[str], None] | None = None) -> None:
+        """Append ``flwr log <run_id> --stream`` to ``path`` (and ``echo`` each line) until it ends, a process
+        dies or ``deadline``."""
         cmd = [executable("flwr") or "flwr", "log", str(run_id), CONNECTION, "--stream"]
-        with path.open("ab") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir)
+        copier = threading.Thread(target=_copy_lines, args=(proc.stdout, path, echo), daemon=True)
+        copier.start()
         try:
             while proc.poll() is None and time.monotonic() < deadline:
                 self.check_alive()
@@ -267,8 +271,18 @@ class LocalDeployment:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            copier.join(timeout=5.0)
         if proc.returncode:  # e.g. the Control API was briefly unreachable: do not spin
             time.sleep(2.0)
+
+
+def _copy_lines(stream: IO[bytes], path: Path, echo: Callable[[str], None] | None) -> None:
+    with stream, path.open("ab") as fh:
+        for line in stream:
+            fh.write(line)
+            fh.flush()
+            if echo is not None:
+                echo(line.decode(errors="replace").rstrip("\n"))
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -286,7 +300,28 @@ def _signal_pid(pid: int, sig: int) -> None:
 
 
 def run_app(app_dir: str | Path, workdir: str | Path, run_config: dict[str, Any] | None = None,
-            num_supernodes: int = 3, timeout: float = 600.0) -> dict[str, Any]:
-    """Start a local deployment, run the app once, stop everything; returns the run's ``flwr ls`` record."""
+            num_supernodes: int = 3, timeout: float = 600.0, echo: Callable[[str], None] | None = None
+            ) -> dict[str, Any]:
+    """Start a local deployment, run the app once, stop everything (also on errors and Ctrl-C); returns the
+    run's ``flwr ls`` record. ``echo`` gets the SuperLink's progress and the ServerApp's log line by line."""
+    say = echo or (lambda line: None)
     with LocalDeployment(workdir, num_supernodes) as dep:
-        return dep.wait(dep.submit(app_dir, run_config), timeout)
+        say(f"SuperLink on 127.0.0.1:{dep.port} and {num_supernodes} SuperNodes online; logs in {dep.logs}")
+        run_id = dep.submit(app_dir, run_config)
+        say(f"run {run_id} submitted")
+        return dep.wait(run_id, timeout, echo)
+
+
+def find_app_dir(start: str | Path | None = None) -> Path | None:
+    """The Flower app to ``flwr run``: the pfdiff checkout this package was imported from (its
+    ``pyproject.toml`` declares ``[tool.flwr.app]``), else ``start`` or the working directory if it does."""
+    import tomllib
+
+    candidates = [Path(__file__).resolve().parents[3], Path(start or Path.cwd()).resolve()]
+    for d in candidates:
+        try:
+            if "app" in tomllib.loads((d / "pyproject.toml").read_text()).get("tool", {}).get("flwr", {}):
+                return d
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+    return None
