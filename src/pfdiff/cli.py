@@ -24,7 +24,9 @@ errors = Console(stderr=True, soft_wrap=True)  # one line per error (no wrapping
 
 
 def _fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    errors.print(f"[bold red]error:[/] {escape(message)}")  # escaped: "[a, b]" in a message is text, not markup
     raise typer.Exit(2)
 
 
@@ -253,8 +255,6 @@ def deploy(config: Optional[str] = typer.Argument(None, help="preset name or YAM
     import re
     import signal
 
-    from rich.markup import escape
-
     from pfdiff import training
     from pfdiff.config import ConfigError, load_config
     from pfdiff.federated.deploy import DeploymentError, executable, find_app_dir, run_app
@@ -267,7 +267,7 @@ def deploy(config: Optional[str] = typer.Argument(None, help="preset name or YAM
     set_ = [re.sub(r",\s+", ",", s.strip()) for s in set_]  # "[a, b]" → "[a,b]": the run config splits at spaces
     spaced = [s for s in set_ if len(s.split()) != 1]
     if spaced:
-        _fail(f"--set {escape(spaced[0])!r}: no spaces inside one override (the run config splits them at spaces)")
+        _fail(f"--set {spaced[0]!r}: no spaces inside one override (the run config splits them at spaces)")
     overrides = [*set_, *([f"fed.num_clients={nodes}"] if nodes is not None else []),
                  *([f"fed.alpha={float(alpha)!r}"] if alpha is not None else [])]
     source = config or "federated"
@@ -289,7 +289,7 @@ def deploy(config: Optional[str] = typer.Argument(None, help="preset name or YAM
     run_config = {"config": source, "set": " ".join(overrides), "run-dir": str(run_dir)}
     console.print(f"α = {cfg.fed.alpha:g} → [bold]{run_dir}[/]; {cfg.fed.num_clients} SuperNodes")
     def echo(line: str) -> None:  # the ServerApp's log; -q: none, -v: every line, else without Flower's notices
-        if training._VERBOSITY == 2 or (training._VERBOSITY == 1 and line.split(":", 1)[-1].strip()
+        if training.verbosity() == 2 or (training.verbosity() == 1 and line.split(":", 1)[-1].strip()
                                         and not any(n in line for n in FLOWER_NOISE)):
             console.out(line, highlight=False)
 

@@ -204,6 +204,11 @@ def set_verbosity(level: int) -> None:
     _VERBOSITY = level
 
 
+def verbosity() -> int:
+    """The level :func:`set_verbosity` set (0 quiet, 1 normal, 2 verbose)."""
+    return _VERBOSITY
+
+
 @contextmanager
 def progress_bar(description: str, total: int, completed: int = 0
                  ) -> Iterator[Callable[[dict[str, float] | None], None]]:

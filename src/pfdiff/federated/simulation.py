@@ -146,7 +146,7 @@ def simulate(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from pfdiff import training
 
     ray_init, client_resources = ray_resources(cfg)
-    with ray_temp_dir() as ray_temp, flower_output(training._VERBOSITY):
+    with ray_temp_dir() as ray_temp, flower_output(training.verbosity()):
         init_args = {**ray_init, "include_dashboard": False, **ray_temp}
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.fed.num_clients,
                        backend_config={"client_resources": client_resources, "init_args": init_args})
