@@ -584,7 +584,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         baselines["fedavg-reweight"] = accuracy(srv, rw, z_test, y_test)
     privacy_in = {}
     if "creff" not in skipped:
-        out = creff.run_creff(srv, enc_clf, stats)
+        out = creff.run_creff(srv, enc_clf)
         baselines["creff"] = creff.summary(out, accuracy(srv, out["classifier"], z_test, y_test))
         privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"]}
     warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
