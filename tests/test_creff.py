@@ -20,8 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 
 from pfdiff.config import load_config  # noqa: E402
 from pfdiff.federated import task  # noqa: E402
-from pfdiff.federated.creff import (GradientMatch, aggregate_gradients, match_features, retrain_classifier,  # noqa: E402
-                                    synthetic_gradients)
+from pfdiff.federated.creff import (GradientMatch, aggregate_gradients, match_features,  # noqa: E402
+                                    retrain_classifier, synthetic_gradients)
 from pfdiff.privacy.accounting import epsilon  # noqa: E402
 
 TINY = ["fed.num_clients=3", "fed.rounds=2", "fed.local_steps=3", "fed.encoder_rounds=2", "fed.encoder_local_steps=5",

@@ -395,9 +395,9 @@ def class_gradient_sums(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor,
 
 
 def creff_events(cfg: RunConfig, rounds: int, stats_sends: int = 1) -> list[GaussianEvent]:
-    """A client's example-level events for CReFF under ``fed.dp = example``: its noisy counts (once per execution
-    of the statistics phase, ``stats_sends`` times; 0: without them) and ``rounds`` Gaussian releases of its per-class gradient sums (sensitivity
-    ``fed.creff_clip``, every example in every round: sample rate 1)."""
+    """A client's example-level events for CReFF under ``fed.dp = example``: its noisy counts (``stats_sends``
+    times, once per execution of the statistics phase; 0: without them) and ``rounds`` Gaussian releases of its
+    per-class gradient sums (sensitivity ``fed.creff_clip``, every example in every round: sample rate 1)."""
     counts = count_events(cfg) * stats_sends
     return counts + ([GaussianEvent(creff_sigma(cfg), 1.0, rounds, "CReFF per-class gradient sums")] if rounds else [])
 
