@@ -160,11 +160,12 @@ def retrain_classifier(classifier: nn.Module, features: torch.Tensor, epochs: in
 # ---------------------------------------------------------------- the phase (checkpointed after every round)
 
 
-def split_reply(reply: Message) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """A client's gradient sums and counts; its arrays keep only G's (``g.*`` → plain keys) for FedAvg."""
+def split_reply(reply: Message, device) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """A client's gradient sums (on ``device``) and counts; its arrays keep only G's (``g.*`` → plain keys) for
+    FedAvg."""
     arrays = reply.content["arrays"]
     state = arrays.to_torch_state_dict()
-    sums = {k.removeprefix("grad."): v for k, v in state.items() if k.startswith("grad.")}
+    sums = {k.removeprefix("grad."): v.to(device) for k, v in state.items() if k.startswith("grad.")}
     reply.content["arrays"] = task.to_wire({k.removeprefix("g."): v for k, v in state.items() if k.startswith("g.")})
     return sums, np.asarray(reply.content["metrics"]["counts"], dtype=np.float64)
 
@@ -203,7 +204,7 @@ def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
             log.warning("creff round %s: %s replies (< minimum); nothing is updated", r, len(replies))
             row["skipped"] = True
         else:
-            parts = [split_reply(rep) for rep in replies]
+            parts = [split_reply(rep, srv.device) for rep in replies]
             if not private:
                 g.load_state_dict(strategy.aggregate_train(r, replies)[0].to_torch_state_dict())
             g_real, valid = aggregate_gradients([p[0] for p in parts], [p[1] for p in parts])
