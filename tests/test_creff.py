@@ -210,3 +210,17 @@ def test_simulation_runs_creff_with_bytes_and_resumes_without_repeating_rounds(t
     assert sorted(state["history"]) == ["1", "2", "3"] and state["history"]["1"] == h1  # round 1 not re-run
     assert res2["baselines"]["creff"]["rounds"] == 3
     assert res2["bytes"]["received"]["creff"] < 0.75 * res["bytes"]["received"]["creff"]  # one new round only
+
+
+def test_creff_releases_compose_with_the_other_methods_of_a_client():
+    from types import SimpleNamespace
+
+    from pfdiff.federated.server_app import _composed_over_methods
+
+    cfg = tiny("fed.dp=example", "fed.encoder=public", "privacy.target_epsilon=4")
+    srv = SimpleNamespace(cfg=cfg, sends=lambda: {"stats": 1})
+    stats = {"n_per_client": {0: 150, 1: 60}}
+    alone = _composed_over_methods(srv, stats, {"fedavg": {"rounds_started": 2}})
+    both = _composed_over_methods(srv, stats, {"fedavg": {"rounds_started": 2}, "creff": {"rounds_started": 2}})
+    creff_only = epsilon(task.creff_events(cfg, 2), cfg.privacy.delta)
+    assert all(both[c] > max(alone[c], creff_only) for c in ("0", "1"))

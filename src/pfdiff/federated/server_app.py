@@ -496,7 +496,8 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
             "noise": task.client_noise(cfg, 0).label, "private": not p.reproducible_noise,
             "methods": per_method, "composed_over_methods": _composed_over_methods(srv, stats, results),
             "mechanism": p.mechanism,
-            "covered": ["local DP-SGD steps (warm-up and rounds)", "noisy class counts",
+            "covered": ["local DP-SGD steps (warm-up and rounds)",
+                        *(["noisy class counts (also fedavg-ce+la's prior)"] if p.count_epsilon > 0 else []),
                         "pseudo-features and models derived from them (post-processing)"]
             + (["dp-promise Phase-I steps (DP-SGD on t ≥ S, same σ)"] if p.mechanism == "dp-promise" else [])
             + ([f"CReFF's per-class gradient sums (clipped to {f.creff_clip:g} per example, Gaussian σ = "
