@@ -247,6 +247,17 @@ class FederatedConfig(Section):
     accept_max_gain: float = 1.0
     repair_per_class: int = Field(100, ge=1)  # long-tail repair: balanced pseudo-features per class
     repair_epochs: int = Field(30, ge=1)
+    # federated baselines with rounds of their own (fedavg-ce and fedavg-ce+la always come with E + G):
+    # fedavg-reweight (class-weighted CE) and creff (Shang et al. 2022, federated features; docs/federated.md)
+    baselines: list[str] = ["fedavg-reweight", "creff"]
+    creff_features_per_class: int = Field(100, ge=1)  # CReFF's num_of_feature
+    creff_match_steps: int = Field(100, ge=1)  # match_epoch: feature updates per round
+    creff_lr_feature: float = Field(0.1, gt=0)  # lr_feature (SGD on the federated features)
+    creff_retrain_epochs: int = Field(300, ge=1)  # crt_epoch: classifier re-training epochs per round
+    creff_lr_net: float = Field(0.01, gt=0)  # lr_net (SGD of the re-trained classifier)
+    creff_batch_size: int = Field(32, ge=1)  # re-training batch (batch_size_local_training)
+    creff_clip: float = Field(1.0, gt=0)  # dp = example: per-example L2 clip of the classifier gradient
+    creff_noise_multiplier: float = Field(0.0, ge=0)  # dp = example: σ of the gradient sums; 0 = calibrate to ε
     dp: Literal["none", "example", "client"] = "none"  # example: DP-SGD on clients; client: clipped updates + server noise
     client_noise_multiplier: float = Field(1.0, gt=0)  # dp = client (Flower's server-side fixed clipping)
     client_clip: float = Field(1.0, gt=0)

@@ -12,7 +12,10 @@ the phase needs (round, scaler, class weights); ``"arrays"`` carries the model o
 - ``train.reweight``: G, class-weighted cross-entropy on the cached features (the re-weighting baseline);
 - ``train.warmup``: the initial denoiser; trains the client's own denoiser, then uploads it or N
   pseudo-features sampled from it (``fed.warmup_upload``);
-- ``train.diffusion``: the global denoiser, local diffusion steps (DP-SGD under example-level DP).
+- ``train.diffusion``: the global denoiser, local diffusion steps (DP-SGD under example-level DP);
+- ``train.creff``: G (``g.*``) and CReFF's re-trained classifier (``phi.*``); returns the per-class sums of the
+  classifier's CE gradient at φ on the cached features (``grad.*``; clipped per example and noised under
+  example-level DP) with the counts of the statistics phase and, without DP, G after local CE steps (FedAvg).
 
 Models, local data, cached features and sampling live on ``task.device_of(cfg)`` (``cfg.device``: CUDA
 when this process sees a GPU, else CPU); replies are built with ``task.to_wire`` (CPU arrays).
@@ -125,7 +128,9 @@ def stats(msg: Message, context: Context) -> Message:
     model = task.load_arrays(task.build_encoder_classifier(q.cfg), q.arrays.to_torch_state_dict())
     z = encode(model["encoder"], q.data.x)
     context.state["features"] = task.to_wire({"z": z.contiguous(), "y": q.data.y.contiguous()})
-    metrics = {"num-examples": q.n, "counts": _counts(q.cfg, q.data.y, q.pid).tolist()}
+    counts = _counts(q.cfg, q.data.y, q.pid).tolist()
+    context.state["counts"] = MetricRecord({"counts": counts})  # the released counts, reused (never re-noised)
+    metrics = {"num-examples": q.n, "counts": counts}
     if q.f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim
         metrics.update({"sum": z.sum(0).double().tolist(), "sumsq": (z.double() ** 2).sum(0).tolist()})
     return q.reply(None, **metrics)
@@ -171,3 +176,31 @@ def diffusion(msg: Message, context: Context) -> Message:
     weight = 1 if f.dp == "client" else q.n
     metrics = {"num-examples": weight, "train_loss": loss} if f.dp == "none" else {"num-examples": weight}
     return q.reply(task.to_wire(model.state_dict()), **metrics)
+
+
+@app.train("creff")
+def creff(msg: Message, context: Context) -> Message:
+    """CReFF's client (Shang et al. 2022): real-feature gradients of the re-trained classifier φ, per class;
+    without DP also the local CE steps of G (the FedAvg of the model goes on). Under example-level DP the
+    gradient sums are clipped per example and noised (``task.creff_sigma``) and G is not trained: its steps
+    would be a release without a guarantee."""
+    q = _Request(msg, context)
+    z, y = _cached_features(context, q.device)
+    num_classes = task.split_of(q.cfg).num_classes
+    part = lambda prefix: {k[len(prefix):]: v for k, v in q.arrays.to_torch_state_dict().items()  # noqa: E731
+                           if k.startswith(prefix)}
+    phi = task.load_arrays(task.build_encoder_classifier(q.cfg)["classifier"], part("phi.")).eval()
+    private = q.f.dp == "example"
+    sums = task.class_gradient_sums(phi, z, y, num_classes, q.f.creff_clip if private else None)
+    if private:
+        sums = task.noisy_gradient_sums(sums, task.creff_sigma(q.cfg) * q.f.creff_clip,
+                                        task.client_noise(q.cfg, q.pid), q.rnd)
+    out = {f"grad.{k}": v for k, v in sums.items()}
+    metrics = {"num-examples": q.n, "counts": list(context.state["counts"]["counts"])}
+    if not private:
+        g = task.load_arrays(task.build_encoder_classifier(q.cfg)["classifier"], part("g."))
+        ones = torch.ones(num_classes, device=q.device)
+        metrics["train_loss"] = task.train_classifier_local(g, z, y, ones, q.f.encoder_local_steps, q.f.local_lr,
+                                                            q.f.local_batch_size, q.seed, ("creff", q.rnd, q.pid))
+        out.update({f"g.{k}": v for k, v in g.state_dict().items()})
+    return q.reply(task.to_wire(out), **metrics)

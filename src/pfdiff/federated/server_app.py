@@ -39,7 +39,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from pfdiff.config import RunConfig, load_config  # noqa: E402
 from pfdiff.evaluation.fid import frechet_distance  # noqa: E402
 from pfdiff.evaluation.metrics import recognition_metrics  # noqa: E402
-from pfdiff.federated import task  # noqa: E402
+from pfdiff.federated import creff, task  # noqa: E402
 from pfdiff.federated.aux_pool import AuxPool  # noqa: E402
 from pfdiff.federated.correction import (QuickTest, ServerCompute, accepted, correct_on_pool, pool_score,  # noqa: E402
                                          regenerate, relative_gain)
@@ -82,6 +82,9 @@ def check_plan(cfg: RunConfig) -> None:
     unknown = [m for m in f.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown federated method(s) {unknown}; choose from {list(METHODS)}")
+    unknown = [b for b in f.baselines if b not in creff.BASELINES]
+    if unknown:
+        raise ValueError(f"unknown federated baseline(s) {unknown}; choose from {list(creff.BASELINES)}")
     if f.dp != "none" and f.encoder != "public":
         raise ValueError(f"fed.dp={f.dp!r} needs fed.encoder='public': a FedAvg encoder and its feature scaler "
                          "would be released without DP")
@@ -462,7 +465,8 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
     p = cfg.privacy
     if f.dp == "none":
         return {"mode": "none", "claim": "no differential privacy: every release (models, pseudo-features, "
-                "counts, feature sums) is computed from private data without a guarantee"}
+                "counts, feature sums, CReFF's per-class gradients) is computed from private data without a "
+                "guarantee"}
     if f.dp == "client":
         out = {}
         for m, res in results.items():
@@ -475,6 +479,9 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
     sends = srv.sends()
     per_method = {}
     for m, res in results.items():
+        if m == "creff":
+            per_method[m] = _creff_epsilons(srv, stats, res["rounds_started"], sends)
+            continue
         uses_warmup = m in AUX_METHODS
         eps = {}
         for pid, n in sorted(stats["n_per_client"].items()):
@@ -489,10 +496,25 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
             "noise": task.client_noise(cfg, 0).label, "private": not p.reproducible_noise,
             "methods": per_method, "composed_over_methods": _composed_over_methods(srv, stats, results),
             "mechanism": p.mechanism,
-            "covered": ["local DP-SGD steps (warm-up and rounds)", "noisy class counts",
+            "covered": ["local DP-SGD steps (warm-up and rounds)",
+                        *(["noisy class counts (also fedavg-ce+la's prior)"] if p.count_epsilon > 0 else []),
                         "pseudo-features and models derived from them (post-processing)"]
-            + (["dp-promise Phase-I steps (DP-SGD on t ≥ S, same σ)"] if p.mechanism == "dp-promise" else []),
-            "declared_public": ["each client's number of examples", "encoder, G and scaler (public part)"]}
+            + (["dp-promise Phase-I steps (DP-SGD on t ≥ S, same σ)"] if p.mechanism == "dp-promise" else [])
+            + ([f"CReFF's per-class gradient sums (clipped to {f.creff_clip:g} per example, Gaussian σ = "
+                f"{task.creff_sigma(cfg):.3f}; the federated features and the re-trained G are post-processing)"]
+               if "creff" in results else []),
+            "declared_public": ["each client's number of examples", "encoder, G and scaler (public part)"]
+            + (["each client's class counts (privacy.count_epsilon = 0: sent exactly)"] if p.count_epsilon == 0
+               else [])}
+
+
+def _creff_epsilons(srv: Server, stats: dict, rounds: int, sends: dict[str, int]) -> dict[str, dict]:
+    """Each client's ε for CReFF: its noisy counts and ``rounds`` releases of its per-class gradient sums."""
+    cfg = srv.cfg
+    events = task.creff_events(cfg, rounds, max(1, sends.get("stats", 1)))
+    eps = epsilon(events, cfg.privacy.delta, cfg.privacy.accountant)
+    return {str(pid): {"epsilon": eps, "sigma": task.creff_sigma(cfg), "sample_rate": 1.0, "steps": rounds,
+                       "phase1_steps": 0} for pid in sorted(stats["n_per_client"])}
 
 
 def _client_events(plan: task.ClientDPPlan, rounds: int, warmup: bool, sends: dict[str, int]
@@ -511,9 +533,11 @@ def _composed_over_methods(srv: Server, stats: dict, results: dict[str, Any]) ->
     data with independent noise, so their steps compose (counts and the shared warm-up once)."""
     cfg, out = srv.cfg, {}
     warm = any(m in AUX_METHODS for m in results)
-    rounds = sum(res["rounds_started"] for res in results.values())
+    rounds = sum(res["rounds_started"] for m, res in results.items() if m != "creff")
+    extra = task.creff_events(cfg, results["creff"]["rounds_started"], 0) if "creff" in results else []
     for pid, n in sorted(stats["n_per_client"].items()):
         events, _, _ = _client_events(task.client_dp_plan(cfg, n), rounds, warm, srv.sends())
+        events = events + extra
         out[str(pid)] = epsilon(events, cfg.privacy.delta, cfg.privacy.accountant)
     return out
 
@@ -531,6 +555,20 @@ def skipped_baselines(cfg: RunConfig) -> dict[str, str]:
     return {}
 
 
+def la_prior(cfg: RunConfig) -> dict[str, Any]:
+    """Where ``fedavg-ce+la``'s prior (the statistics phase's class counts, summed over clients) comes from, and
+    what it costs: the provenance stated in results.json and the report."""
+    f, p = cfg.fed, cfg.privacy
+    if f.dp == "example" and p.count_epsilon > 0:
+        return {"source": "noisy class counts of the statistics phase", "private": True,
+                "privacy": f"Gaussian noise per client (privacy.count_epsilon = {p.count_epsilon:g}), accounted in "
+                           "each client's ε as the event 'noisy counts'"}
+    why = {"none": "fed.dp = none: a declared non-private release",
+           "client": "fed.dp = client: declared public (not covered by the client-level noise)",
+           "example": "privacy.count_epsilon = 0: declared public"}[f.dp]
+    return {"source": "exact class counts of the statistics phase", "private": False, "privacy": why}
+
+
 def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     check_plan(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -541,12 +579,17 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     z_test, y_test = test_features(srv, enc_clf)
     baselines = {"fedavg-ce": accuracy(srv, enc_clf["classifier"], z_test, y_test),
                  "fedavg-ce+la": accuracy(srv, enc_clf["classifier"], z_test, y_test, stats["counts"])}
-    skipped = skipped_baselines(cfg)
+    skipped = {**skipped_baselines(cfg), **creff.skip_reasons(cfg)}
     if "fedavg-reweight" not in skipped:
         rw = phase_reweight(srv, enc_clf, stats["counts"])
         baselines["fedavg-reweight"] = accuracy(srv, rw, z_test, y_test)
+    privacy_in = {}
+    if "creff" not in skipped:
+        out = creff.run_creff(srv, enc_clf)
+        baselines["creff"] = creff.summary(out, accuracy(srv, out["classifier"], z_test, y_test))
+        privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"]}
     warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
-    methods, privacy_in = {}, {}
+    methods = {}
     for m in cfg.fed.methods:
         out = run_method(srv, m, stats, warm)
         out["name"] = m
@@ -555,7 +598,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         privacy_in[m] = {"rounds_started": out["state"]["rounds_started"]}
     results = {
         "alpha": cfg.fed.alpha, "num_clients": len(srv.nodes), "baselines": baselines, "methods": methods,
-        "skipped_baselines": skipped,
+        "skipped_baselines": skipped, "la_prior": la_prior(cfg),
         "warmup": warmup_summary(warm, cfg) if warm else None,
         "bytes": srv.wire.totals(), "failures": srv.wire.failures,
         "privacy": privacy_report(srv, stats, privacy_in), "seconds": time.perf_counter() - t0,

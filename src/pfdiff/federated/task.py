@@ -363,3 +363,67 @@ def noisy_label_counts(y: torch.Tensor, num_classes: int, count_sigma: float | N
 def array_tensor(array, device: torch.device | str = "cpu") -> torch.Tensor:
     """A received Flower ``Array`` as a tensor that owns its memory, on ``device``."""
     return torch.from_numpy(array.numpy().copy()).to(device)
+
+
+# ---------------------------------------------------------------- CReFF (Shang et al. 2022): the client's part
+
+
+def class_gradient_sums(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor, num_classes: int,
+                        clip: float | None = None, chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """Per class c, Σ over this client's examples of class c of ∇_φ CE(φ(z_i), c), ``{name: [C, *shape]}``
+    (CReFF's real-feature gradient, as sums: the server divides by the class counts). With ``clip`` every
+    example's gradient (all of φ's parameters together) is first scaled to L2 norm ≤ ``clip``, so adding or
+    removing one example moves the concatenated sums by at most ``clip``."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in classifier.named_parameters()}
+
+    def ce(p: dict, zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(classifier, p, (zi[None],)), yi[None])
+
+    sums = {k: torch.zeros(num_classes, *v.shape, device=z.device) for k, v in params.items()}
+    for i in range(0, len(y), chunk):  # per-example gradients in chunks: [n, *shape] each
+        g = vmap(grad(ce), in_dims=(None, 0, 0))(params, z[i:i + chunk], y[i:i + chunk])
+        if clip is not None:
+            norm = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+            scale = (clip / norm.clamp_min(1e-12)).clamp(max=1.0)
+            g = {k: v * scale.view(-1, *[1] * (v.dim() - 1)) for k, v in g.items()}
+        onehot = nn.functional.one_hot(y[i:i + chunk], num_classes).to(z.dtype)
+        for k, v in g.items():
+            sums[k] += torch.einsum("nc,nk->ck", onehot, v.flatten(1)).view_as(sums[k])
+    return sums
+
+
+def creff_events(cfg: RunConfig, rounds: int, stats_sends: int = 1) -> list[GaussianEvent]:
+    """A client's example-level events for CReFF under ``fed.dp = example``: its noisy counts (``stats_sends``
+    times, once per execution of the statistics phase; 0: without them) and ``rounds`` Gaussian releases of its
+    per-class gradient sums (sensitivity ``fed.creff_clip``, every example in every round: sample rate 1)."""
+    counts = count_events(cfg) * stats_sends
+    return counts + ([GaussianEvent(creff_sigma(cfg), 1.0, rounds, "CReFF per-class gradient sums")] if rounds else [])
+
+
+def count_events(cfg: RunConfig) -> list[GaussianEvent]:
+    """The noisy-count release of the statistics phase (none when ``privacy.count_epsilon`` = 0: counts public)."""
+    p = cfg.privacy
+    return [GaussianEvent(gaussian_sigma_for(p.count_epsilon, p.delta), 1.0, 1, "noisy counts")] \
+        if p.count_epsilon > 0 else []
+
+
+@lru_cache(maxsize=8)
+def _creff_sigma(target: float, delta: float, rounds: int, accountant: str, count_epsilon: float) -> float:
+    fixed = [GaussianEvent(gaussian_sigma_for(count_epsilon, delta), 1.0, 1, "noisy counts")] if count_epsilon else []
+    return calibrate_noise(target, delta, 1.0, rounds, accountant, fixed_events=fixed)
+
+
+def creff_sigma(cfg: RunConfig) -> float:
+    """σ (noise std / ``fed.creff_clip``) of CReFF's gradient sums: ``fed.creff_noise_multiplier``, or calibrated so
+    that the noisy counts and ``fed.rounds`` releases compose to ``privacy.target_epsilon`` (the same for every
+    client: the sample rate is 1, so it does not depend on the client's size)."""
+    f, p = cfg.fed, cfg.privacy
+    return f.creff_noise_multiplier or _creff_sigma(p.target_epsilon, p.delta, f.rounds, p.accountant, p.count_epsilon)
+
+
+def noisy_gradient_sums(sums: dict[str, torch.Tensor], std: float, noise: NoiseSource, *tag) -> dict[str, torch.Tensor]:
+    """``sums`` + N(0, std²) on every entry (every class, present or not), drawn from the client's private
+    ``noise`` source (OS entropy unless the run is marked not private)."""
+    return {k: v + noise.gaussian(tuple(v.shape), std, "fed-creff", *tag, k).to(v) for k, v in sums.items()}
