@@ -256,3 +256,15 @@ def test_runs_refuses_a_missing_root_and_a_lone_dry_run(tmp_path):
     assert res.exit_code == 2 and "is not a directory" in res.output and len(res.output.strip().splitlines()) == 1
     res = _cli("runs", str(tmp_path), "--dry-run")
     assert res.exit_code == 2 and "--clean-failed" in res.output
+
+
+def test_runs_sees_every_seed_of_a_partition_and_cleans_only_the_failed_seed(tmp_path):
+    from pfdiff.run_list import incomplete_paths, list_runs
+
+    fed = _write_fed(tmp_path, "fedbench", finished_parts=("alpha-0.1/seed-0", "alpha-0.1/seed-1"),
+                     unfinished_parts=("alpha-0.1/seed-2",))
+    (entry,) = list_runs(tmp_path)
+    assert entry.kind == "federated" and entry.status == "incomplete" and entry.methods == ["fedavg", "fedddpm"]
+    assert entry.partitions == {"alpha-0.1/seed-0": "finished", "alpha-0.1/seed-1": "finished",
+                                "alpha-0.1/seed-2": "incomplete"}
+    assert incomplete_paths(entry) == [fed / "alpha-0.1" / "seed-2"]

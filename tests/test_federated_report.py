@@ -183,3 +183,82 @@ def test_skipped_baselines_follow_the_config():
     assert skipped_baselines(load_config("federated", ["fed.reweight_rounds=2"])) == {}
     assert "reweight_rounds = 0" in skipped_baselines(load_config("federated", ["fed.reweight_rounds=0"]))[
         "fedavg-reweight"]
+
+
+# ---------------------------------------------------------------- several seeds (issue 19)
+
+
+def _two_seeds(tmp_path):
+    """alpha-0.5/seed-0 and seed-1: fedddpm's FD far below fedavg's in both, few-class accuracy close."""
+    s0, s1 = fake_results(0.5), fake_results(0.5)
+    s0["methods"]["fedddpm"]["fd"], s1["methods"]["fedddpm"]["fd"] = 50.0, 52.0
+    s1["methods"]["fedavg"]["fd"] = 71.0
+    s0["methods"]["fedddpm"]["repair"]["few"], s1["methods"]["fedddpm"]["repair"]["few"] = 0.634, 0.640
+    s1["methods"]["fedavg"]["repair"]["few"] = 0.600
+    s1["methods"]["fedddpm+"]["fd"] = 105.0
+    s1["privacy"] = _privacy_example()
+    for seed, data in ((0, s0), (1, s1)):
+        (tmp_path / "alpha-0.5" / f"seed-{seed}").mkdir(parents=True)
+        (tmp_path / "alpha-0.5" / f"seed-{seed}" / "results.json").write_text(json.dumps(data))
+    (tmp_path / "iid").mkdir()  # a partition of one seed, in the layout before several seeds
+    (tmp_path / "iid" / "results.json").write_text(json.dumps(fake_results(0)))
+    return load_results(tmp_path)
+
+
+def test_several_seeds_are_loaded_per_partition(tmp_path):
+    loaded = _two_seeds(tmp_path)
+    assert list(loaded) == ["IID", "α=0.5"] and "per_seed" not in loaded["IID"]
+    assert list(loaded["α=0.5"]["per_seed"]) == [0, 1]
+    assert loaded["α=0.5"]["per_seed"][1]["methods"]["fedavg"]["fd"] == 71.0
+
+
+def test_report_aggregates_seeds_with_mean_and_std_and_claims_only_beyond_the_spread(tmp_path):
+    from pfdiff.federated.report import aggregate
+
+    results = _two_seeds(tmp_path)
+    agg = aggregate(results["α=0.5"])
+    assert agg["fedavg"]["fd"]["mean"] == pytest.approx((70.1255 + 71.0) / 2)
+    assert agg["fedavg"]["fd"]["std"] == pytest.approx(abs(71.0 - 70.1255) / 2 ** 0.5)  # sample std
+    assert agg["fedavg-ce"]["fd"] is None and agg["fedavg-ce"]["few"]["std"] == 0.0
+    assert agg["fedavg"]["mb"]["mean"] == pytest.approx(4.0) and agg["fedddpm+"]["rounds"]["mean"] == 2
+
+    text = write_report(tmp_path, results).read_text()
+    part = text.split("### α=0.5", 1)[1].split("## Verdict", 1)[0]
+    assert "Mean ± std over 2 seeds (0, 1):" in part and "#### seed 0" in part and "#### seed 1" in part
+    assert "| fedavg | 70.56 ± 0.62 | 0.617 ± 0.024 | 0.810 ± 0.000 |" in part
+    assert "| fedddpm | 51.00 ± 1.41 |" in part
+    iid = text.split("### IID", 1)[1].split("### α=0.5", 1)[0]
+    assert "One seed: no spread (± n/a)." in iid and "70.13 ± n/a" in iid and "0.634 ± n/a" in iid
+
+    verdict_text = text.split("## Verdict", 1)[1].split("## Warm-up", 1)[0]
+    skewed = verdict_text.split("**α=0.5** (2 seeds)", 1)[1]
+    # the FD gap (−19.56) exceeds the spread (1.41 + 0.62): a claim
+    assert "`fedddpm` beats `fedavg` on FD (51.00 ± 1.41 vs 70.56 ± 0.62, gap -19.56)" in skewed
+    # few: gap +0.020 < spread 0.004 + 0.024: withheld
+    assert "`fedddpm` is within the spread (0.028) of `fedavg` on few accuracy" in skewed
+    assert "`fedddpm+` does not beat `fedddpm` on FD" in skewed
+    assert "Strongest baseline on few accuracy: `fedavg-ce+la`" in skewed
+    iid_verdict = verdict_text.split("- **IID**", 1)[1].split("**α=0.5**", 1)[0]
+    assert "beat" not in iid_verdict and "within the spread" not in iid_verdict  # one seed: no claims
+
+    # per-run sections: one column / heading per (partition, seed)
+    assert "| phase | IID | α=0.5, seed 0 | α=0.5, seed 1 |" in text
+    privacy = text.split("## Privacy", 1)[1]
+    assert "### α=0.5, seed 1: mode `example`" in privacy and "### α=0.5, seed 0: mode `none`" in privacy
+
+
+def test_claims_need_two_seeds_even_with_large_gaps(results):
+    res = copy.deepcopy(results["α=0.5"])
+    res["methods"]["fedddpm"]["fd"] = 10.0
+    assert "beat" not in "\n".join(verdict("α=0.5", res))
+    res["per_seed"] = {0: copy.deepcopy(res), 1: copy.deepcopy(res)}  # two identical seeds: std 0
+    text = "\n".join(verdict("α=0.5", res))
+    assert "`fedddpm` beats `fedavg` on FD" in text and "is within the spread (0.000) of `fedavg` on few" in text
+
+
+def test_sampled_runs_state_what_each_clients_epsilon_counts(tmp_path, results):
+    from pfdiff.federated.server_app import PARTICIPATION
+
+    results["IID"]["privacy"]["participation"] = PARTICIPATION
+    text = write_report(tmp_path, results).read_text()
+    assert "Client sampling: each client's ε counts only the rounds it was sent" in text

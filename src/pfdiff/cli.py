@@ -216,21 +216,24 @@ def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set fed.rounds=5"),
         alpha: list[float] = typer.Option([], help="Dirichlet α to run (repeatable; 0 = IID); default fed.compare_alphas"),
         out: Optional[Path] = typer.Option(None, help="root folder (default: <output_dir>/<name>); re-running resumes")):
-    """Federated feature diffusion on Flower (Ray simulation): one run per α, then report.md comparing
-    FedAvg, FedDDPM, FedDDPM+ and the progressive pool."""
+    """Federated feature diffusion on Flower (Ray simulation): one run per α and seed (`seeds`), then report.md
+    comparing FedAvg, FedDDPM, FedDDPM+ and the progressive pool (mean ± std over seeds)."""
     from pfdiff.config import ConfigError, load_config
     from pfdiff.federated.report import load_results, plot_rounds, write_report
-    from pfdiff.federated.simulation import alpha_dir, simulate
+    from pfdiff.federated.server_app import check_plan
+    from pfdiff.federated.simulation import run_dir, run_overrides, simulate
 
     try:
         base = load_config(config or "federated", set_)
         root = out or Path(base.output_dir) / base.name
-        # every α validated (as a --set fed.alpha=… would be) before the first run starts
-        configs = [(a, load_config(config or "federated", [*set_, f"fed.alpha={float(a)!r}"]))
-                   for a in alpha or base.fed.compare_alphas]
-        for a, cfg in configs:
-            console.print(f"α = {a:g} → [bold]{alpha_dir(root, a)}[/]")
-            simulate(cfg, alpha_dir(root, a))
+        # every (α, seed) validated (as a --set would be) and its plan checked before the first run starts
+        configs = [(a, s, load_config(config or "federated", [*set_, *run_overrides(a, s)]))
+                   for a in alpha or base.fed.compare_alphas for s in base.seeds]
+        for _, _, cfg in configs:
+            check_plan(cfg)
+        for a, s, cfg in configs:
+            console.print(f"α = {a:g}, seed {s} → [bold]{run_dir(root, a, s, base.seeds)}[/]")
+            simulate(cfg, run_dir(root, a, s, base.seeds))
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         _fail(str(e))
     results = load_results(root)

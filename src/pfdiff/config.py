@@ -218,6 +218,7 @@ class FederatedConfig(Section):
     """
 
     num_clients: int = Field(10, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)  # FedAvg rounds: clients sampled per round (None: all)
     alpha: float = Field(0.5, ge=0)  # Dirichlet label-skew concentration; 0 ⇒ IID
     compare_alphas: list[float] = [0.0, 0.1, 0.5]  # `pfdiff fed`: one run per α, then one report
     min_partition_size: int = Field(5, ge=1)

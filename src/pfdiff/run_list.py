@@ -4,7 +4,8 @@ Two layouts are recognised, one entry each:
 
 - a run directory of ``pfdiff run`` (and of ``dpdm``/``regimes``): ``config.yaml``; *finished* once its
   results file (``results.json``, ``dpdm_results.json``, ``regimes.json``) exists;
-- a federated root of ``pfdiff fed`` / ``pfdiff deploy``: partitions ``iid/``, ``alpha-<α>/`` with a
+- a federated root of ``pfdiff fed`` / ``pfdiff deploy``: partitions ``iid/``, ``alpha-<α>/`` (or their
+  ``seed-<s>/`` folders) with a
   ``config.yaml`` each; *finished* once every partition has its ``results.json``.
 
 Not finished means *running* when a file in it changed within :data:`RUNNING_WINDOW` seconds (a guess: a
@@ -79,10 +80,16 @@ def _status(finished: bool, modified: float, now: float) -> str:
     return "finished" if finished else "running" if now - modified < RUNNING_WINDOW else "incomplete"
 
 
+_SEED = re.compile(r"^seed-[0-9]+$")
+
+
 def partitions(path: Path) -> list[Path]:
-    """The partition directories of a federated root (empty when ``path`` is not one)."""
+    """The run directories of a federated root (empty when ``path`` is not one): its partitions ``iid/``,
+    ``alpha-<α>/`` and, with several seeds, their ``seed-<s>/`` folders."""
     try:
-        return sorted(p for p in path.iterdir() if _PARTITION.match(p.name) and (p / "config.yaml").is_file())
+        parts = sorted(p for p in path.iterdir() if _PARTITION.match(p.name) and p.is_dir())
+        runs = [s for p in parts for s in sorted(p.iterdir()) if _SEED.match(s.name) and (s / "config.yaml").is_file()]
+        return sorted([p for p in parts if (p / "config.yaml").is_file()] + runs)
     except OSError:
         return []
 
@@ -103,7 +110,7 @@ def inspect(path: Path, now: float | None = None) -> RunEntry | None:
     states = {}
     for p in parts:
         newest = max((s.st_mtime for s in _files(p)), default=p.stat().st_mtime)
-        states[p.name] = _status((p / "results.json").is_file(), newest, now)
+        states[p.relative_to(path).as_posix()] = _status((p / "results.json").is_file(), newest, now)
     finished = all(s == "finished" for s in states.values())
     return RunEntry(path, "federated", _status(finished, modified, now), _created(path, stats), modified, size,
                     _methods(parts[0] / "config.yaml", federated=True), states)

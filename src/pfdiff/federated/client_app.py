@@ -6,6 +6,7 @@ simulation runtime, or ``--node-config`` on a real SuperNode). Flower routes eac
 ``RunConfig`` (YAML, key ``"run-config"``), the ``"phase"`` (the action's name, for the record) and what
 the phase needs (round, scaler, class weights); ``"arrays"`` carries the model of the phase:
 
+- ``query.partition``: nothing but the node's partition id (sent once when clients are sampled per round);
 - ``train.encoder``: E + G, local cross-entropy steps (FedAvg);
 - ``query.stats``: E + G; encodes the local data once, keeps the features in ``context.state`` and
   returns the class counts (noisy under example-level DP) and, without DP, the feature sums for the scaler;
@@ -111,6 +112,13 @@ class _Request:
         if arrays is not None:
             content["arrays"] = arrays
         return Message(content=content, reply_to=self.msg)
+
+
+@app.query("partition")
+def partition(msg: Message, context: Context) -> Message:
+    """This node's partition id only (the server maps its client sampling, drawn over partitions, to nodes)."""
+    pid = int(context.node_config["partition-id"])
+    return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
 
 @app.train("encoder")

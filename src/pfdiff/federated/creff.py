@@ -182,18 +182,21 @@ def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
     g, phi = copy.deepcopy(enc_clf["classifier"]), copy.deepcopy(enc_clf["classifier"])
     features = init_features(srv.C, f.creff_features_per_class, enc_clf["encoder"].feature_dim, srv.seed,
                              srv.device)
-    st: dict[str, Any] = {"round": 0, "rounds_started": 0, "history": {}}
+    st: dict[str, Any] = {"round": 0, "rounds_started": 0, "client_rounds": {}, "history": {}}
     if path.exists():
         saved = load_state(path, srv.device)
         g.load_state_dict(saved["g"])
         phi.load_state_dict(saved["phi"])
         features, st = saved["features"], saved["state"]
         log.info("creff: resuming after round %s", st["round"])
-    strategy = make_strategy(cfg, len(srv.nodes), client_dp=False, message_type=MESSAGE_TYPES[PHASE])
+    # CReFF's round r goes to the clients of the diffusion methods' round r (fed.clients_per_round): same draw
+    strategy = make_strategy(cfg, len(srv.nodes), client_dp=False, message_type=MESSAGE_TYPES[PHASE],
+                             select=srv.selector("diffusion"))
     private = f.dp == "example"
     for r in range(st["round"] + 1, f.rounds + 1):
         # write-ahead, as the diffusion rounds: a round re-sent after a resume draws new noise
         st["rounds_started"] = st["rounds_started"] + 1 if srv.private_noise else max(st["rounds_started"], r)
+        st["client_rounds"] = srv.count_rounds(st.setdefault("client_rounds", {}), "diffusion", r)
         _save(path, g, phi, features, st)
         t0, b0, up0 = time.perf_counter(), srv.wire.totals()["total"], srv.wire.received.get(PHASE, 0)
         arrays = task.to_wire({**{f"g.{k}": v for k, v in g.state_dict().items()},

@@ -1,15 +1,20 @@
 """report.md and fed_rounds.png comparing the federated methods across Dirichlet partitions.
 
-Input: one ``<root>/<sub>/results.json`` per partition (``iid`` or ``alpha-<α>``, see
-:func:`pfdiff.federated.simulation.alpha_dir`), as written by :func:`pfdiff.federated.server_app.run_server`.
-Every sentence of the report, the verdict included, is computed from those files; keys added later
-(``fd_reference``, ``client_histograms``) are optional.
+Input: per partition (``iid`` or ``alpha-<α>``, see :func:`pfdiff.federated.simulation.alpha_dir`) one
+``<root>/<sub>/results.json`` (one seed) or one ``<root>/<sub>/seed-<s>/results.json`` per seed, as written by
+:func:`pfdiff.federated.server_app.run_server`. Every sentence of the report, the verdict included, is computed
+from those files; keys added later (``fd_reference``, ``client_histograms``) are optional.
+
+Several seeds: the headline table is mean ± std over seeds (sample std) of every method and baseline, and a
+method "beats" another only where the gap in means exceeds the sum of the two stds (``pfdiff.report``'s rule);
+with one seed the cells read "± n/a" and nothing is claimed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pfdiff.report import markdown_table, save_fig  # noqa: E402
+from pfdiff.report import _compare as compare_with_spread  # noqa: E402
+from pfdiff.report import markdown_table, mean_spread, save_fig  # noqa: E402
 from pfdiff.text import plural  # noqa: E402
 from pfdiff.runs import atomic_write_text  # noqa: E402
 
@@ -50,13 +56,57 @@ def _alpha_of(path: Path, data: dict[str, Any]) -> float:
     return 0.0 if name == "iid" else float(name.removeprefix("alpha-"))
 
 
+SEED_DIR = re.compile(r"^seed-(\d+)$")
+
+
+def _seed_of(run_dir: Path, data: dict[str, Any]) -> int | None:
+    """The run's seed: its ``seed-<s>`` folder, else its results or config.yaml (``seeds[0]``), else None."""
+    if m := SEED_DIR.match(run_dir.name):
+        return int(m.group(1))
+    if data.get("seed") is not None:
+        return int(data["seed"])
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        seeds = (yaml.safe_load(cfg.read_text()) or {}).get("seeds") or []
+        return int(seeds[0]) if seeds else None
+    return None
+
+
 def load_results(root: Path) -> Results:
-    """Every ``<root>/*/results.json``, keyed "IID" or "α=<α>", IID first then by increasing α."""
-    found = []
+    """Every partition under ``root``, keyed "IID" or "α=<α>", IID first then by increasing α: the results of
+    its first seed and, when it has several (``<sub>/seed-<s>/results.json``, also a ``<sub>/results.json``
+    of another seed), ``"per_seed"``: {seed: results} in seed order (a ``seed-<s>`` folder wins over a
+    ``<sub>/results.json`` of the same seed)."""
+    found: dict[float, dict[int | None, dict[str, Any]]] = {}
     for path in sorted(Path(root).glob("*/results.json")):
         data = json.loads(path.read_text())
-        found.append((_alpha_of(path, data), data))
-    return {partition_label(a): d for a, d in sorted(found, key=lambda t: t[0])}
+        found.setdefault(_alpha_of(path, data), {})[_seed_of(path.parent, data)] = data
+    for path in sorted(Path(root).glob("*/seed-*/results.json")):
+        if SEED_DIR.match(path.parent.name):
+            data = json.loads(path.read_text())
+            found.setdefault(_alpha_of(path.parent, data), {})[_seed_of(path.parent, data)] = data
+    out = {}
+    for a in sorted(found):
+        runs = dict(sorted(found[a].items(), key=lambda t: (t[0] is None, t[0] or 0)))
+        first = next(iter(runs.values()))
+        out[partition_label(a)] = {**first, "per_seed": runs} if len(runs) > 1 else first
+    return out
+
+
+def seed_runs(res: dict[str, Any]) -> dict[int | None, dict[str, Any]]:
+    """A partition's runs by seed (one run, seed unknown, for results without ``per_seed``)."""
+    return res.get("per_seed") or {res.get("seed"): res}
+
+
+def each_run(results: Results) -> dict[str, dict[str, Any]]:
+    """Every (partition, seed) run, labelled "α=0.1" (one seed) or "α=0.1, seed 2" (several)."""
+    out = {}
+    for label, res in results.items():
+        runs = seed_runs(res)
+        out.update({label: res} if len(runs) == 1 else {f"{label}, seed {s}": r for s, r in runs.items()})
+    return out
 
 
 # ---------------------------------------------------------------- formatting
@@ -160,7 +210,10 @@ def _few_sentence(res: dict[str, Any]) -> str | None:
 
 
 def verdict(label: str, res: dict[str, Any]) -> list[str]:
-    """Bullet points for one partition, every claim with its numbers."""
+    """Bullet points for one partition, every claim with its numbers: with several seeds claims against the
+    spread (:func:`seeds_verdict`), with one run the differences without a claim."""
+    if len(seed_runs(res)) > 1:
+        return seeds_verdict(label, res)
     methods = res.get("methods", {})
     best = _lowest_fd(methods)
     lines = [f"- **{label}**: lowest FD: " + (f"`{best}` ({methods[best]['fd']:.2f})." if best else "none recorded.")]
@@ -216,7 +269,8 @@ def _fd_reference_line(res: dict[str, Any]) -> list[str]:
 
 
 def comparison_section(results: Results) -> list[str]:
-    """Per partition: its comparison table (and FD references); then the verdict of every partition."""
+    """Per partition: mean ± std over its seeds, each run's comparison table (and FD references); then the
+    verdict of every partition."""
     md = ["## Comparison", "",
           "FD ↓: Fréchet distance of features generated by the final global denoiser to the real test features "
           "(bold: lowest). Accuracies: G re-trained on class-balanced pseudo-features sampled by the server "
@@ -224,15 +278,118 @@ def comparison_section(results: Results) -> list[str]:
           "federated features (Shang et al. 2022). Rounds (saved): rounds run "
           "(rounds skipped by an early stop). MB: diffusion rounds, server→clients plus clients→server."]
     for label, res in results.items():
+        runs = seed_runs(res)
+        n = len(runs)
         md += ["", f"### {label}", "",
                f"{_clients(res.get('num_clients'))}; class counts {res.get('counts', DASH)}; "
-               f"wall time {_num(res.get('seconds'), '.1f')} s.", "", comparison_table(res)]
-        md += _skipped_lines(res) + _baseline_lines(res) + _fd_reference_line(res)
-    md += ["", "## Verdict", "", "Each partition is one run (one seed): the differences below have no spread, so "
-           "they are stated, not claimed as wins.", ""]
+               f"wall time {_num(_mean([r.get('seconds') for r in runs.values()]), '.1f')} s"
+               + (f" per run (mean of {n})." if n > 1 else "."), "",
+               (f"Mean ± std over {plural(n, 'seed')} ({', '.join(str(s) for s in runs)}):" if n > 1 else
+                "One seed: no spread (± n/a)."), "", seeds_table(res)]
+        for seed, run in runs.items():
+            md += ([""] + ([f"#### seed {seed}", ""] if n > 1 else []) + [comparison_table(run)]
+                   + _skipped_lines(run) + _baseline_lines(run) + _fd_reference_line(run))
+    md += ["", "## Verdict", "", "A method *beats* another only where the gap in mean exceeds the sum of the two "
+           "stds over seeds (FD: lower, accuracies: higher); a partition with one run (one seed) has no spread, so "
+           "its differences are stated, not claimed as wins.", ""]
     for label, res in results.items():
         md += verdict(label, res)
     return md
+
+
+# ---------------------------------------------------------------- several seeds: mean ± std and claims
+
+
+# (key, column, format): the headline metrics, each a number per run (None where a row has none)
+SEED_METRICS = (("fd", "FD ↓", ".2f"), ("few", "few", ".3f"), ("balanced", "balanced", ".3f"),
+                ("top1", "top-1", ".3f"), ("mb", "MB", ".1f"), ("rounds", "rounds", ".1f"))
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if not _missing(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _cell(values: list[Any]) -> dict[str, float] | None:
+    """{"mean", "std" (sample std; 0 with one value), "n"} of the values that are there, or None."""
+    vals = [float(v) for v in values if not _missing(v)]
+    if not vals:
+        return None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(vals)}
+
+
+def _row_values(run: dict[str, Any], name: str) -> dict[str, Any]:
+    """The headline numbers of one baseline or method in one run."""
+    if name in run.get("baselines", {}):
+        acc = run["baselines"][name]
+        return {"few": acc.get("few"), "balanced": acc.get("balanced"), "top1": acc.get("top1")}
+    m = run.get("methods", {}).get(name)
+    if m is None:
+        return {}
+    rep = m.get("repair", {})
+    return {"fd": m.get("fd"), "few": rep.get("few"), "balanced": rep.get("balanced"), "top1": rep.get("top1"),
+            "mb": None if _missing(m.get("bytes")) else m["bytes"] / MB, "rounds": m.get("rounds")}
+
+
+def aggregate(res: dict[str, Any]) -> dict[str, dict[str, dict[str, float] | None]]:
+    """name (baselines, then methods) → metric → mean ± std over the partition's seeds."""
+    runs = list(seed_runs(res).values())
+    names = list(dict.fromkeys(n for r in runs for n in (*r.get("baselines", {}), *r.get("methods", {}))))
+    return {name: {key: _cell([_row_values(r, name).get(key) for r in runs]) for key, _, _ in SEED_METRICS}
+            for name in names}
+
+
+def seeds_table(res: dict[str, Any]) -> str:
+    """Every baseline and method: FD, few, balanced, top-1, MB and rounds as mean ± std over seeds."""
+    agg = aggregate(res)
+
+    def fmt(cell: dict[str, float] | None, f: str) -> str:
+        return DASH if cell is None else mean_spread(cell, int(cell["n"]), f, why=False)
+
+    rows = [[name, *(fmt(agg[name][key], f) for key, _, f in SEED_METRICS)] for name in agg]
+    return markdown_table(["method", *(col for _, col, _ in SEED_METRICS)], rows)
+
+
+def _claim(agg: dict, ours: str, theirs: str, key: str, fmt: str) -> str | None:
+    """"`ours` beats / does not beat / is within the spread of `theirs` on <key> (m ± s vs m ± s)", or None."""
+    a, b = agg.get(ours, {}).get(key), agg.get(theirs, {}).get(key)
+    if a is None or b is None:
+        return None
+    gap = a["mean"] - b["mean"]
+    word = compare_with_spread(-gap if key == "fd" else gap, a["std"] + b["std"])
+    name = "FD" if key == "fd" else f"{key} accuracy"
+    return (f"`{ours}` {word} `{theirs}` on {name} ({a['mean']:{fmt}} ± {a['std']:{fmt}} vs "
+            f"{b['mean']:{fmt}} ± {b['std']:{fmt}}, gap {gap:+{fmt}})")
+
+
+def seeds_verdict(label: str, res: dict[str, Any]) -> list[str]:
+    """Claims of one partition with several seeds: the PAIRS on FD and few-class accuracy, and every method
+    against the strongest baseline on few and on balanced accuracy; each with its means and stds."""
+    agg, runs = aggregate(res), seed_runs(res)
+    methods = [n for n in agg if any(n in r.get("methods", {}) for r in runs.values())]
+    baselines = [n for n in agg if n not in methods]
+    fds = {n: agg[n]["fd"]["mean"] for n in methods if agg[n]["fd"]}
+    best = min(fds, key=fds.get) if fds else None
+    lines = [f"- **{label}** ({plural(len(runs), 'seed')}): lowest mean FD: "
+             + (f"`{best}` ({fds[best]:.2f} ± {agg[best]['fd']['std']:.2f})." if best else "none recorded.")]
+    for a, b in PAIRS:
+        if a in methods and b in methods:
+            parts = [c for c in (_claim(agg, a, b, "fd", ".2f"), _claim(agg, a, b, "few", ".3f")) if c]
+            lines += [f"  - {'; '.join(parts)}."] if parts else []
+    for key in ("few", "balanced"):
+        base = {n: agg[n][key]["mean"] for n in baselines if agg[n][key]}
+        if not base:
+            continue
+        top = max(base, key=base.get)
+        claims = [c for m in methods if (c := _claim(agg, m, top, key, ".3f"))]
+        if claims:
+            lines.append(f"  - Strongest baseline on {key} accuracy: `{top}`. " + "; ".join(claims) + ".")
+    rounds = agg.get("fedddpm+", {}).get("rounds")
+    if rounds:
+        lines.append(f"  - `fedddpm+` ran {rounds['mean']:.1f} ± {rounds['std']:.1f} rounds.")
+    return lines
 
 
 # ---------------------------------------------------------------- warm-up, bytes, histograms, failures
@@ -249,7 +406,7 @@ def _warmup_row(label: str, w: dict[str, Any]) -> list[Any]:
 
 def warmup_section(results: Results) -> list[str]:
     """Model bytes vs bytes per pseudo-feature, the crossover N and what the clients actually uploaded."""
-    rows = [_warmup_row(label, res["warmup"]) for label, res in results.items() if res.get("warmup")]
+    rows = [_warmup_row(label, res["warmup"]) for label, res in each_run(results).items() if res.get("warmup")]
     md = ["", "## Warm-up uploads", ""]
     if not rows:
         return md + ["No warm-up: no method used the auxiliary pool."]
@@ -270,7 +427,8 @@ def _phases(results: Results) -> list[str]:
 
 
 def bytes_section(results: Results) -> list[str]:
-    """MB per phase (server→clients / clients→server) and per client, one column per partition."""
+    """MB per phase (server→clients / clients→server) and per client, one column per run."""
+    results = each_run(results)
     labels = list(results)
     b = {label: res.get("bytes", {}) for label, res in results.items()}
 
@@ -304,9 +462,9 @@ def histogram_section(results: Results) -> list[str]:
 
 
 def failures_section(results: Results) -> list[str]:
-    """Per partition: the number of failed client exchanges ("none") and each failure."""
+    """Per run: the number of failed client exchanges ("none") and each failure."""
     md = ["", "## Failures", ""]
-    for label, res in results.items():
+    for label, res in each_run(results).items():
         fails = res.get("failures") or []
         md.append(f"- {label}: {len(fails) if fails else 'none'}")
         md += [f"  - {f.get('phase')} round {f.get('round')}, client {f.get('partition')}: {f.get('reason')}"
@@ -337,8 +495,9 @@ def _example_privacy(p: dict[str, Any]) -> list[str]:
     banner = ([f"**NOT PRIVATE — debugging run:** {p.get('noise')}.", ""] if p.get("private") is False else [])
     relation = f" Neighbouring relation: {p['neighbouring_relation']}; noise: {p.get('noise', '?')}." \
         if p.get("neighbouring_relation") else ""
+    sampled = f" Client sampling: {p['participation']}." if p.get("participation") else ""
     return [*banner, f"Example-level DP-SGD on every client: target ε = {_num(p.get('target_epsilon'), 'g')} at "
-            f"δ = {_num(p.get('delta'), 'g')} ({p.get('accountant', '?')} accountant).{relation}{worst} "
+            f"δ = {_num(p.get('delta'), 'g')} ({p.get('accountant', '?')} accountant).{relation}{sampled}{worst} "
             "ε spent per client and method (bold: the largest per method):",
             "", markdown_table(["client", *eps, *(["all methods"] if composed else [])], rows), "", *_public_lists(p)]
 
@@ -358,9 +517,9 @@ def _client_privacy(p: dict[str, Any]) -> list[str]:
 
 
 def privacy_section(results: Results) -> list[str]:
-    """Per partition: the DP mode, its claim, and the ε per client (example) or per method (client)."""
+    """Per run: the DP mode, its claim, and the ε per client (example) or per method (client)."""
     md = ["", "## Privacy"]
-    for label, res in results.items():
+    for label, res in each_run(results).items():
         p = res.get("privacy") or {"mode": "none"}
         mode = p.get("mode", "none")
         md += ["", f"### {label}: mode `{mode}`", ""]

@@ -43,7 +43,7 @@ from pfdiff.federated import creff, task  # noqa: E402
 from pfdiff.federated.aux_pool import AuxPool  # noqa: E402
 from pfdiff.federated.correction import (QuickTest, ServerCompute, accepted, correct_on_pool, pool_score,  # noqa: E402
                                          regenerate, relative_gain)
-from pfdiff.federated.strategy import make_strategy  # noqa: E402
+from pfdiff.federated.strategy import make_strategy, sample_clients  # noqa: E402
 from pfdiff.federated.wire import MESSAGE_TYPES, Wire, record_bytes  # noqa: E402
 from pfdiff.longtail.baselines import logit_adjusted  # noqa: E402
 from pfdiff.longtail.common import encode, train_classifier_on_features  # noqa: E402
@@ -88,6 +88,12 @@ def check_plan(cfg: RunConfig) -> None:
     if f.dp != "none" and f.encoder != "public":
         raise ValueError(f"fed.dp={f.dp!r} needs fed.encoder='public': a FedAvg encoder and its feature scaler "
                          "would be released without DP")
+    if f.clients_per_round is not None and f.clients_per_round > f.num_clients:
+        raise ValueError(f"fed.clients_per_round={f.clients_per_round} exceeds fed.num_clients={f.num_clients}")
+    if f.dp == "client" and f.clients_per_round is not None and f.clients_per_round < f.num_clients:
+        raise ValueError("fed.dp='client' with fed.clients_per_round < fed.num_clients is refused: Flower's "
+                         "fixed-clipping noise (num_sampled_clients) and the client-level ε assume every client "
+                         "in every round")
     if f.dp == "client" and any(m in AUX_METHODS for m in f.methods):
         raise ValueError("fed.dp='client' covers the FedAvg rounds only; the warm-up uploads of "
                          f"{[m for m in f.methods if m in AUX_METHODS]} have no client-level guarantee")
@@ -152,13 +158,53 @@ class Server:
         return self.wire.exchange(msgs, phase)
 
     def fedavg_rounds(self, phase: str, arrays: ArrayRecord, rounds: int, **extra) -> ArrayRecord:
-        strategy = make_strategy(self.cfg, len(self.nodes), client_dp=False, message_type=MESSAGE_TYPES[phase])
+        strategy = make_strategy(self.cfg, len(self.nodes), client_dp=False, message_type=MESSAGE_TYPES[phase],
+                                 select=self.selector(phase))
         for r in range(1, rounds + 1):
             replies = self.wire.exchange(strategy.configure_train(r, arrays, self.config(phase, **extra), self.grid),
                                          phase, r)
             if len(replies) >= self.cfg.fed.min_replies:
                 arrays = strategy.aggregate_train(r, replies)[0]
         return arrays
+
+    # ------------------------------------------------ client sampling (fed.clients_per_round)
+
+    @property
+    def sampling(self) -> bool:
+        per = self.cfg.fed.clients_per_round
+        return per is not None and per < len(self.nodes)
+
+    def round_partitions(self, phase: str, r: int) -> list[int]:
+        """The partitions sent FedAvg round ``r`` of ``phase`` (all, or a public draw: ``sample_clients``)."""
+        return sample_clients(len(self.nodes), self.cfg.fed.clients_per_round, self.seed, phase, r)
+
+    def selector(self, phase: str):
+        """The strategy's node selection for ``phase`` (None: every client, Flower's own FedAvg path)."""
+        if not self.sampling:
+            return None
+        return lambda r: [self.node_of_partition()[p] for p in self.round_partitions(phase, r)]
+
+    def node_of_partition(self) -> dict[int, int]:
+        """partition id → node id, asked once of every node (``query.partition``) unless replies already said."""
+        known = {p: n for n, p in self.wire.node_to_partition.items() if n in self.nodes}
+        if len(known) < len(self.nodes):
+            config = ConfigRecord({"phase": "partition"})
+            self.wire.exchange([Message(RecordDict({"config": config}), dst_node_id=n,
+                                        message_type=MESSAGE_TYPES["partition"]) for n in self.nodes], "partition")
+            known = {p: n for n, p in self.wire.node_to_partition.items() if n in self.nodes}
+            if sorted(known) != list(range(len(self.nodes))):
+                raise RuntimeError(f"client sampling needs every node's partition id; got {sorted(known)} of "
+                                   f"{len(self.nodes)} nodes")
+        return known
+
+    def count_rounds(self, counts: dict[str, int], phase: str, r: int) -> dict[str, int]:
+        """Write-ahead count of the rounds each client (partition) was sent: +1 per send with OS-entropy noise
+        (a round re-sent after a resume is a new release); else the rounds ≤ ``r`` it was drawn in (a replay
+        is the same release). Without sampling every client's count is ``rounds_started``."""
+        if self.private_noise:
+            return {**counts, **{str(p): counts.get(str(p), 0) + 1 for p in self.round_partitions(phase, r)}}
+        drawn = [p for q in range(1, r + 1) for p in self.round_partitions(phase, q)]
+        return {str(p): max(counts.get(str(p), 0), drawn.count(p)) for p in range(len(self.nodes))}
 
 
 # ---------------------------------------------------------------- phases 1–4
@@ -309,17 +355,21 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
     if warm is not None and method in AUX_METHODS:
         pool, u_val, y_val, scorer = initial_pool(srv, warm, method)
     st: dict[str, Any] = {"round": 0, "rounds_started": 0, "history": {}, "compute": vars(ServerCompute()),
-                          "quick": None, "stopped_at": None, "best_score": None}
+                          "quick": None, "stopped_at": None, "best_score": None, "client_rounds": {}}
     if ckpt_path.exists():
         saved = load_state(ckpt_path, srv.device)
         model.load_state_dict(saved["model"])
         st = saved["state"]
+        # a checkpoint from before client sampling: every client took part in every round started
+        st.setdefault("client_rounds", {str(p): st["rounds_started"] for p in range(len(srv.nodes))})
         if pool is not None:
             pool = AuxPool.from_state(saved["pool"])
         log.info("%s: resuming after round %s", method, st["round"])
     compute = ServerCompute(**st["compute"])
     quick = QuickTest(f.quick_test_threshold, f.quick_test_patience, **(st["quick"] or {}))
-    strategy = make_strategy(cfg, len(srv.nodes), client_dp=f.dp == "client", message_type=MESSAGE_TYPES["diffusion"])
+    # every method's round r goes to the same clients: the draw is seeded by (seed, "diffusion", r), not the method
+    strategy = make_strategy(cfg, len(srv.nodes), client_dp=f.dp == "client", message_type=MESSAGE_TYPES["diffusion"],
+                             select=srv.selector("diffusion"))
     arrays = task.to_wire(model.state_dict())
     extra = scaler_config(stats["scaler"])
 
@@ -329,6 +379,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
         # write-ahead: the clients spend privacy now; with OS-entropy noise a round re-sent after a resume is
         # a new release and is counted again
         st["rounds_started"] = st["rounds_started"] + 1 if srv.private_noise else max(st["rounds_started"], r)
+        st["client_rounds"] = srv.count_rounds(st["client_rounds"], "diffusion", r)
         _save(ckpt_path, model, pool, st)
         t0, b0 = time.perf_counter(), srv.wire.totals()["total"]
         msgs = strategy.configure_train(r, arrays, srv.config("diffusion", **extra), srv.grid)
@@ -437,7 +488,7 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
     return {"fd": fd, "repair": accuracy(srv, g, z_test, y_test), "repair_pseudo_kept": kept,
             "repair_filter": filter_info,
             "rounds": rounds_run, "rounds_saved": f.rounds - rounds_run,
-            "client_steps": rounds_run * f.local_steps * len(srv.nodes),
+            "client_steps": rounds_run * f.local_steps * len(srv.round_partitions("diffusion", 1)),
             "server_steps": comp.steps, "server_generated": comp.generated, "server_seconds": comp.seconds,
             "final_score": next((h.get("score_after_one_shot", h.get("score")) for h in
                                  reversed(list(st["history"].values())) if "score" in h), None),
@@ -480,21 +531,23 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
     per_method = {}
     for m, res in results.items():
         if m == "creff":
-            per_method[m] = _creff_epsilons(srv, stats, res["rounds_started"], sends)
+            per_method[m] = _creff_epsilons(srv, stats, res, sends)
             continue
         uses_warmup = m in AUX_METHODS
         eps = {}
         for pid, n in sorted(stats["n_per_client"].items()):
             plan = task.client_dp_plan(cfg, n)
-            events, steps, phase1 = _client_events(plan, res["rounds_started"], uses_warmup, sends)
+            rounds = _client_rounds(res, pid)
+            events, steps, phase1 = _client_events(plan, rounds, uses_warmup, sends)
             eps[str(pid)] = {"epsilon": epsilon(events, p.delta, p.accountant),
                              "sigma": plan.sigma, "sample_rate": plan.sample_rate, "steps": steps,
-                             "phase1_steps": phase1}
+                             "phase1_steps": phase1, "rounds": rounds}
         per_method[m] = eps
     return {"mode": "example", "target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
             "neighbouring_relation": "add/remove one example of a client (Poisson subsampling)",
             "noise": task.client_noise(cfg, 0).label, "private": not p.reproducible_noise,
             "methods": per_method, "composed_over_methods": _composed_over_methods(srv, stats, results),
+            "participation": PARTICIPATION if srv.sampling else None,
             "mechanism": p.mechanism,
             "covered": ["local DP-SGD steps (warm-up and rounds)",
                         *(["noisy class counts (also fedavg-ce+la's prior)"] if p.count_epsilon > 0 else []),
@@ -508,13 +561,28 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
                else [])}
 
 
-def _creff_epsilons(srv: Server, stats: dict, rounds: int, sends: dict[str, int]) -> dict[str, dict]:
-    """Each client's ε for CReFF: its noisy counts and ``rounds`` releases of its per-class gradient sums."""
-    cfg = srv.cfg
-    events = task.creff_events(cfg, rounds, max(1, sends.get("stats", 1)))
-    eps = epsilon(events, cfg.privacy.delta, cfg.privacy.accountant)
-    return {str(pid): {"epsilon": eps, "sigma": task.creff_sigma(cfg), "sample_rate": 1.0, "steps": rounds,
-                       "phase1_steps": 0} for pid in sorted(stats["n_per_client"])}
+def _creff_epsilons(srv: Server, stats: dict, res: dict[str, Any], sends: dict[str, int]) -> dict[str, dict]:
+    """Each client's ε for CReFF: its noisy counts and one release of its per-class gradient sums per round
+    it was sent (``_client_rounds``)."""
+    cfg, out = srv.cfg, {}
+    for pid in sorted(stats["n_per_client"]):
+        rounds = _client_rounds(res, pid)
+        events = task.creff_events(cfg, rounds, max(1, sends.get("stats", 1)))
+        out[str(pid)] = {"epsilon": epsilon(events, cfg.privacy.delta, cfg.privacy.accountant),
+                         "sigma": task.creff_sigma(cfg), "sample_rate": 1.0, "steps": rounds, "phase1_steps": 0}
+    return out
+
+
+# under client sampling (fed.clients_per_round): what each client's ε counts
+PARTICIPATION = ("each client's ε counts only the rounds it was sent (clients sampled per round from public "
+                 "randomness seeded by the run seed, the phase and the round: data-independent, so no privacy "
+                 "amplification by sampling is claimed); its σ is calibrated for every planned round, so its "
+                 "ε stays below the target")
+
+
+def _client_rounds(res: dict[str, Any], pid: int) -> int:
+    """Rounds a client was sent (write-ahead, ``Server.count_rounds``); every round started for old results."""
+    return int((res.get("client_rounds") or {}).get(str(pid), res["rounds_started"]))
 
 
 def _client_events(plan: task.ClientDPPlan, rounds: int, warmup: bool, sends: dict[str, int]
@@ -533,11 +601,11 @@ def _composed_over_methods(srv: Server, stats: dict, results: dict[str, Any]) ->
     data with independent noise, so their steps compose (counts and the shared warm-up once)."""
     cfg, out = srv.cfg, {}
     warm = any(m in AUX_METHODS for m in results)
-    rounds = sum(res["rounds_started"] for m, res in results.items() if m != "creff")
-    extra = task.creff_events(cfg, results["creff"]["rounds_started"], 0) if "creff" in results else []
     for pid, n in sorted(stats["n_per_client"].items()):
+        rounds = sum(_client_rounds(res, pid) for m, res in results.items() if m != "creff")
         events, _, _ = _client_events(task.client_dp_plan(cfg, n), rounds, warm, srv.sends())
-        events = events + extra
+        if "creff" in results:  # its gradient releases (the counts are already in the events above)
+            events = events + task.creff_events(cfg, _client_rounds(results["creff"], pid), 0)
         out[str(pid)] = epsilon(events, cfg.privacy.delta, cfg.privacy.accountant)
     return out
 
@@ -587,7 +655,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if "creff" not in skipped:
         out = creff.run_creff(srv, enc_clf)
         baselines["creff"] = creff.summary(out, accuracy(srv, out["classifier"], z_test, y_test))
-        privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"]}
+        privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"],
+                               "client_rounds": out["state"]["client_rounds"]}
     warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
     methods = {}
     for m in cfg.fed.methods:
@@ -595,7 +664,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         out["name"] = m
         scorer = out["scorer"] or (MahalanobisScorer(warm["u"], warm["y"], srv.C) if warm else None)
         methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], z_test, y_test, scorer)
-        privacy_in[m] = {"rounds_started": out["state"]["rounds_started"]}
+        privacy_in[m] = {"rounds_started": out["state"]["rounds_started"], "client_rounds": out["state"]["client_rounds"]}
     results = {
         "alpha": cfg.fed.alpha, "num_clients": len(srv.nodes), "baselines": baselines, "methods": methods,
         "skipped_baselines": skipped, "la_prior": la_prior(cfg),

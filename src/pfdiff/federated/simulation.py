@@ -1,7 +1,7 @@
-"""Run the apps in Flower's Ray simulation (``pfdiff fed``): one ServerApp run per Dirichlet α.
+"""Run the apps in Flower's Ray simulation (``pfdiff fed``): one ServerApp run per Dirichlet α and seed.
 
-Each run lives in ``<output_dir>/<name>/alpha-<α>/`` (checkpoints, ``results.json``); running the same
-command again resumes where it stopped. Nothing here trains: it wires ``server_app.run_server`` and
+Each run lives in ``<output_dir>/<name>/alpha-<α>/`` (one seed) or ``…/alpha-<α>/seed-<s>/`` (several seeds;
+checkpoints, ``results.json``); running the same command again resumes where it stopped. Nothing here trains: it wires ``server_app.run_server`` and
 ``client_app.app`` into ``flwr.simulation.run_simulation``.
 
 On a GPU (``cfg.device`` resolves to CUDA here): Ray is started with every visible GPU and each simulated
@@ -38,6 +38,18 @@ log = logging.getLogger("pfdiff.federated")
 
 def alpha_dir(root: Path, alpha: float) -> Path:
     return root / ("iid" if alpha == 0 else f"alpha-{alpha:g}")
+
+
+def run_dir(root: Path, alpha: float, seed: int, seeds: list[int]) -> Path:
+    """One (α, seed) run: ``alpha_dir(root, α)`` when ``seeds`` holds one seed (the layout before several
+    seeds), else ``alpha_dir(root, α)/seed-<seed>/`` (``federated.report.load_results`` reads both)."""
+    return alpha_dir(root, alpha) if len(seeds) == 1 else alpha_dir(root, alpha) / f"seed-{seed}"
+
+
+def run_overrides(alpha: float, seed: int) -> list[str]:
+    """The ``--set`` overrides that make a config the (α, seed) run: its seed is the run's only seed, so the
+    server and every client (``cfg.seeds[0]``) train, sample and draw their clients with it."""
+    return [f"fed.alpha={float(alpha)!r}", f"seeds=[{int(seed)}]"]
 
 
 # Ray puts Unix sockets under <temp>/session_<date>_<time>_<pid>/sockets/plasma_store (≈ 65 characters) and

@@ -109,7 +109,18 @@ def _partition(labels: tuple[int, ...], num_partitions: int, alpha: float, seed:
         part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
                                     min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed)
     part.dataset = table
-    return tuple(np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions))
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # one warning per failed Dirichlet draw; the error below says it once
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            return tuple(np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions))
+    except ValueError as e:  # flwr-datasets gives up after 11 Dirichlet draws with a client below min_size
+        if "max number of attempts" not in str(e):
+            raise
+        raise ValueError(f"Dirichlet(α={alpha:g}) over {num_partitions} clients of {len(y)} examples left a client "
+                         f"below fed.min_partition_size={min_size} in 11 draws (flwr-datasets' limit): lower "
+                         "fed.min_partition_size or fed.num_clients, or raise fed.alpha") from None
 
 
 def partition_indices(labels: np.ndarray, num_partitions: int, alpha: float, seed: int, min_size: int = 5

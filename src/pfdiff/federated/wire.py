@@ -20,7 +20,8 @@ log = logging.getLogger("pfdiff.federated")
 #: action (``@app.train("encoder")``, ``@app.query("stats")``, …) and Flower routes every message by it.
 MESSAGE_TYPES = {"encoder": "train.encoder", "stats": "query.stats", "reweight": "train.reweight",
                  "warmup": "train.warmup", "diffusion": "train.diffusion",
-                 "creff": "train.creff"}
+                 "creff": "train.creff",
+                 "partition": "query.partition"}  # which partition a node holds (for client sampling)
 
 
 def record_bytes(content: RecordDict | ArrayRecord) -> int:
