@@ -180,6 +180,31 @@ def test_each_clients_epsilon_counts_only_the_rounds_it_was_sent():
     assert all(e["rounds"] == 6 for e in old["methods"]["fedavg"].values())
 
 
+def test_creffs_epsilon_counts_each_clients_rounds_and_composes_with_the_methods():
+    """CReFF's rounds go to the diffusion methods' clients (the same draw): its ε per client counts that client's
+    rounds, and the composition over methods adds them to the same client's diffusion rounds."""
+    from pfdiff.federated.server_app import _privacy_claim
+
+    srv, _ = server("fed.dp=example", "fed.encoder=public", "fed.clients_per_round=2", "privacy.target_epsilon=8",
+                    n=4)
+    srv.sends = lambda: {}
+    counts: dict[str, int] = {}
+    for r in range(1, 7):
+        counts = srv.count_rounds(counts, "diffusion", r)
+    stats = {"n_per_client": {p: 40 for p in range(4)}}
+    few, many = min(range(4), key=lambda p: counts.get(str(p), 0)), max(range(4), key=lambda p: counts.get(str(p), 0))
+    assert counts.get(str(few), 0) < counts[str(many)]
+    both = {"fedavg": {"rounds_started": 6, "client_rounds": counts},
+            "creff": {"rounds_started": 6, "client_rounds": counts}}
+    claim = _privacy_claim(srv, stats, both)
+    creff = claim["methods"]["creff"]
+    assert creff[str(few)]["steps"] == counts.get(str(few), 0) and creff[str(many)]["steps"] == counts[str(many)]
+    assert creff[str(few)]["epsilon"] < creff[str(many)]["epsilon"] <= 8 + 1e-6
+    alone = _privacy_claim(srv, stats, {"fedavg": both["fedavg"]})["composed_over_methods"]
+    composed = claim["composed_over_methods"]
+    assert all(composed[str(p)] > alone[str(p)] for p in (few, many))
+
+
 def test_fedbench_preset_loads_and_its_plan_passes():
     from pfdiff.federated.server_app import check_plan
 

@@ -582,7 +582,10 @@ PARTICIPATION = ("each client's ε counts only the rounds it was sent (clients s
 
 def _client_rounds(res: dict[str, Any], pid: int) -> int:
     """Rounds a client was sent (write-ahead, ``Server.count_rounds``); every round started for old results."""
-    return int((res.get("client_rounds") or {}).get(str(pid), res["rounds_started"]))
+    rounds = res.get("client_rounds")
+    if rounds is None:
+        return int(res["rounds_started"])
+    return int(rounds.get(str(pid), 0))  # a client never drawn was sent nothing
 
 
 def _client_events(plan: task.ClientDPPlan, rounds: int, warmup: bool, sends: dict[str, int]
