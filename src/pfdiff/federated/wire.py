@@ -19,7 +19,8 @@ log = logging.getLogger("pfdiff.federated")
 #: Flower message type (``<category>.<action>``) of each phase: the ClientApp registers one handler per
 #: action (``@app.train("encoder")``, ``@app.query("stats")``, …) and Flower routes every message by it.
 MESSAGE_TYPES = {"encoder": "train.encoder", "stats": "query.stats", "reweight": "train.reweight",
-                 "warmup": "train.warmup", "diffusion": "train.diffusion"}
+                 "warmup": "train.warmup", "diffusion": "train.diffusion",
+                 "score": "query.score"}
 
 
 def record_bytes(content: RecordDict | ArrayRecord) -> int:
