@@ -176,6 +176,28 @@ def test_dp_client_score_is_clipped_and_noised_and_its_epsilon_is_in_the_plan():
         task.client_dp_plan(tiny(*extra, "fed.score_source=clients", "fed.score_epsilon=5"), len(y))
 
 
+def test_warmup_reuses_the_released_noisy_counts_and_generates_its_quota_share():
+    from pfdiff.federated.client_app import app
+
+    cfg = tiny("fed.dp=example", "fed.encoder=public", "privacy.count_epsilon=0.1", "fed.warmup_upload=model")
+    c = _ctx()
+    released = _send(app, cfg, "stats", ArrayRecord(task.build_encoder_classifier(cfg).state_dict()), c)
+    den = ArrayRecord(task.build_global_denoiser(cfg).state_dict())
+    warm = _send(app, cfg, "warmup", den, c, **SCALER, **{"n-total": 1000})
+    # σ for ε = 0.1 is ≈ 40: a fresh draw would differ; the released counts are not released a second time
+    assert warm.content["metrics"]["counts"] == released.content["metrics"]["counts"]
+
+    cfg = tiny("fed.pool_quota=balanced")
+    c = _ctx()
+    own = np.asarray(_send(app, cfg, "stats", ArrayRecord(task.build_encoder_classifier(cfg).state_dict()),
+                           c).content["metrics"]["counts"])
+    glob, quotas = own * 3, np.full(10, 20)
+    out = _send(app, cfg, "warmup", den, c, **SCALER, **{"n-total": int(glob.sum()), "class-quotas": quotas.tolist(),
+                                                          "class-counts": glob.tolist()})
+    got = np.bincount(out.content["arrays"]["y"].numpy(), minlength=10)
+    assert got.tolist() == client_share(quotas, glob, own).tolist() and np.all(got[own == 0] == 0)
+
+
 def test_score_sources_are_checked_before_anything_is_sent():
     from pfdiff.federated.server_app import check_plan
 
