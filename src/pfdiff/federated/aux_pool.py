@@ -119,7 +119,8 @@ class AuxPool:
             per_class[int(c)] = int(k)
         cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0))
         ea, es = cat(evicted_age), cat(evicted_score)
-        return {"replaced": replaced, "replaced_per_class": per_class, "evicted_mean_age": float(ea.mean()) if replaced else float("nan"),
+        return {"replaced": replaced, "replaced_per_class": per_class,
+                "evicted_mean_age": float(ea.mean()) if replaced else float("nan"),
                 "evicted_mean_score": float(es.mean()) if replaced else float("nan")}
 
     def summary(self) -> dict[str, float]:
