@@ -244,6 +244,15 @@ class FederatedConfig(Section):
     pool_initial_share: float = Field(0.6, gt=0, le=1)  # progressive: share of B generated at warm-up
     regen_share: float = Field(0.1, gt=0, le=1)  # progressive: share of the pool regenerated per accepted round
     evict: Literal["stalest", "worst"] = "stalest"
+    # class-aware pool (issue 19): per-class quotas of B from the released (noisy) counts n_c — histogram ∝ n_c
+    # (the global long-tailed profile), balanced B/C, tail ∝ n_c^(−1/2); used by the warm-up and regeneration
+    pool_quota: Literal["histogram", "balanced", "tail"] = "histogram"
+    correction_weight: Literal["none", "balanced"] = "none"  # balanced: class-balanced batches in the correction
+    # the gate's score (FedDDPM+, progressive): the held-out pool slice, the clients' own features (a release:
+    # noisy under dp = example, NOT private without DP) or the declared public part (needs encoder = public)
+    score_source: Literal["pool", "clients", "public"] = "pool"
+    score_clip: float = Field(2.0, gt=0)  # L: dp = example clips each client's per-example score loss to [0, L]
+    score_epsilon: float = Field(1.0, gt=0)  # dp = example: ε of all planned client-score releases of one method
     accept_min_gain: float = -0.02  # progressive: accept when the score's relative gain lies in [min, max]
     accept_max_gain: float = 1.0
     repair_per_class: int = Field(100, ge=1)  # long-tail repair: balanced pseudo-features per class

@@ -17,6 +17,9 @@ the phase needs (round, scaler, class weights); ``"arrays"`` carries the model o
 - ``train.creff``: G (``g.*``) and CReFF's re-trained classifier (``phi.*``); returns the per-class sums of the
   classifier's CE gradient at φ on the cached features (``grad.*``; clipped per example and noised under
   example-level DP) with the counts of the statistics phase and, without DP, G after local CE steps (FedAvg).
+- ``query.score``: the (corrected) global denoiser; returns the sum of its per-example diffusion losses on the
+  cached features at fixed draws, and the number of examples (``fed.score_source = clients``; clipped and
+  noised under example-level DP).
 
 Models, local data, cached features and sampling live on ``task.device_of(cfg)`` (``cfg.device``: CUDA
 when this process sees a GPU, else CPU); replies are built with ``task.to_wire`` (CPU arrays).
@@ -36,6 +39,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from pfdiff.config import RunConfig  # noqa: E402
 from pfdiff.federated import task  # noqa: E402
+from pfdiff.federated.aux_pool import client_share  # noqa: E402
 from pfdiff.longtail.common import encode  # noqa: E402
 from pfdiff.longtail.ldmlr import sample_features  # noqa: E402
 
@@ -78,6 +82,14 @@ def _local_denoiser(cfg: RunConfig, arrays: ArrayRecord, u, y, phase: str, rnd: 
         loss = task.train_denoiser_local(model, u, y, loss_fn, steps, f.local_lr, f.local_batch_size, seed,
                                          (phase, rnd, pid))
     return model, loss
+
+
+def _released_counts(context: Context) -> np.ndarray:
+    """The class counts this client released in the 'stats' phase (noisy under DP), kept in its
+    ``context.state``: later phases reuse them, so they are released once (post-processing after that)."""
+    if "released-counts" not in context.state:
+        raise RuntimeError("this client has no released counts: the server must run the 'stats' phase first")
+    return context.state["released-counts"]["counts"].numpy().astype(np.int64)
 
 
 def _counts(cfg: RunConfig, y: torch.Tensor, pid: int) -> np.ndarray:
@@ -136,9 +148,9 @@ def stats(msg: Message, context: Context) -> Message:
     model = task.load_arrays(task.build_encoder_classifier(q.cfg), q.arrays.to_torch_state_dict())
     z = encode(model["encoder"], q.data.x)
     context.state["features"] = task.to_wire({"z": z.contiguous(), "y": q.data.y.contiguous()})
-    counts = _counts(q.cfg, q.data.y, q.pid).tolist()
-    context.state["counts"] = MetricRecord({"counts": counts})  # the released counts, reused (never re-noised)
-    metrics = {"num-examples": q.n, "counts": counts}
+    counts = _counts(q.cfg, q.data.y, q.pid)
+    context.state["released-counts"] = ArrayRecord({"counts": torch.as_tensor(counts)})
+    metrics = {"num-examples": q.n, "counts": counts.tolist()}
     if q.f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim
         metrics.update({"sum": z.sum(0).double().tolist(), "sumsq": (z.double() ** 2).sum(0).tolist()})
     return q.reply(None, **metrics)
@@ -161,11 +173,15 @@ def warmup(msg: Message, context: Context) -> Message:
     cfg, f = q.cfg, q.f
     u, y = _scaled_features(q.cfg_rec, context, q.device)
     model, _ = _local_denoiser(cfg, q.arrays, u, y, "warmup", 0, q.pid)
-    counts = _counts(cfg, y, q.pid)
+    counts = _released_counts(context)  # the stats phase's (noisy) counts: not a second release
     if f.warmup_upload == "model":
         return q.reply(task.to_wire(model.state_dict()), **{"num-examples": q.n, "counts": counts.tolist()})
-    n_samples = int(round(f.aux_size * counts.sum() / max(1, int(q.cfg_rec["n-total"]))))
-    per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
+    if "class-quotas" in q.cfg_rec:  # fed.pool_quota: its share of each class's quota (post-processing)
+        per_class = client_share(np.asarray(q.cfg_rec["class-quotas"]), np.asarray(q.cfg_rec["class-counts"]),
+                                 counts)
+    else:  # histogram: its share of B by its count, split by its class counts
+        n_samples = int(round(f.aux_size * counts.sum() / max(1, int(q.cfg_rec["n-total"]))))
+        per_class = np.round(counts / max(1, counts.sum()) * n_samples).astype(int)
     u_hat, y_hat = sample_features(task.sampling_view(model.eval(), cfg),
                                    cfg.diffusion.make_schedule(), per_class,
                                    cfg.diffusion, q.seed, q.device, tag=f"fed-warmup-{q.pid}")
@@ -204,7 +220,7 @@ def creff(msg: Message, context: Context) -> Message:
         sums = task.noisy_gradient_sums(sums, task.creff_sigma(q.cfg) * q.f.creff_clip,
                                         task.client_noise(q.cfg, q.pid), q.rnd)
     out = {f"grad.{k}": v for k, v in sums.items()}
-    metrics = {"num-examples": q.n, "counts": list(context.state["counts"]["counts"])}
+    metrics = {"num-examples": q.n, "counts": _released_counts(context).tolist()}
     if not private:
         g = task.load_arrays(task.build_encoder_classifier(q.cfg)["classifier"], part("g."))
         ones = torch.ones(num_classes, device=q.device)
@@ -212,3 +228,12 @@ def creff(msg: Message, context: Context) -> Message:
                                                             q.f.local_batch_size, q.seed, ("creff", q.rnd, q.pid))
         out.update({f"g.{k}": v for k, v in g.state_dict().items()})
     return q.reply(task.to_wire(out), **metrics)
+@app.query("score")
+def score(msg: Message, context: Context) -> Message:
+    """The global model's loss sum on this client's features (``task.client_score_sum``) and its example count
+    (declared public: sent with every reply)."""
+    q = _Request(msg, context)
+    u, y = _scaled_features(q.cfg_rec, context, q.device)
+    model = task.load_arrays(task.build_global_denoiser(q.cfg), q.arrays.to_torch_state_dict())
+    total = task.client_score_sum(model, u, y, q.cfg, q.pid, q.rnd)
+    return q.reply(None, **{"num-examples": len(y), "loss-sum": total})

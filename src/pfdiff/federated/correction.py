@@ -23,7 +23,7 @@ from torch import nn
 from pfdiff.config import RunConfig
 from pfdiff.diffusion import DiffusionLoss, NoiseSchedule
 from pfdiff.federated.aux_pool import AuxPool
-from pfdiff.federated.task import train_denoiser_local
+from pfdiff.federated.task import adam_steps, train_denoiser_local
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter
 from pfdiff.longtail.ldmlr import sample_features
 from pfdiff.training import generator
@@ -44,13 +44,33 @@ class ServerCompute:
 
 
 def correct_on_pool(model: nn.Module, pool: AuxPool, loss_fn: DiffusionLoss, steps: int, lr: float,
-                    batch_size: int, seed: int, tag: tuple) -> ServerCompute:
+                    batch_size: int, seed: int, tag: tuple, weight: str = "none") -> ServerCompute:
     """FedDDPM's server correction (Peng et al. 2025): ``steps`` optimiser steps of the diffusion loss on the
     pool, starting from the aggregated model, in place — the clients' local step (Adam, fresh state) on
-    the pool's pseudo-features, so the correction moves the weights on the scale of one client's round."""
+    the pool's pseudo-features, so the correction moves the weights on the scale of one client's round.
+    ``weight="balanced"`` (``fed.correction_weight``): batches drawn class-balanced (:func:`class_balanced_indices`),
+    so a tail class weighs as much as a head class in every step."""
     start = time.perf_counter()
-    train_denoiser_local(model, pool.u, pool.y, loss_fn, steps, lr, batch_size, seed, tag, stream="fed-server")
+    if weight == "none":
+        train_denoiser_local(model, pool.u, pool.y, loss_fn, steps, lr, batch_size, seed, tag, stream="fed-server")
+    elif weight == "balanced":
+        def loss_at(s: int) -> torch.Tensor:
+            g = generator(pool.u.device, seed, "fed-server-balanced", *tag, s)
+            idx = class_balanced_indices(pool.y, min(batch_size, len(pool)), g)
+            return loss_fn(model, pool.u[idx], pool.y[idx], generator=g).loss.mean()
+
+        adam_steps(model, lr, steps, loss_at, description="federated server correction (class-balanced)")
+    else:
+        raise ValueError(f"unknown correction weight {weight!r}; choose from ['balanced', 'none']")
     return ServerCompute(steps=steps, seconds=time.perf_counter() - start)
+
+
+def class_balanced_indices(y: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` indices drawn with replacement with probability ∝ 1 / (size of the sample's class): every class
+    present is drawn with probability 1 / (number of classes present)."""
+    counts = torch.bincount(y)
+    w = 1.0 / counts[y].double()
+    return torch.multinomial(w, n, replacement=True, generator=g)
 
 
 @torch.no_grad()
@@ -95,17 +115,25 @@ def accepted(gain: float, cfg: RunConfig) -> bool:
 
 
 def regenerate(model: nn.Module, schedule: NoiseSchedule, pool: AuxPool, scorer: MahalanobisScorer,
-               cfg: RunConfig, num_classes: int, round_: int, seed: int) -> tuple[dict, ServerCompute]:
-    """Progressive pool (ours): sample ``regen_share`` of the pool from the corrected model with the pool's
-    class histogram, keep the in-distribution ones (AID), replace the stalest / worst of their class."""
+               cfg: RunConfig, num_classes: int, round_: int, seed: int,
+               per_class: np.ndarray | None = None) -> tuple[dict, ServerCompute]:
+    """Progressive pool (ours): sample ``regen_share`` of the pool from the corrected model — ``per_class``
+    (the pool quotas, ``aux_pool.pool_quotas``) or, by default, with the pool's class histogram —, keep the
+    in-distribution ones (AID), replace the stalest / worst of their class. The info says, per class, what was
+    generated, kept and put in place of (evicted) old samples."""
     start = time.perf_counter()
     f = cfg.fed
-    share = pool.class_counts(num_classes).double() / len(pool)
-    per_class = np.round(share.cpu().numpy() * f.regen_share * len(pool)).astype(int)
+    if per_class is None:
+        share = pool.class_counts(num_classes).double() / len(pool)
+        per_class = np.round(share.cpu().numpy() * f.regen_share * len(pool)).astype(int)
     model.eval()
-    u, y = sample_features(model, schedule, per_class, cfg.diffusion, seed, pool.u.device,
+    u, y = sample_features(model, schedule, np.asarray(per_class), cfg.diffusion, seed, pool.u.device,
                            tag=f"fed-regen-{round_}")
     result = aid_filter(scorer, u, y, num_classes, cfg.e2e.aid_quantile)
     info = pool.replace(u[result.keep], y[result.keep], result.scores[result.keep], round_, f.evict)
-    info.update(generated=int(len(y)), kept=int(result.keep.sum()))
+    replaced = info.pop("replaced_per_class")
+    info.update(generated=int(len(y)), kept=int(result.keep.sum()),
+                generated_per_class=[int(k) for k in np.asarray(per_class)],
+                kept_per_class=torch.bincount(y[result.keep], minlength=num_classes).tolist(),
+                replaced_per_class=[int(replaced.get(c, 0)) for c in range(num_classes)])
     return info, ServerCompute(generated=int(len(y)), seconds=time.perf_counter() - start)

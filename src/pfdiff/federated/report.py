@@ -31,7 +31,7 @@ from pfdiff.runs import atomic_write_text  # noqa: E402
 
 Results = dict[str, dict[str, Any]]
 
-ACCURACY = ("top1", "few", "medium", "many")
+ACCURACY = ("top1", "balanced", "few", "medium", "many")
 DASH = "–"
 MB = 1e6
 PLOT_NAME = "fed_rounds.png"
@@ -392,6 +392,43 @@ def seeds_verdict(label: str, res: dict[str, Any]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------- the progressive pool's decisions
+
+
+def _classes(values: Any) -> str:
+    """"c:k" for the classes with k > 0 (a per-class list), or a dash."""
+    return ", ".join(f"{c}:{k}" for c, k in enumerate(values or []) if k) or DASH
+
+
+def _decision_row(r: int, row: dict[str, Any]) -> list[Any]:
+    regen = row.get("regenerated") or {}
+    return [r, row.get("score_source", "pool"), _num(row.get("score"), ".4f"), _num(row.get("gain"), "+.4f"),
+            row.get("gate", DASH), regen.get("generated", 0), regen.get("kept", 0), regen.get("replaced", 0),
+            _classes(regen.get("kept_per_class")), _classes(regen.get("replaced_per_class"))]
+
+
+def pool_section(results: Results) -> list[str]:
+    """Per partition: the pool's quotas and held-out slice, and every round's keep / evict decision of the
+    progressive pool (score source, gain, gate; generated, kept by the AID filter, put in place of old samples
+    of the same class)."""
+    md = []
+    for label, res in results.items():
+        w, prog = res.get("warmup") or {}, (res.get("methods") or {}).get("progressive")
+        if not w and prog is None:
+            continue
+        md += ["", f"### {label}", ""]
+        if w:
+            md.append(f"Pool quota `{w.get('pool_quota', 'histogram')}`: quotas {_classes(w.get('quotas'))}; warm-up "
+                      f"pool per class {_classes(w.get('pool_per_class'))}; held-out slice per class "
+                      f"{_classes(w.get('val_per_class'))}.")
+        rows = [_decision_row(r, row) for r, row in _pool_rows(prog)]
+        if rows:
+            md += ["", markdown_table(["round", "score source", "score", "gain", "gate", "generated", "kept",
+                                       "replaced", "kept per class", "evicted per class"], rows)]
+    return ["", "## Auxiliary pool", "", "Classes as class:count. Evicted per class: old samples of that class "
+            "replaced by the kept new ones (stalest or worst, `fed.evict`)."] + md if md else []
+
+
 # ---------------------------------------------------------------- warm-up, bytes, histograms, failures
 
 
@@ -545,7 +582,7 @@ def write_report(root: Path, results: Results) -> Path:
     md = ["# Federated feature diffusion: methods across partitions", "",
           f"Partitions: {', '.join(results)} (Dirichlet label skew; α = 0 is IID). Test-set numbers are for "
           "reporting only: no method's decision looks at them.", ""]
-    md += comparison_section(results) + warmup_section(results) + bytes_section(results)
+    md += comparison_section(results) + warmup_section(results) + pool_section(results) + bytes_section(results)
     md += histogram_section(results) + failures_section(results) + privacy_section(results)
     if (root / PLOT_NAME).exists():
         md += ["", "## Rounds", "", f"![score and pool per round]({PLOT_NAME})"]

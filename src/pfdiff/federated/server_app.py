@@ -40,7 +40,7 @@ from pfdiff.config import RunConfig, load_config  # noqa: E402
 from pfdiff.evaluation.fid import frechet_distance  # noqa: E402
 from pfdiff.evaluation.metrics import recognition_metrics  # noqa: E402
 from pfdiff.federated import creff, task  # noqa: E402
-from pfdiff.federated.aux_pool import AuxPool  # noqa: E402
+from pfdiff.federated.aux_pool import AuxPool, client_share, pool_quotas, stratified_split  # noqa: E402
 from pfdiff.federated.correction import (QuickTest, ServerCompute, accepted, correct_on_pool, pool_score,  # noqa: E402
                                          regenerate, relative_gain)
 from pfdiff.federated.strategy import make_strategy, sample_clients  # noqa: E402
@@ -94,6 +94,8 @@ def check_plan(cfg: RunConfig) -> None:
         raise ValueError("fed.dp='client' with fed.clients_per_round < fed.num_clients is refused: Flower's "
                          "fixed-clipping noise (num_sampled_clients) and the client-level ε assume every client "
                          "in every round")
+    if f.score_source == "public" and f.encoder != "public":
+        raise ValueError("fed.score_source='public' scores on the declared public part: it needs fed.encoder='public'")
     if f.dp == "client" and any(m in AUX_METHODS for m in f.methods):
         raise ValueError("fed.dp='client' covers the FedAvg rounds only; the warm-up uploads of "
                          f"{[m for m in f.methods if m in AUX_METHODS]} have no client-level guarantee")
@@ -124,6 +126,9 @@ class Server:
         self.seed = cfg.seeds[0]
         self.device = task.device_of(cfg)
         self.pool_scorer: MahalanobisScorer | None = None  # AID scorer of the warm-up pool (``initial_pool``)
+        self.class_counts: np.ndarray | None = None  # released (noisy) class counts: the pool quotas' input
+        self.scaler: FeatureScaler | None = None  # sent with every client-score query
+        self.public_score_data: tuple[torch.Tensor, torch.Tensor] | None = None  # score_source = public
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         """A numpy array of the server's data as a tensor on the server's device."""
@@ -147,6 +152,13 @@ class Server:
         draws new noise on the clients, so each execution is charged (with reproducible noise it replays)."""
         sends = self.sends()
         sends[phase] = sends.get(phase, 0) + 1 if self.private_noise else 1
+        atomic_write_json(self.dir / "private-sends.json", sends)
+
+    def count_score_send(self, method: str, round_: int) -> None:
+        """Write-ahead count of a method's client-score releases (as ``rounds_started``: with OS-entropy noise
+        every send is a new release, with reproducible noise a re-sent round replays)."""
+        sends, key = self.sends(), f"score/{method}"
+        sends[key] = sends.get(key, 0) + 1 if self.private_noise else max(sends.get(key, 0), round_)
         atomic_write_json(self.dir / "private-sends.json", sends)
 
     def broadcast(self, phase: str, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
@@ -277,14 +289,21 @@ def phase_reweight(srv: Server, model: torch.nn.ModuleDict, counts: np.ndarray) 
 
 def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
     """Peng et al.'s warm-up: every client trains its own denoiser and uploads it, or N pseudo-features
-    sampled from it; the server turns either into the auxiliary pool (scored by the AID scorer)."""
+    sampled from it; the server turns either into the auxiliary pool (scored by the AID scorer). With
+    ``fed.pool_quota`` ≠ histogram the server sends per-class quotas of B (from the released counts) and a
+    client generates its share of each class; the held-out slice is stratified by class."""
     path = srv.dir / "warmup.safetensors"
+    f = srv.cfg.fed
+    srv.class_counts, srv.scaler = np.asarray(stats["counts"]), stats["scaler"]
     if path.exists():
         return load_state(path, srv.device)
-    f = srv.cfg.fed
     init = task.to_wire(task.build_global_denoiser(srv.cfg).state_dict())
     n_total = int(stats["counts"].sum())
-    replies = srv.broadcast("warmup", init, srv.config("warmup", **scaler_config(stats["scaler"]), **{"n-total": n_total}))
+    quotas = pool_quotas(srv.class_counts, f.aux_size, f.pool_quota)
+    extra = {"n-total": n_total}
+    if f.pool_quota != "histogram":
+        extra.update({"class-quotas": quotas.tolist(), "class-counts": srv.class_counts.tolist()})
+    replies = srv.broadcast("warmup", init, srv.config("warmup", **scaler_config(stats["scaler"]), **extra))
     if not replies:
         raise RuntimeError("no client answered the warm-up")
     us, ys, upload_bytes = [], [], []
@@ -293,7 +312,8 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
         upload_bytes.append(record_bytes(r.content))
         if f.warmup_upload == "model":
             counts = np.asarray(r.content["metrics"]["counts"])
-            per_class = np.round(counts / n_total * f.aux_size).astype(int)
+            per_class = (np.round(counts / n_total * f.aux_size).astype(int) if f.pool_quota == "histogram"
+                         else client_share(quotas, srv.class_counts, counts))
             model = task.load_arrays(task.build_global_denoiser(srv.cfg), arrays.to_torch_state_dict()).eval()
             pid = int(r.content["metrics"]["partition-id"])
             u, y = sample_features(task.sampling_view(model, srv.cfg), srv.loss_fn.schedule, per_class, srv.cfg.diffusion, srv.seed,
@@ -303,10 +323,11 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
         us.append(u)
         ys.append(y)
     u, y = torch.cat(us), torch.cat(ys)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(srv.seed)).to(srv.device)
-    u, y = u[perm], y[perm]
-    n_val = max(srv.C, int(f.aux_val_share * len(y)))
-    state = {"u": u, "y": y, "n_val": n_val, "upload_bytes": upload_bytes,
+    # held-out slice first (every class with ≥ 2 pool samples in it), then the training part
+    val, rest = stratified_split(y, f.aux_val_share, torch.Generator().manual_seed(srv.seed))
+    order = torch.cat([val, rest])
+    u, y = u[order], y[order]
+    state = {"u": u, "y": y, "n_val": len(val), "upload_bytes": upload_bytes, "quotas": torch.as_tensor(quotas),
              "model_bytes": record_bytes(init), "feature_bytes": _per_feature_bytes(u.shape[1])}
     save_state(path, state)
     return state
@@ -409,27 +430,69 @@ def server_round(srv: Server, method: str, model, pool, u_val, y_val, scorer, qu
     tag = (method, r)
     if method == "fedddpm" or method == "progressive":
         compute.add(correct_on_pool(model, pool, srv.loss_fn, f.server_steps, f.server_lr, f.server_batch_size,
-                                    srv.seed, tag))
+                                    srv.seed, tag, f.correction_weight))
     if u_val is not None:
-        row["score"] = score = pool_score(model, u_val, y_val, srv.loss_fn, srv.seed)
+        score, row["score_source"] = round_score(srv, method, model, u_val, y_val, r)
+        row["score"] = score
     if method == "fedddpm+" and quick.update(score):
         compute.add(correct_on_pool(model, pool, srv.loss_fn, f.plus_steps, f.server_lr, f.server_batch_size,
-                                    srv.seed, tag + ("one-shot",)))
-        row["score_after_one_shot"] = pool_score(model, u_val, y_val, srv.loss_fn, srv.seed)
+                                    srv.seed, tag + ("one-shot",), f.correction_weight))
+        if row["score_source"] != "clients":  # a client score after the stop would be a release beyond the plan
+            row["score_after_one_shot"] = round_score(srv, method, model, u_val, y_val, r)[0]
         st["stopped_at"] = r
         row["quick_test_stop"] = True
     if method == "progressive":
         best = st["best_score"]
         gain = 0.0 if best is None else relative_gain(best, score)
         row["gain"] = gain
-        if best is None or accepted(gain, srv.cfg):
+        row["gate"] = "accepted" if best is None or accepted(gain, srv.cfg) else "rejected"
+        if row["gate"] == "accepted":
             info, c = regenerate(task.sampling_view(model, srv.cfg), srv.loss_fn.schedule, pool, scorer, srv.cfg,
-                                 srv.C, r, srv.seed)
+                                 srv.C, r, srv.seed, regen_per_class(srv, pool))
             compute.add(c)
             row["regenerated"] = info
             st["best_score"] = score if best is None else min(best, score)
         row["pool"] = pool.summary()
+        row["pool"]["per_class"] = pool.class_counts(srv.C).tolist()
     return row
+
+
+def regen_per_class(srv: Server, pool: AuxPool) -> np.ndarray | None:
+    """What the progressive pool regenerates per class: the quotas of ``fed.pool_quota`` over regen_share of the
+    pool, or None (the pool's own histogram, as before) for ``histogram``."""
+    f = srv.cfg.fed
+    if f.pool_quota == "histogram":
+        return None
+    return pool_quotas(srv.class_counts, int(round(f.regen_share * len(pool))), f.pool_quota)
+
+
+def round_score(srv: Server, method: str, model, u_val, y_val, r: int) -> tuple[float, str]:
+    """The score of round ``r`` and its source: ``fed.score_source`` for the methods that decide on it
+    (``task.SCORED_METHODS``), the held-out pool slice for the others (a record only, free)."""
+    f = srv.cfg.fed
+    source = f.score_source if method in task.SCORED_METHODS else "pool"
+    if source == "pool":
+        return pool_score(model, u_val, y_val, srv.loss_fn, srv.seed), source
+    if source == "public":
+        return pool_score(model, *srv.public_score_data, srv.loss_fn, srv.seed), source
+    return client_score(srv, method, model, r), source
+
+
+def client_score(srv: Server, method: str, model, r: int) -> float:
+    """Σ_k loss sum_k / Σ_k n_k over the clients that answered (n_k: each client's example count, declared
+    public); the release is counted before the messages go out."""
+    srv.count_score_send(method, r)
+    config = srv.config("score", **scaler_config(srv.scaler), **{"server-round": r})
+    arrays = task.to_wire(model.state_dict())
+    msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
+                    message_type=MESSAGE_TYPES["score"]) for n in srv.nodes]
+    replies = srv.wire.exchange(msgs, f"score/{method}", r)
+    if not replies:
+        raise RuntimeError(f"{method} round {r}: no client answered the score query")
+    if len(replies) < len(srv.nodes):
+        log.warning("%s round %s: %s of %s clients scored", method, r, len(replies), len(srv.nodes))
+    m = [x.content["metrics"] for x in replies]
+    return float(sum(float(x["loss-sum"]) for x in m) / max(1, sum(int(x["num-examples"]) for x in m)))
 
 
 def _save(path: Path, model, pool: AuxPool | None, st: dict) -> None:
@@ -515,9 +578,11 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
     cfg, f = srv.cfg, srv.cfg.fed
     p = cfg.privacy
     if f.dp == "none":
+        scores = (" — including the clients' loss sums of fed.score_source = clients, a declared non-private "
+                  "release" if f.score_source == "clients" else "")
         return {"mode": "none", "claim": "no differential privacy: every release (models, pseudo-features, "
-                "counts, feature sums, CReFF's per-class gradients) is computed from private data without a "
-                "guarantee"}
+                f"counts, feature sums, CReFF's per-class gradients) is computed from private data without a "
+                f"guarantee{scores}"}
     if f.dp == "client":
         out = {}
         for m, res in results.items():
@@ -538,10 +603,11 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
         for pid, n in sorted(stats["n_per_client"].items()):
             plan = task.client_dp_plan(cfg, n)
             rounds = _client_rounds(res, pid)
-            events, steps, phase1 = _client_events(plan, rounds, uses_warmup, sends)
+            events, steps, phase1 = _client_events(plan, rounds, uses_warmup, sends, res.get("score_sends", 0))
             eps[str(pid)] = {"epsilon": epsilon(events, p.delta, p.accountant),
                              "sigma": plan.sigma, "sample_rate": plan.sample_rate, "steps": steps,
-                             "phase1_steps": phase1, "rounds": rounds}
+                             "phase1_steps": phase1, "rounds": rounds, "score_releases": res.get("score_sends", 0),
+                             "score_sigma": plan.score_sigma}
         per_method[m] = eps
     return {"mode": "example", "target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
             "neighbouring_relation": "add/remove one example of a client (Poisson subsampling)",
@@ -555,7 +621,9 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
             + (["dp-promise Phase-I steps (DP-SGD on t ≥ S, same σ)"] if p.mechanism == "dp-promise" else [])
             + ([f"CReFF's per-class gradient sums (clipped to {f.creff_clip:g} per example, Gaussian σ = "
                 f"{task.creff_sigma(cfg):.3f}; the federated features and the re-trained G are post-processing)"]
-               if "creff" in results else []),
+               if "creff" in results else [])
+            + ([f"client scores (loss sums clipped to [0, {f.score_clip:g}], Gaussian noise, one per round of "
+                f"{'/'.join(task.SCORED_METHODS)})"] if f.score_source == "clients" else []),
             "declared_public": ["each client's number of examples", "encoder, G and scaler (public part)"]
             + (["each client's class counts (privacy.count_epsilon = 0: sent exactly)"] if p.count_epsilon == 0
                else [])}
@@ -588,14 +656,15 @@ def _client_rounds(res: dict[str, Any], pid: int) -> int:
     return int(rounds.get(str(pid), 0))  # a client never drawn was sent nothing
 
 
-def _client_events(plan: task.ClientDPPlan, rounds: int, warmup: bool, sends: dict[str, int]
+def _client_events(plan: task.ClientDPPlan, rounds: int, warmup: bool, sends: dict[str, int], scores: int = 0
                    ) -> tuple[list[GaussianEvent], int, int]:
     """A client's events for ``rounds`` executed rounds (+ the warm-up, ``sends["warmup"]`` times if it ran
-    more than once) and its noisy counts (``sends["stats"]`` releases); also the DP-SGD and Phase-I steps."""
+    more than once), its noisy counts (``sends["stats"]`` releases) and ``scores`` client-score releases; also
+    the DP-SGD and Phase-I steps."""
     w = max(1, sends.get("warmup", 1)) if warmup else 0
     steps = w * plan.warmup_steps + rounds * plan.local_steps
     p1 = w * plan.phase1_steps_for(plan.warmup_steps) + rounds * plan.phase1_steps_for(plan.local_steps)
-    events = plan.events(steps, p1) + plan.events(0, 0) * (max(1, sends.get("stats", 1)) - 1)
+    events = plan.events(steps, p1, scores=scores) + plan.events(0, 0) * (max(1, sends.get("stats", 1)) - 1)
     return events, steps, p1
 
 
@@ -604,9 +673,10 @@ def _composed_over_methods(srv: Server, stats: dict, results: dict[str, Any]) ->
     data with independent noise, so their steps compose (counts and the shared warm-up once)."""
     cfg, out = srv.cfg, {}
     warm = any(m in AUX_METHODS for m in results)
+    scores = sum(res.get("score_sends", 0) for res in results.values())  # every client is queried: all alike
     for pid, n in sorted(stats["n_per_client"].items()):
         rounds = sum(_client_rounds(res, pid) for m, res in results.items() if m != "creff")
-        events, _, _ = _client_events(task.client_dp_plan(cfg, n), rounds, warm, srv.sends())
+        events, _, _ = _client_events(task.client_dp_plan(cfg, n), rounds, warm, srv.sends(), scores)
         if "creff" in results:  # its gradient releases (the counts are already in the events above)
             events = events + task.creff_events(cfg, _client_rounds(results["creff"], pid), 0)
         out[str(pid)] = epsilon(events, cfg.privacy.delta, cfg.privacy.accountant)
@@ -661,13 +731,16 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"],
                                "client_rounds": out["state"]["client_rounds"]}
     warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
+    if cfg.fed.score_source == "public":
+        srv.public_score_data = public_score_data(srv, enc_clf, stats["scaler"])
     methods = {}
     for m in cfg.fed.methods:
         out = run_method(srv, m, stats, warm)
         out["name"] = m
         scorer = out["scorer"] or (MahalanobisScorer(warm["u"], warm["y"], srv.C) if warm else None)
         methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], z_test, y_test, scorer)
-        privacy_in[m] = {"rounds_started": out["state"]["rounds_started"], "client_rounds": out["state"]["client_rounds"]}
+        privacy_in[m] = {"rounds_started": out["state"]["rounds_started"], "client_rounds": out["state"]["client_rounds"],
+                         "score_sends": srv.sends().get(f"score/{m}", 0)}
     results = {
         "alpha": cfg.fed.alpha, "num_clients": len(srv.nodes), "baselines": baselines, "methods": methods,
         "skipped_baselines": skipped, "la_prior": la_prior(cfg),
@@ -681,6 +754,13 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     }
     atomic_write_json(run_dir / "results.json", results)
     return results
+
+
+def public_score_data(srv: Server, enc_clf, scaler: FeatureScaler) -> tuple[torch.Tensor, torch.Tensor]:
+    """The declared public part's standardised features and labels (``fed.score_source = public``: free)."""
+    pub, _ = task.public_private_indices(srv.cfg)
+    z = encode(enc_clf["encoder"], srv.tensor(srv.split.train.x[pub]))
+    return scaler.transform(z), srv.tensor(srv.split.train.y[pub]).long()
 
 
 def fd_references(srv: Server, enc_clf, scaler: FeatureScaler, warm: dict | None, z_test) -> dict[str, float]:
@@ -700,7 +780,14 @@ def warmup_summary(warm: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     crossover = (model_bytes - fb["fixed"]) / fb["per_feature"]
     return {"upload": cfg.fed.warmup_upload, "model_bytes": model_bytes, "bytes_per_feature": fb["per_feature"],
             "crossover_n": int(np.ceil(crossover)), "upload_bytes_per_client": [int(b) for b in warm["upload_bytes"]],
-            "pool_size": int(len(warm["y"])), "val_size": int(warm["n_val"])}
+            "pool_size": int(len(warm["y"])), "val_size": int(warm["n_val"]), "pool_quota": cfg.fed.pool_quota,
+            "quotas": [int(q) for q in warm["quotas"]] if "quotas" in warm else None,
+            "pool_per_class": _per_class(warm["y"], warm.get("quotas")),
+            "val_per_class": _per_class(warm["y"][:int(warm["n_val"])], warm.get("quotas"))}
+
+
+def _per_class(y: torch.Tensor, quotas) -> list[int]:
+    return torch.bincount(y.cpu().long(), minlength=0 if quotas is None else len(quotas)).tolist()
 
 
 app = ServerApp()

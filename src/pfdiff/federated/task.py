@@ -21,6 +21,7 @@ ever).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Mapping
@@ -266,6 +267,8 @@ class ClientDPPlan:
     rounds: int
     phase1_ratio: float = 0.0  # Phase-I steps per DP-SGD step (privacy.promise_phase1_steps / privacy.steps)
     phase1_rate: float = 0.0
+    score_sigma: float | None = None  # fed.score_source = clients: σ / L of each noisy loss-sum release
+    score_releases: int = 0  # … planned per method (one per round)
 
     @property
     def total_steps(self) -> int:
@@ -280,8 +283,15 @@ class ClientDPPlan:
         calls = ([self.warmup_steps] if warmup else []) + [self.local_steps] * rounds
         return sum(calls), sum(self.phase1_steps_for(k) for k in calls)
 
-    def events(self, steps_done: int, phase1_done: int = 0, counts: bool = True) -> list[GaussianEvent]:
+    def events(self, steps_done: int, phase1_done: int = 0, counts: bool = True, scores: int = 0
+               ) -> list[GaussianEvent]:
+        """The Gaussian events of the counts, ``phase1_done`` / ``steps_done`` DP-SGD steps and ``scores`` client
+        score releases (each: a sum of per-example losses clipped to [0, L], + N(0, (σ_s·L)²); sensitivity L)."""
         out = [GaussianEvent(self.count_sigma, 1.0, 1, "noisy counts")] if self.count_sigma and counts else []
+        if scores:
+            if not self.score_sigma:
+                raise ValueError("this plan has no client-score releases (fed.score_source is not 'clients')")
+            out.append(GaussianEvent(self.score_sigma, 1.0, scores, "client score (noisy clipped loss sum)"))
         if phase1_done:
             out.append(GaussianEvent(self.sigma, self.phase1_rate, phase1_done, "DP-SGD phase I (t ≥ S, local)"))
         if steps_done:
@@ -301,14 +311,62 @@ def client_dp_plan(cfg: RunConfig, n_examples: int) -> ClientDPPlan:
         promise = {"phase1_ratio": p.promise_phase1_steps / p.steps,
                    "phase1_rate": min(1.0, p.promise_phase1_batch / n_examples)}
     count_sigma = gaussian_sigma_for(p.count_epsilon, p.delta) if p.count_epsilon > 0 else None
+    scores = score_releases_planned(cfg)
+    if scores:  # σ_s so that one method's planned score releases compose to fed.score_epsilon
+        promise.update(score_sigma=calibrate_noise(f.score_epsilon, p.delta, 1.0, scores, p.accountant),
+                       score_releases=scores)
     draft = ClientDPPlan(0.0, min(1.0, p.expected_batch_size / n_examples), count_sigma, f.warmup_steps,
                          f.local_steps, f.rounds, **promise)
-    fixed = draft.events(0, 0)  # the noisy counts
+    fixed = draft.events(0, 0, scores=scores)  # the noisy counts and the planned score releases
     phase1_total = draft.spent(f.rounds)[1]
     shared = [(draft.phase1_rate, phase1_total)] if phase1_total else []
     sigma = p.noise_multiplier or calibrate_noise(p.target_epsilon, p.delta, draft.sample_rate, draft.total_steps,
                                                   p.accountant, fixed_events=fixed, shared=shared)
     return replace(draft, sigma=sigma)
+
+
+SCORED_METHODS = ("fedddpm+", "progressive")  # the methods whose decisions use the score (fed.score_source)
+
+
+def score_releases_planned(cfg: RunConfig) -> int:
+    """Client-score releases one method's run may make: one per round when the clients score (and a scored
+    method runs), else none."""
+    f = cfg.fed
+    return f.rounds if f.score_source == "clients" and any(m in SCORED_METHODS for m in f.methods) else 0
+
+
+def _row_key(u_row: torch.Tensor, y_row: torch.Tensor) -> int:
+    """A 64-bit key of one example's bytes (feature row and label)."""
+    data = u_row.detach().cpu().float().numpy().tobytes() + int(y_row).to_bytes(8, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+@torch.no_grad()
+def example_score_losses(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss, seed: int,
+                         multiplicity: int = 4) -> torch.Tensor:
+    """Per-example diffusion loss [n] with K fixed (t, ε) draws per example from a generator keyed by the run seed
+    and that example's own bytes: the same draws every round (rounds compare) and each loss a function of its
+    example alone, so adding or removing one example changes a sum of clipped losses by at most the clip."""
+    model.eval()
+    out = [loss_fn(model, u[i:i + 1], y[i:i + 1], noise_multiplicity=multiplicity,
+                   generator=generator(u.device, seed, "fed-client-score", _row_key(u[i], y[i]))).loss
+           for i in range(len(y))]
+    return torch.cat(out) if out else u.new_zeros(0)
+
+
+def client_score_sum(model: nn.Module, u: torch.Tensor, y: torch.Tensor, cfg: RunConfig, partition_id: int,
+                     round_: int) -> float:
+    """A client's score release: the sum of its per-example losses (``example_score_losses``). Without DP the
+    exact sum (a declared non-private release); under dp = example each loss clipped to [0, L] and the sum
+    + N(0, (σ_s·L)²) from the client's private noise source (``ClientDPPlan.score_sigma``)."""
+    losses = example_score_losses(model, u, y, make_loss(cfg, split_of(cfg).num_classes), cfg.seeds[0])
+    if cfg.fed.dp != "example":
+        return float(losses.double().sum())
+    L, plan = cfg.fed.score_clip, client_dp_plan(cfg, len(y))
+    if not plan.score_sigma:
+        raise ValueError("a DP client score needs fed.score_source = 'clients' in the plan")
+    noise = client_noise(cfg, partition_id).gaussian(1, plan.score_sigma * L, "fed-score", round_)
+    return float(losses.double().clamp(0, L).sum() + noise[0])
 
 
 def client_noise(cfg: RunConfig, partition_id: int) -> NoiseSource:

@@ -21,7 +21,8 @@ log = logging.getLogger("pfdiff.federated")
 MESSAGE_TYPES = {"encoder": "train.encoder", "stats": "query.stats", "reweight": "train.reweight",
                  "warmup": "train.warmup", "diffusion": "train.diffusion",
                  "creff": "train.creff",
-                 "partition": "query.partition"}  # which partition a node holds (for client sampling)
+                 "partition": "query.partition",  # which partition a node holds (for client sampling)
+                 "score": "query.score"}
 
 
 def record_bytes(content: RecordDict | ArrayRecord) -> int:
