@@ -1,6 +1,8 @@
 """DP-SGD engine: per-example clipping with noise multiplicity K, Opacus clipping/noise, Poisson batches,
 micro-batching, exact resume, DP-incompatible losses."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from opacus.validators import ModuleValidator
@@ -449,3 +451,24 @@ def test_diffusion_step_is_the_k_averaged_step_and_leaves_the_rng_alone(method):
             engine.step(k_averaged(lf, K), (z, y), 0)
         out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(out[0], out[1])
+
+
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_the_losss_draws_follow_draw_seed_only_under_reproducible_noise(reproducible):
+    """Private mode: the (t, ε) draws come from OS entropy (secret, i.i.d. per batch position: adding one
+    example shifts the others' positions, which public draws would turn into a change of their gradients),
+    so the same draw_seed gives different draws; the NOT PRIVATE debug mode replays them from draw_seed."""
+    seen = []
+
+    def loss_fn(model, x, noise_multiplicity=1):
+        draw = torch.rand(len(x), noise_multiplicity)
+        seen.append(draw)
+        return SimpleNamespace(loss=(model(x).squeeze(-1) * draw.mean(1)) ** 2)
+
+    model = torch.nn.Linear(3, 1)
+    engine = _engine(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                     **({} if reproducible else {"noise": NoiseSource()}))
+    x = torch.randn(8, 3)
+    for _ in range(2):
+        engine.diffusion_step(loss_fn, 2, (x,), step=0, draw_seed=123)
+    assert torch.equal(seen[0], seen[1]) == reproducible

@@ -392,7 +392,7 @@ def train_denoiser_local_dp(model: nn.Module, u: torch.Tensor, y: torch.Tensor, 
                      secure_mode=p.secure_mode, track_norms=False, tune_allocator=True)
 
     def dp_steps(dp: DPSGD, loss: DiffusionLoss, data: tuple, first: int, count: int, draws: str) -> None:
-        # global step indices first … first+count-1; the loss's (t, ε) draws are seeded: need not be secret
+        # global step indices first … first+count-1; the loss's (t, ε) draws: OS entropy unless reproducible (DPSGD.diffusion_step)
         run_steps({"denoiser": model}, dp.optimizer,
                   lambda i: dp.diffusion_step(loss, p.noise_multiplicity, data, first + i,
                                               derive_seed(seed, draws, partition_id, first + i)),

@@ -204,7 +204,7 @@ def train_private_denoiser(u: torch.Tensor, y: torch.Tensor, num_classes: int, c
     phase1_loss = feature_loss(d, schedule, num_classes, t_min=S) if phase1 else None
 
     def update(step: int) -> dict[str, float]:
-        draws = derive_seed(seed, "dp-draws", step)  # the loss's (t, ε): seeded, need not be secret
+        draws = derive_seed(seed, "dp-draws", step)  # the loss's (t, ε): used only with reproducible noise (DPSGD.diffusion_step)
         if step < plan.phase1_steps:
             ledger.record_progress(PHASE1, plan.sigma, plan.phase1_rate, step + 1)  # before the draw
             return phase1.diffusion_step(phase1_loss, p.noise_multiplicity, (u, y1), step, draws)

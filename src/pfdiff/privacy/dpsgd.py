@@ -468,13 +468,18 @@ class DPSGD:
     def diffusion_step(self, loss_fn: Callable[..., object], noise_multiplicity: int,
                        data_tensors: tuple[torch.Tensor, ...], step: int, draw_seed: int) -> dict[str, float]:
         """``step`` of the K-averaged diffusion loss (``k_averaged``): the one DP closure of every DP training
-        loop. The loss's own draws (t, ε, label drop, inside vmap) come from the global RNG seeded with
-        ``draw_seed`` under ``fork_rng``, so the caller's RNG is left as it was. They need not be secret:
-        DP-SGD's guarantee holds for any data-independent draws inside the clipped per-example loss; only
-        the engine's batches and Gaussian noise (the noise source) must be."""
+        loop. The loss's own draws (t, ε, label drop, inside vmap) come from the global RNG under ``fork_rng``
+        (the caller's RNG is left as it was), seeded from the engine's noise source: OS entropy, so the draws
+        are secret and i.i.d. per position in the batch. Why not the caller's public ``draw_seed``: the draws
+        are assigned by position in the Poisson batch, and adding or removing one example shifts the positions
+        of the examples after it; with draws known to the adversary the other examples' clipped gradients then
+        differ between neighbouring datasets, and the sensitivity argument (one clipped term changes) fails.
+        With secret i.i.d. draws the others' terms have the same distribution in both, so it holds.
+        ``draw_seed`` seeds them only under a reproducible (NOT PRIVATE) noise source."""
         device = next(self.model.parameters()).device
+        seed = draw_seed if self.noise.reproducible else self._seed("dpsgd-draws", step)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(draw_seed)
+            torch.manual_seed(seed)
             return self.step(k_averaged(loss_fn, noise_multiplicity), data_tensors, step)
 
     def step(self, per_example_loss_fn: PerExampleLoss, data_tensors: tuple[torch.Tensor, ...], step: int
