@@ -150,17 +150,23 @@ def test_rounds_sent_are_counted_per_client_write_ahead(private_noise):
         p: int(private_noise and p in in_six) for p in range(6)}
 
 
-def test_each_clients_epsilon_counts_only_the_rounds_it_was_sent():
-    from pfdiff.federated import task
-    from pfdiff.federated.server_app import PARTICIPATION, _privacy_claim
-    from pfdiff.privacy.accounting import epsilon
-
+def _dp_server_after_six_sampled_rounds():
+    """A DP server of 4 clients, 2 drawn per round, and each client's count of the 6 rounds it was sent."""
     srv, _ = server("fed.dp=example", "fed.encoder=public", "fed.clients_per_round=2", "privacy.target_epsilon=8",
                     n=4)
     srv.sends = lambda: {}
     counts: dict[str, int] = {}
     for r in range(1, 7):
         counts = srv.count_rounds(counts, "diffusion", r)
+    return srv, counts
+
+
+def test_each_clients_epsilon_counts_only_the_rounds_it_was_sent():
+    from pfdiff.federated import task
+    from pfdiff.federated.server_app import PARTICIPATION, _privacy_claim
+    from pfdiff.privacy.accounting import epsilon
+
+    srv, counts = _dp_server_after_six_sampled_rounds()
     drawn = [p for r in range(1, 7) for p in sample_clients(4, 2, srv.seed, "diffusion", r)]
     stats = {"n_per_client": {p: 40 for p in range(4)}}
     claim = _privacy_claim(srv, stats, {"fedavg": {"rounds_started": 6, "client_rounds": counts}})
@@ -185,12 +191,7 @@ def test_creffs_epsilon_counts_each_clients_rounds_and_composes_with_the_methods
     rounds, and the composition over methods adds them to the same client's diffusion rounds."""
     from pfdiff.federated.server_app import _privacy_claim
 
-    srv, _ = server("fed.dp=example", "fed.encoder=public", "fed.clients_per_round=2", "privacy.target_epsilon=8",
-                    n=4)
-    srv.sends = lambda: {}
-    counts: dict[str, int] = {}
-    for r in range(1, 7):
-        counts = srv.count_rounds(counts, "diffusion", r)
+    srv, counts = _dp_server_after_six_sampled_rounds()
     stats = {"n_per_client": {p: 40 for p in range(4)}}
     few, many = min(range(4), key=lambda p: counts.get(str(p), 0)), max(range(4), key=lambda p: counts.get(str(p), 0))
     assert counts.get(str(few), 0) < counts[str(many)]
