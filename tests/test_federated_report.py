@@ -221,6 +221,7 @@ def test_report_aggregates_seeds_with_mean_and_std_and_claims_only_beyond_the_sp
     assert agg["fedavg"]["fd"]["std"] == pytest.approx(abs(71.0 - 70.1255) / 2 ** 0.5)  # sample std
     assert agg["fedavg-ce"]["fd"] is None and agg["fedavg-ce"]["few"]["std"] == 0.0
     assert agg["fedavg"]["mb"]["mean"] == pytest.approx(4.0) and agg["fedddpm+"]["rounds"]["mean"] == 2
+    assert agg["fedavg-ce"]["mb"] is None and agg["fedavg-ce"]["rounds"] is None  # it generates nothing
 
     text = write_report(tmp_path, results).read_text()
     part = text.split("### α=0.5", 1)[1].split("## Verdict", 1)[0]
@@ -245,6 +246,16 @@ def test_report_aggregates_seeds_with_mean_and_std_and_claims_only_beyond_the_sp
     assert "| phase | IID | α=0.5, seed 0 | α=0.5, seed 1 |" in text
     privacy = text.split("## Privacy", 1)[1]
     assert "### α=0.5, seed 1: mode `example`" in privacy and "### α=0.5, seed 0: mode `none`" in privacy
+
+
+def test_creffs_rounds_and_bytes_are_aggregated_like_the_methods(tmp_path):
+    from pfdiff.federated.report import aggregate
+
+    results = _two_seeds(tmp_path)
+    for seed, run in results["α=0.5"]["per_seed"].items():
+        run["baselines"]["creff"] = {**run["baselines"]["fedavg-ce"], "rounds": 3, "bytes": (1 + seed) * 1_000_000}
+    agg = aggregate(results["α=0.5"])
+    assert agg["creff"]["rounds"]["mean"] == 3 and agg["creff"]["mb"]["mean"] == pytest.approx(1.5)
 
 
 def test_claims_need_two_seeds_even_with_large_gaps(results):

@@ -323,8 +323,9 @@ def _cell(values: list[Any]) -> dict[str, float] | None:
 def _row_values(run: dict[str, Any], name: str) -> dict[str, Any]:
     """The headline numbers of one baseline or method in one run."""
     if name in run.get("baselines", {}):
-        acc = run["baselines"][name]
-        return {"few": acc.get("few"), "balanced": acc.get("balanced"), "top1": acc.get("top1")}
+        acc = run["baselines"][name]  # CReFF also has rounds and bytes; the fedavg-* rows generate nothing
+        return {"few": acc.get("few"), "balanced": acc.get("balanced"), "top1": acc.get("top1"),
+                "mb": None if _missing(acc.get("bytes")) else acc["bytes"] / MB, "rounds": acc.get("rounds")}
     m = run.get("methods", {}).get(name)
     if m is None:
         return {}
