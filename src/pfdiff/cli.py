@@ -255,66 +255,37 @@ def deploy(config: Optional[str] = typer.Argument(None, help="preset name or YAM
     """Run the federated app on a real local Flower deployment: a SuperLink and N SuperNodes on 127.0.0.1
     (insecure, free ports), `flwr run` with the config, the ServerApp's log streamed here; every process is
     stopped when the run ends, fails or on Ctrl-C. Exit code 0 when the run completed, 1 when it failed."""
-    import re
-    import signal
-
     from pfdiff import training
-    from pfdiff.config import ConfigError, load_config
-    from pfdiff.federated.deploy import DeploymentError, executable, find_app_dir, run_app
+    from pfdiff.config import ConfigError
+    from pfdiff.federated.deploy import DeploymentError, deploy_request, run_app, terminate_as_interrupt
     from pfdiff.federated.report import load_results, plot_rounds, write_report
-    from pfdiff.federated.server_app import check_plan
-    from pfdiff.federated.simulation import FLOWER_NOISE, alpha_dir
+    from pfdiff.federated.simulation import FLOWER_NOISE
 
-    if nodes is not None and not 1 <= nodes <= 64:
-        _fail(f"--nodes must be between 1 and 64 (one SuperNode process each), got {nodes}")
-    set_ = [re.sub(r",\s+", ",", s.strip()) for s in set_]  # "[a, b]" → "[a,b]": the run config splits at spaces
-    spaced = [s for s in set_ if len(s.split()) != 1]
-    if spaced:
-        _fail(f"--set {spaced[0]!r}: no spaces inside one override (the run config splits them at spaces)")
-    overrides = [*set_, *([f"fed.num_clients={nodes}"] if nodes is not None else []),
-                 *([f"fed.alpha={float(alpha)!r}"] if alpha is not None else [])]
-    source = config or "federated"
-    if Path(source).is_file():  # the SuperLink's processes run elsewhere: an absolute path
-        source = str(Path(source).resolve())
     try:
-        cfg = load_config(source, overrides)
-        check_plan(cfg)
+        req = deploy_request(config, list(set_), nodes, alpha, out, app_dir)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    app_path = app_dir or find_app_dir()
-    if app_path is None or not (app_path / "pyproject.toml").is_file():
-        _fail("the Flower app (a pyproject.toml with [tool.flwr.app]) was not found; pass --app DIR")
-    missing = [x for x in ("flower-superlink", "flower-supernode", "flwr") if executable(x) is None]
-    if missing:
-        _fail(f"{', '.join(missing)} not found (is flwr installed in this environment?)")
-    root = (out or Path(cfg.output_dir) / f"{cfg.name}-deploy").resolve()
-    run_dir = alpha_dir(root, cfg.fed.alpha)
-    run_config = {"config": source, "set": " ".join(overrides), "run-dir": str(run_dir)}
-    console.print(f"α = {cfg.fed.alpha:g} → [bold]{run_dir}[/]; {cfg.fed.num_clients} SuperNodes")
+    console.print(f"α = {req.cfg.fed.alpha:g} → [bold]{req.run_dir}[/]; {req.cfg.fed.num_clients} SuperNodes")
+
     def echo(line: str) -> None:  # the ServerApp's log; -q: none, -v: every line, else without Flower's notices
         if training.verbosity() == 2 or (training.verbosity() == 1 and line.split(":", 1)[-1].strip()
                                         and not any(n in line for n in FLOWER_NOISE)):
             console.out(line, highlight=False)
 
-    def _terminate(signum, frame):  # SIGTERM stops everything, as Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        info = run_app(app_path, root / "deploy", run_config, cfg.fed.num_clients,
-                       timeout=timeout or float("inf"), echo=echo)
+        with terminate_as_interrupt():
+            info = run_app(req.app_dir, req.root / "deploy", req.run_config, req.cfg.fed.num_clients,
+                           timeout=timeout or float("inf"), echo=echo)
     except DeploymentError as e:
-        errors.print(f"[bold red]error:[/] {str(e).splitlines()[0]} (logs in {root / 'deploy' / 'logs'})")
+        errors.print(f"[bold red]error:[/] {str(e).splitlines()[0]} (logs in {req.root / 'deploy' / 'logs'})")
         raise typer.Exit(1)
     except KeyboardInterrupt:
-        errors.print(f"[bold red]interrupted:[/] every deployment process stopped; re-running resumes {run_dir}")
+        errors.print(f"[bold red]interrupted:[/] every deployment process stopped; re-running resumes {req.run_dir}")
         raise typer.Exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     console.print(f"run {info.get('run-id', '')} {info['status']}")
-    results = load_results(root)
-    plot_rounds(root, results)
-    console.print(f"report: [bold]{write_report(root, results)}[/]")
+    results = load_results(req.root)
+    plot_rounds(req.root, results)
+    console.print(f"report: [bold]{write_report(req.root, results)}[/]")
 
 
 @app.command("runs")

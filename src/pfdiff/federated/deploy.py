@@ -325,3 +325,69 @@ def find_app_dir(start: str | Path | None = None) -> Path | None:
         except (OSError, tomllib.TOMLDecodeError):
             continue
     return None
+
+
+# ---------------------------------------------------------------- `pfdiff deploy`: the checks before any process
+
+
+@dataclass
+class DeployRequest:
+    """What `pfdiff deploy` runs, checked before any process starts: the config, the run config handed to
+    ``flwr run`` (its ``set`` splits at spaces), the Flower app, the results root and the partition's folder."""
+
+    cfg: Any
+    run_config: dict[str, Any]
+    app_dir: Path
+    root: Path
+    run_dir: Path
+
+
+def deploy_request(config: str | None, overrides: list[str], nodes: int | None, alpha: float | None,
+                   out: Path | None, app_dir: Path | None) -> DeployRequest:
+    """Validate everything `pfdiff deploy` needs (raises ``ValueError``/``ConfigError`` with one line): node count,
+    overrides without spaces, the config and its privacy plan, the app, Flower's executables."""
+    import re
+
+    from pfdiff.config import load_config
+    from pfdiff.federated.server_app import check_plan
+    from pfdiff.federated.simulation import alpha_dir
+
+    if nodes is not None and not 1 <= nodes <= 64:
+        raise ValueError(f"--nodes must be between 1 and 64 (one SuperNode process each), got {nodes}")
+    overrides = [re.sub(r",\s+", ",", s.strip()) for s in overrides]  # "[a, b]" → "[a,b]"
+    spaced = [s for s in overrides if len(s.split()) != 1]
+    if spaced:
+        raise ValueError(f"--set {spaced[0]!r}: no spaces inside one override (the run config splits them at spaces)")
+    overrides += [*([f"fed.num_clients={nodes}"] if nodes is not None else []),
+                  *([f"fed.alpha={float(alpha)!r}"] if alpha is not None else [])]
+    source = config or "federated"
+    if Path(source).is_file():  # the SuperLink's processes run elsewhere: an absolute path
+        source = str(Path(source).resolve())
+    cfg = load_config(source, overrides)
+    check_plan(cfg)
+    app = app_dir or find_app_dir()
+    if app is None or not (app / "pyproject.toml").is_file():
+        raise ValueError("the Flower app (a pyproject.toml with [tool.flwr.app]) was not found; pass --app DIR")
+    missing = [x for x in ("flower-superlink", "flower-supernode", "flwr") if executable(x) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not found (is flwr installed in this environment?)")
+    root = (out or Path(cfg.output_dir) / f"{cfg.name}-deploy").resolve()
+    run_dir = alpha_dir(root, cfg.fed.alpha)
+    return DeployRequest(cfg, {"config": source, "set": " ".join(overrides), "run-dir": str(run_dir)}, app, root,
+                         run_dir)
+
+
+class terminate_as_interrupt:
+    """SIGTERM raises KeyboardInterrupt inside the block (so a killed `pfdiff deploy` stops its processes as
+    Ctrl-C does); the previous handler is restored after it."""
+
+    def __enter__(self):
+        def _raise(signum, frame):
+            raise KeyboardInterrupt
+
+        self._previous = signal.signal(signal.SIGTERM, _raise)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
