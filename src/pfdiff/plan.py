@@ -65,7 +65,9 @@ def _steps(n: int, batch: int) -> int:
 
 def pair_stages(cfg: RunConfig, split, private: bool) -> list[dict[str, Any]]:
     """The stages one (split seed, seed) pair trains, in the order ``SeedRun`` runs them, each once however
-    many methods use it (``used_by``): what pipeline.py shares (stage 1 per stage-1 loss, stage 2 per loss)."""
+    many methods use it (``used_by``): what pipeline.py shares (stage 1 per stage-1 loss, stage 2 per loss).
+    Long on purpose: one branch per method base, in SeedRun's order, so that it reads against pipeline.py
+    side by side (tests/test_plan.py checks the sharing and the step counts of one config)."""
     from pfdiff.longtail.end_to_end import e2e_budget, parse_e2e
     from pfdiff.longtail.ldmlr import pseudo_counts
     from pfdiff.longtail.methods import parse_method
