@@ -224,3 +224,19 @@ def test_creff_releases_compose_with_the_other_methods_of_a_client():
     both = _composed_over_methods(srv, stats, {"fedavg": {"rounds_started": 2}, "creff": {"rounds_started": 2}})
     creff_only = epsilon(task.creff_events(cfg, 2), cfg.privacy.delta)
     assert all(both[c] > max(alone[c], creff_only) for c in ("0", "1"))
+
+
+def test_an_impossible_creff_or_score_budget_is_refused_before_any_message():
+    """CReFF's σ and the client score's σ do not depend on a client's size: check_plan calibrates them, so an
+    impossible budget fails before the run (not in every client's first CReFF round, after the encoder)."""
+    from pfdiff.config import load_config
+    from pfdiff.federated.server_app import check_plan
+    from pfdiff.privacy.accounting import BudgetError
+
+    dp = ["fed.dp=example", "fed.encoder=public", "fed.rounds=3"]
+    check_plan(load_config("federated", dp))  # the default budget is feasible
+    with pytest.raises(BudgetError):  # the noisy counts alone spend more than the target
+        check_plan(load_config("federated", [*dp, "privacy.count_epsilon=1", "privacy.target_epsilon=0.5"]))
+    with pytest.raises(BudgetError):  # a score budget above the target
+        check_plan(load_config("federated", [*dp, "fed.baselines=[]", "fed.score_source=clients",
+                                             "fed.score_epsilon=50", "privacy.target_epsilon=5"]))

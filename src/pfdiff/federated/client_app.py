@@ -235,5 +235,5 @@ def score(msg: Message, context: Context) -> Message:
     q = _Request(msg, context)
     u, y = _scaled_features(q.cfg_rec, context, q.device)
     model = task.load_arrays(task.build_global_denoiser(q.cfg), q.arrays.to_torch_state_dict())
-    total = task.client_score_sum(model, u, y, q.cfg, q.pid, q.rnd)
+    total = task.client_score_sum(model, u, y, q.cfg, q.pid, q.rnd, str(q.cfg_rec["method"]) if "method" in q.cfg_rec else "")
     return q.reply(None, **{"num-examples": len(y), "loss-sum": total})

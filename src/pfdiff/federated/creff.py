@@ -188,6 +188,8 @@ def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
         g.load_state_dict(saved["g"])
         phi.load_state_dict(saved["phi"])
         features, st = saved["features"], saved["state"]
+        # a checkpoint from before client sampling: every client took part in every round started
+        st.setdefault("client_rounds", {str(p): st["rounds_started"] for p in range(len(srv.nodes))})
         log.info("creff: resuming after round %s", st["round"])
     # CReFF's round r goes to the clients of the diffusion methods' round r (fed.clients_per_round): same draw
     strategy = make_strategy(cfg, len(srv.nodes), client_dp=False, message_type=MESSAGE_TYPES[PHASE],
@@ -196,10 +198,11 @@ def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
     for r in range(st["round"] + 1, f.rounds + 1):
         # write-ahead, as the diffusion rounds: a round re-sent after a resume draws new noise
         st["rounds_started"] = st["rounds_started"] + 1 if srv.private_noise else max(st["rounds_started"], r)
-        st["client_rounds"] = srv.count_rounds(st.setdefault("client_rounds", {}), "diffusion", r)
+        st["client_rounds"] = srv.count_rounds(st["client_rounds"], "diffusion", r)
         _save(path, g, phi, features, st)
         t0, b0, up0 = time.perf_counter(), srv.wire.totals()["total"], srv.wire.received.get(PHASE, 0)
-        arrays = task.to_wire({**{f"g.{k}": v for k, v in g.state_dict().items()},
+        # under DP the clients take no G steps (they would be a release without a guarantee): φ only
+        arrays = task.to_wire({**({} if private else {f"g.{k}": v for k, v in g.state_dict().items()}),
                                **{f"phi.{k}": v for k, v in phi.state_dict().items()}})
         replies = srv.wire.exchange(strategy.configure_train(r, arrays, srv.config(PHASE), srv.grid), PHASE, r)
         row: dict[str, Any] = {"replies": len(replies)}

@@ -49,7 +49,7 @@ from pfdiff.longtail.baselines import logit_adjusted  # noqa: E402
 from pfdiff.longtail.common import encode, train_classifier_on_features  # noqa: E402
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter  # noqa: E402
 from pfdiff.longtail.ldmlr import FeatureScaler, sample_features  # noqa: E402
-from pfdiff.privacy.accounting import GaussianEvent, epsilon  # noqa: E402
+from pfdiff.privacy.accounting import BudgetError, GaussianEvent, epsilon  # noqa: E402
 from pfdiff.runs import atomic_write_json, load_state, save_state  # noqa: E402
 
 log = logging.getLogger("pfdiff.federated")
@@ -99,6 +99,16 @@ def check_plan(cfg: RunConfig) -> None:
     if f.dp == "client" and any(m in AUX_METHODS for m in f.methods):
         raise ValueError("fed.dp='client' covers the FedAvg rounds only; the warm-up uploads of "
                          f"{[m for m in f.methods if m in AUX_METHODS]} have no client-level guarantee")
+    if f.dp == "example":  # the client-size-free calibrations, here rather than in every client's first round
+        if "creff" in f.baselines:
+            task.creff_sigma(cfg)  # BudgetError: the counts and CReFF's rounds cannot meet the target
+        if releases := task.score_releases_planned(cfg):
+            fixed = task.count_events(cfg) + [GaussianEvent(task.score_sigma(cfg), 1.0, releases, "client score")]
+            spent = epsilon(fixed, cfg.privacy.delta, cfg.privacy.accountant)
+            if spent >= cfg.privacy.target_epsilon:
+                raise BudgetError(f"the noisy counts and the planned client scores (fed.score_epsilon="
+                                  f"{f.score_epsilon:g}) already spend ε = {spent:.3g} ≥ privacy.target_epsilon="
+                                  f"{cfg.privacy.target_epsilon:g}: nothing is left for the DP-SGD steps")
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -482,7 +492,7 @@ def client_score(srv: Server, method: str, model, r: int) -> float:
     """Σ_k loss sum_k / Σ_k n_k over the clients that answered (n_k: each client's example count, declared
     public); the release is counted before the messages go out."""
     srv.count_score_send(method, r)
-    config = srv.config("score", **scaler_config(srv.scaler), **{"server-round": r})
+    config = srv.config("score", **scaler_config(srv.scaler), **{"server-round": r, "method": method})
     arrays = task.to_wire(model.state_dict())
     msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
                     message_type=MESSAGE_TYPES["score"]) for n in srv.nodes]

@@ -36,9 +36,9 @@ from pfdiff.config import DataConfig, RunConfig, dump_config
 from pfdiff.diffusion import DiffusionLoss
 from pfdiff.longtail.common import LongTailSplit, init_encoder_classifier, make_split, seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
-from pfdiff.longtail.private import clip_rows, public_private_split
+from pfdiff.longtail.private import clip_rows, count_event, public_private_split
 from pfdiff.longtail.private import sampling_view as private_sampling_view
-from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, check_delta_for_size, gaussian_sigma_for
+from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, check_delta_for_size
 from pfdiff.privacy.dpsgd import DPSGD
 from pfdiff.privacy.noise import NoiseSource
 from pfdiff.training import derive_seed, generator, resolve_device, run_steps
@@ -310,11 +310,10 @@ def client_dp_plan(cfg: RunConfig, n_examples: int) -> ClientDPPlan:
             raise ValueError(f"privacy.promise_S must lie in (0, T={d.T}), got {p.promise_S}")
         promise = {"phase1_ratio": p.promise_phase1_steps / p.steps,
                    "phase1_rate": min(1.0, p.promise_phase1_batch / n_examples)}
-    count_sigma = gaussian_sigma_for(p.count_epsilon, p.delta) if p.count_epsilon > 0 else None
+    count_sigma = counts.noise_multiplier if (counts := count_event(p)) else None  # the centralised count event
     scores = score_releases_planned(cfg)
     if scores:  # σ_s so that one method's planned score releases compose to fed.score_epsilon
-        promise.update(score_sigma=calibrate_noise(f.score_epsilon, p.delta, 1.0, scores, p.accountant),
-                       score_releases=scores)
+        promise.update(score_sigma=score_sigma(cfg), score_releases=scores)
     draft = ClientDPPlan(0.0, min(1.0, p.expected_batch_size / n_examples), count_sigma, f.warmup_steps,
                          f.local_steps, f.rounds, **promise)
     fixed = draft.events(0, 0, scores=scores)  # the noisy counts and the planned score releases
@@ -355,17 +354,17 @@ def example_score_losses(model: nn.Module, u: torch.Tensor, y: torch.Tensor, los
 
 
 def client_score_sum(model: nn.Module, u: torch.Tensor, y: torch.Tensor, cfg: RunConfig, partition_id: int,
-                     round_: int) -> float:
+                     round_: int, method: str = "") -> float:
     """A client's score release: the sum of its per-example losses (``example_score_losses``). Without DP the
     exact sum (a declared non-private release); under dp = example each loss clipped to [0, L] and the sum
     + N(0, (σ_s·L)²) from the client's private noise source (``ClientDPPlan.score_sigma``)."""
     losses = example_score_losses(model, u, y, make_loss(cfg, split_of(cfg).num_classes), cfg.seeds[0])
     if cfg.fed.dp != "example":
         return float(losses.double().sum())
-    L, plan = cfg.fed.score_clip, client_dp_plan(cfg, len(y))
-    if not plan.score_sigma:
+    if not score_releases_planned(cfg):
         raise ValueError("a DP client score needs fed.score_source = 'clients' in the plan")
-    noise = client_noise(cfg, partition_id).gaussian(1, plan.score_sigma * L, "fed-score", round_)
+    L = cfg.fed.score_clip
+    noise = client_noise(cfg, partition_id).gaussian(1, score_sigma(cfg) * L, "fed-score", method, round_)
     return float(losses.double().clamp(0, L).sum() + noise[0])
 
 
@@ -472,16 +471,29 @@ def creff_events(cfg: RunConfig, rounds: int, stats_sends: int = 1) -> list[Gaus
 
 
 def count_events(cfg: RunConfig) -> list[GaussianEvent]:
-    """The noisy-count release of the statistics phase (none when ``privacy.count_epsilon`` = 0: counts public)."""
-    p = cfg.privacy
-    return [GaussianEvent(gaussian_sigma_for(p.count_epsilon, p.delta), 1.0, 1, "noisy counts")] \
-        if p.count_epsilon > 0 else []
+    """The noisy-count release of the statistics phase (none when ``privacy.count_epsilon`` = 0: counts public):
+    the centralised pipeline's ``count_event``, named as the federated ledger names it."""
+    e = count_event(cfg.privacy)
+    return [replace(e, name="noisy counts")] if e else []
 
 
 @lru_cache(maxsize=8)
-def _creff_sigma(target: float, delta: float, rounds: int, accountant: str, count_epsilon: float) -> float:
-    fixed = [GaussianEvent(gaussian_sigma_for(count_epsilon, delta), 1.0, 1, "noisy counts")] if count_epsilon else []
-    return calibrate_noise(target, delta, 1.0, rounds, accountant, fixed_events=fixed)
+def _creff_sigma(target: float, delta: float, rounds: int, accountant: str, fixed: tuple[GaussianEvent, ...]
+                 ) -> float:
+    return calibrate_noise(target, delta, 1.0, rounds, accountant, fixed_events=list(fixed))
+
+
+@lru_cache(maxsize=8)
+def _score_sigma(target: float, delta: float, releases: int, accountant: str) -> float:
+    return calibrate_noise(target, delta, 1.0, releases, accountant)
+
+
+def score_sigma(cfg: RunConfig) -> float:
+    """σ_s (noise std / ``fed.score_clip``) of a client's score release, so that one method's planned releases
+    (``score_releases_planned``) compose to ``fed.score_epsilon``; the same for every client (cached: every
+    client's every score query asks for it)."""
+    p = cfg.privacy
+    return _score_sigma(cfg.fed.score_epsilon, p.delta, score_releases_planned(cfg), p.accountant)
 
 
 def creff_sigma(cfg: RunConfig) -> float:
@@ -489,7 +501,8 @@ def creff_sigma(cfg: RunConfig) -> float:
     that the noisy counts and ``fed.rounds`` releases compose to ``privacy.target_epsilon`` (the same for every
     client: the sample rate is 1, so it does not depend on the client's size)."""
     f, p = cfg.fed, cfg.privacy
-    return f.creff_noise_multiplier or _creff_sigma(p.target_epsilon, p.delta, f.rounds, p.accountant, p.count_epsilon)
+    return f.creff_noise_multiplier or _creff_sigma(p.target_epsilon, p.delta, f.rounds, p.accountant,
+                                                   tuple(count_events(cfg)))
 
 
 def noisy_gradient_sums(sums: dict[str, torch.Tensor], std: float, noise: NoiseSource, *tag) -> dict[str, torch.Tensor]:
