@@ -561,7 +561,8 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
     return {"fd": fd, "repair": accuracy(srv, g, z_test, y_test), "repair_pseudo_kept": kept,
             "repair_filter": filter_info,
             "rounds": rounds_run, "rounds_saved": f.rounds - rounds_run,
-            "client_steps": rounds_run * f.local_steps * len(srv.round_partitions("diffusion", 1)),
+            # each client's rounds sent (client_rounds); a round re-sent after a resume counts its steps again
+            "client_steps": f.local_steps * sum(st["client_rounds"].values()),
             "server_steps": comp.steps, "server_generated": comp.generated, "server_seconds": comp.seconds,
             "final_score": next((h.get("score_after_one_shot", h.get("score")) for h in
                                  reversed(list(st["history"].values())) if "score" in h), None),
