@@ -16,7 +16,7 @@ from torch import nn  # noqa: E402
 pytest.importorskip("flwr")
 pytest.importorskip("flwr_datasets")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, Context, RecordDict  # noqa: E402
 
 from pfdiff.config import load_config  # noqa: E402
 from pfdiff.federated import task  # noqa: E402
@@ -103,18 +103,7 @@ def test_aggregation_weights_clients_by_their_class_counts_and_skips_empty_class
 
 # ---------------------------------------------------------------- the client's handler
 
-
-def _message(content: RecordDict, message_type: str) -> Message:
-    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                    group_id="1", created_at=0.0, ttl=3600.0, message_type=message_type)
-    return Message(content, metadata=meta)
-
-
-def _send(app, cfg, phase, arrays, context, **extra):
-    from pfdiff.federated.wire import MESSAGE_TYPES
-
-    config = ConfigRecord({"run-config": task.config_to_text(cfg), "phase": phase, "server-round": 1, **extra})
-    return app(_message(RecordDict({"arrays": arrays, "config": config}), MESSAGE_TYPES[phase]), context)
+from test_federated import _send  # noqa: E402 (the handler helper of the federated tests, one copy)
 
 
 def _creff_arrays(cfg):
