@@ -187,6 +187,11 @@ def test_simulation_runs_creff_with_bytes_and_resumes_without_repeating_rounds(t
     assert row["upload_bytes"] == wire["received"]["creff"] > 0
     assert res["skipped_baselines"] == {"fedavg-reweight": "not in fed.baselines"}
     assert res["la_prior"]["private"] is False
+    # coverage of held-out features (evaluation only) by CReFF's federated features and by the repair's samples
+    for cov in (row["coverage"], res["methods"]["fedavg"]["coverage"]):
+        assert cov["reference"] == "held-out pool" and len(cov["recall"]) == len(cov["recall_train"]) == 10
+        assert all(r is None or 0 <= r <= 1 for r in cov["recall"]) and sum(cov["reference_per_class"]) > 0
+    assert row["coverage"]["generated"] == [10] * 10  # fed.creff_features_per_class per class
     hist = json.loads((tmp_path / "results.json").read_text())["baselines"]["creff"]
     assert hist["rounds"] == 2
     md = "\n".join(comparison_section({"IID": res}))

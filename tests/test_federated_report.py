@@ -190,6 +190,7 @@ def test_skipped_baselines_follow_the_config():
 
 def _two_seeds(tmp_path):
     """alpha-0.5/seed-0 and seed-1: fedddpm's FD far below fedavg's in both, few-class accuracy close."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     s0, s1 = fake_results(0.5), fake_results(0.5)
     s0["methods"]["fedddpm"]["fd"], s1["methods"]["fedddpm"]["fd"] = 50.0, 52.0
     s1["methods"]["fedavg"]["fd"] = 71.0
@@ -273,3 +274,62 @@ def test_sampled_runs_state_what_each_clients_epsilon_counts(tmp_path, results):
     results["IID"]["privacy"]["participation"] = PARTICIPATION
     text = write_report(tmp_path, results).read_text()
     assert "Client sampling: each client's ε counts only the rounds it was sent" in text
+
+
+# ---------------------------------------------------------------- the bar of issue 19: the best variant vs CReFF
+
+
+def _with_creff(results, creff_few, creff_bal, few_by_seed):
+    """Two seeds of α=0.5 with a CReFF row; ``few_by_seed``: progressive's few-class accuracy per seed (the
+    others stay at ≤ 0.640, so progressive is the best variant)."""
+    for seed, run in results["α=0.5"]["per_seed"].items():
+        run["baselines"]["creff"] = {**_acc(creff_bal[seed], creff_few[seed]), "rounds": 4, "bytes": 500_000}
+        run["methods"]["progressive"]["repair"]["few"] = few_by_seed[seed]
+    return results
+
+
+def test_creff_verdict_claims_a_win_only_beyond_the_spread_and_states_the_shortfall(tmp_path):
+    from pfdiff.federated.report import creff_verdict
+
+    res = _with_creff(_two_seeds(tmp_path), {0: 0.50, 1: 0.52}, {0: 0.80, 1: 0.80}, {0: 0.70, 1: 0.72})["α=0.5"]
+    text = "\n".join(creff_verdict("α=0.5", res))
+    assert "`progressive` + repair — **beats CReFF on few-class accuracy without losing balanced accuracy**" in text
+    assert "few 0.710 ± 0.014 vs 0.510 ± 0.014 (gap +0.200, spread 0.028)" in text
+    assert "Bytes: `progressive` 4.0 MB in its rounds (+ 0.1 MB of warm-up uploads) vs CReFF 0.5 MB (8×): not an " \
+           "equal-bytes comparison." in text
+
+    res = _with_creff(_two_seeds(tmp_path / "b"), {0: 0.60, 1: 0.80}, {0: 0.80, 1: 0.80}, {0: 0.70, 1: 0.72})["α=0.5"]
+    text = "\n".join(creff_verdict("α=0.5", res))  # gap +0.010, spread 0.014 + 0.141
+    assert "**does not beat CReFF** on few-class accuracy: the gap falls short of the spread by 0.146" in text
+
+    res = _with_creff(_two_seeds(tmp_path / "c"), {0: 0.50, 1: 0.52}, {0: 0.95, 1: 0.95}, {0: 0.70, 1: 0.72})["α=0.5"]
+    assert "**loses balanced accuracy**" in "\n".join(creff_verdict("α=0.5", res))  # balanced 0.81 vs 0.95
+
+    one = copy.deepcopy(res["per_seed"][0])
+    assert "one seed, no claim" in "\n".join(creff_verdict("α=0.5", one))
+    del one["baselines"]["creff"]
+    assert creff_verdict("α=0.5", one) == []  # no CReFF row: no sentence
+
+
+def test_coverage_section_averages_the_few_classes_and_names_the_reference(tmp_path):
+    from pfdiff.federated.report import coverage_cells
+
+    results = _two_seeds(tmp_path)
+    few = [5, 6, 7, 8, 9]
+    for seed, run in results["α=0.5"]["per_seed"].items():
+        for name, m in run["methods"].items():
+            recall = [0.9] * 10
+            for c in few:
+                recall[c] = 0.2 + 0.1 * seed if name == "fedddpm" else 0.5
+            recall[9] = None if name == "fedddpm" else recall[9]  # a class without samples is skipped
+            m["coverage"] = {"precision": [0.8] * 10, "recall": recall, "recall_train": [0.6] * 10,
+                             "generated": [100] * 10, "reference": "held-out pool", "reference_per_class": [50] * 10}
+    cells = coverage_cells(results["α=0.5"])
+    assert cells["fedddpm"]["recall"]["mean"] == pytest.approx(0.25)
+    assert cells["fedddpm"]["recall"]["std"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert "fedavg-ce" not in cells  # no coverage recorded: no row
+    text = write_report(tmp_path, results).read_text()
+    section = text.split("## Coverage of held-out features", 1)[1].split("## Warm-up", 1)[0]
+    assert "Reference: held-out pool, per class 0:50, 1:50" in section
+    assert "| fedddpm | 0.800 ± 0.000 | 0.250 ± 0.071 | 0.600 ± 0.000 | 0.800 ± 0.000 | 0.900 ± 0.000 |" in section
+    assert "### IID" not in section  # the IID partition recorded no coverage

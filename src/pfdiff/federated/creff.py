@@ -143,8 +143,7 @@ def retrain_classifier(classifier: nn.Module, features: torch.Tensor, epochs: in
     is trained in place and returned in eval mode."""
     # our own loop, not longtail.common.train_classifier_on_features: CReFF re-trains with plain SGD (lr_net),
     # thousands of tiny steps per round, where the pipeline's trainer (AdamW, checkpoints, logs) only adds cost
-    z = features.flatten(0, 1)
-    y = torch.arange(len(features), device=z.device).repeat_interleave(features.shape[1])
+    z, y = labelled(features)
     opt = torch.optim.SGD(classifier.parameters(), lr=lr)
     classifier.train()
     for e in range(epochs):
@@ -224,7 +223,13 @@ def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
         st["history"][str(r)] = row
         st["round"] = r
         _save(path, g, phi, features, st)
-    return {"classifier": phi, "state": st}
+    return {"classifier": phi, "features": features, "state": st}
+
+
+def labelled(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The federated features [C, M, d] as rows [C·M, d] and their labels (class c for the c-th block)."""
+    y = torch.arange(len(features), device=features.device).repeat_interleave(features.shape[1])
+    return features.flatten(0, 1), y
 
 
 def summary(out: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # 
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from pfdiff.config import RunConfig, load_config  # noqa: E402
+from pfdiff.evaluation.coverage import class_coverage  # noqa: E402
 from pfdiff.evaluation.fid import frechet_distance  # noqa: E402
 from pfdiff.evaluation.metrics import recognition_metrics  # noqa: E402
 from pfdiff.federated import creff, task  # noqa: E402
@@ -529,10 +530,11 @@ def accuracy(srv: Server, classifier: torch.nn.Module, z: torch.Tensor, y: torch
     return out
 
 
-def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_test, y_test, pool_scorer
-                    ) -> dict[str, Any]:
+def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_test, y_test, pool_scorer,
+                    ref: "CoverageReference | None" = None) -> dict[str, Any]:
     """FD of generated to real test features, and the long-tail repair: G re-trained on class-balanced
-    pseudo-features (AID-filtered when a pool scorer exists) sampled by the server."""
+    pseudo-features (AID-filtered when a pool scorer exists) sampled by the server; with ``ref``, the coverage
+    of held-out features by the pseudo-features G is re-trained on."""
     model, cfg = task.sampling_view(out["model"].eval(), srv.cfg), srv.cfg
     per_test = np.bincount(y_test.cpu().numpy(), minlength=srv.C)
     u, _ = sample_features(model, srv.loss_fn.schedule, per_test, cfg.diffusion, srv.seed, srv.device,
@@ -559,7 +561,7 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
     f = cfg.fed
     rounds_run = st["round"]  # a FedDDPM+ stop ends the loop in the round it stopped
     return {"fd": fd, "repair": accuracy(srv, g, z_test, y_test), "repair_pseudo_kept": kept,
-            "repair_filter": filter_info,
+            "repair_filter": filter_info, "coverage": None if ref is None else ref.coverage(scaler.inverse(u), y),
             "rounds": rounds_run, "rounds_saved": f.rounds - rounds_run,
             # each client's rounds sent (client_rounds); a round re-sent after a resume counts its steps again
             "client_steps": f.local_steps * sum(st["client_rounds"].values()),
@@ -575,7 +577,8 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
 
 # What the runner computes from the true data for the researcher's report: not messages of the protocol.
 EVALUATION_ONLY = ["test-set metrics (FD, accuracies)", "per-client class histograms",
-                   "FD of the clients' real features to the test set"]
+                   "FD of the clients' real features to the test set",
+                   "coverage of held-out features (its train-recall reference reads the clients' real features)"]
 
 
 def privacy_report(srv: Server, stats: dict, results: dict[str, Any]) -> dict[str, Any]:
@@ -729,6 +732,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     enc_clf = phase_encoder(srv)
     stats = phase_stats(srv, enc_clf)
     z_test, y_test = test_features(srv, enc_clf)
+    z_train, y_train = client_features(srv, enc_clf)
+    ref = CoverageReference(srv, enc_clf, z_train, y_train)
     baselines = {"fedavg-ce": accuracy(srv, enc_clf["classifier"], z_test, y_test),
                  "fedavg-ce+la": accuracy(srv, enc_clf["classifier"], z_test, y_test, stats["counts"])}
     skipped = {**skipped_baselines(cfg), **creff.skip_reasons(cfg)}
@@ -739,6 +744,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if "creff" not in skipped:
         out = creff.run_creff(srv, enc_clf)
         baselines["creff"] = creff.summary(out, accuracy(srv, out["classifier"], z_test, y_test))
+        baselines["creff"]["coverage"] = ref.coverage(*creff.labelled(out["features"]))
         privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"],
                                "client_rounds": out["state"]["client_rounds"]}
     warm = phase_warmup(srv, stats) if any(m in AUX_METHODS for m in cfg.fed.methods) else None
@@ -749,7 +755,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         out = run_method(srv, m, stats, warm)
         out["name"] = m
         scorer = out["scorer"] or (MahalanobisScorer(warm["u"], warm["y"], srv.C) if warm else None)
-        methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], z_test, y_test, scorer)
+        methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], z_test, y_test, scorer, ref)
         privacy_in[m] = {"rounds_started": out["state"]["rounds_started"], "client_rounds": out["state"]["client_rounds"],
                          "score_sends": srv.sends().get(f"score/{m}", 0)}
     results = {
@@ -759,7 +765,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "bytes": srv.wire.totals(), "failures": srv.wire.failures,
         "privacy": privacy_report(srv, stats, privacy_in), "seconds": time.perf_counter() - t0,
         "counts": stats["counts"].tolist(), "groups": srv.split.groups.as_dict(),
-        "fd_reference": fd_references(srv, enc_clf, stats["scaler"], warm, z_test),
+        "fd_reference": fd_references(srv, stats["scaler"], warm, z_test, z_train),
         # true per-client histograms, computed by the runner for the report only (never sent to the server)
         "client_histograms": task.client_histograms(cfg, len(srv.nodes)).tolist(),
     }
@@ -774,10 +780,49 @@ def public_score_data(srv: Server, enc_clf, scaler: FeatureScaler) -> tuple[torc
     return scaler.transform(z), srv.tensor(srv.split.train.y[pub]).long()
 
 
-def fd_references(srv: Server, enc_clf, scaler: FeatureScaler, warm: dict | None, z_test) -> dict[str, float]:
-    """Reference points for the FD column (evaluation only): the clients' real features and the warm-up pool."""
+def client_features(srv: Server, enc_clf) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation only: the global encoder's features of the clients' (private) training examples, and labels."""
     _, priv = task.public_private_indices(srv.cfg)
-    z_train = encode(enc_clf["encoder"], srv.tensor(srv.split.train.x[priv]))
+    return encode(enc_clf["encoder"], srv.tensor(srv.split.train.x[priv])), srv.tensor(srv.split.train.y[priv]).long()
+
+
+# held-out examples per class in the coverage reference: the tail classes' left-out pool is large (IF 100), and
+# the k-NN radii of the reference take a [n, n] distance matrix per class
+COVERAGE_MAX_PER_CLASS = 1000
+
+
+class CoverageReference:
+    """Evaluation only (:data:`EVALUATION_ONLY`): per class, the global encoder's features of held-out examples
+    — the training pool's examples the long-tailed subsampling left out (``split.heldout``: never on any client;
+    at most :data:`COVERAGE_MAX_PER_CLASS` per class, a fixed draw), or the validation set without it — and the
+    clients' real training features, whose recall of the held-out ones is what copying them would give
+    (:func:`pfdiff.evaluation.coverage.class_coverage`)."""
+
+    def __init__(self, srv: Server, enc_clf, z_train: torch.Tensor, y_train: torch.Tensor):
+        held = srv.split.heldout if srv.split.heldout is not None else srv.split.val
+        self.source = "held-out pool" if srv.split.heldout is not None else "validation set"
+        self.C, self.k, self.z_train, self.y_train = srv.C, srv.cfg.e2e.coverage_k, z_train, y_train
+        if held is None:
+            self.z = None
+            return
+        y = np.asarray(held.y)
+        rng = np.random.default_rng(srv.cfg.data.split_seed)  # public: the held-out examples are not private
+        idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:COVERAGE_MAX_PER_CLASS]
+                              for c in range(srv.C)]).astype(np.int64)
+        self.z, self.y = encode(enc_clf["encoder"], srv.tensor(held.x[idx])), torch.as_tensor(y[idx])
+
+    def coverage(self, z_fake: torch.Tensor, y_fake: torch.Tensor) -> dict[str, Any] | None:
+        """Per-class precision / recall of ``z_fake`` (raw feature space) against the held-out features."""
+        if self.z is None:
+            return None
+        out = class_coverage(self.z, self.y.to(self.z.device), z_fake.to(self.z.device), y_fake.to(self.z.device),
+                             self.z_train, self.y_train.to(self.z.device), self.C, self.k)
+        return {**out, "reference": self.source, "reference_per_class": torch.bincount(
+            self.y.long(), minlength=self.C).tolist()}
+
+
+def fd_references(srv: Server, scaler: FeatureScaler, warm: dict | None, z_test, z_train) -> dict[str, float]:
+    """Reference points for the FD column (evaluation only): the clients' real features and the warm-up pool."""
     out = {"real_train": frechet_distance(z_train.cpu().numpy(), z_test.cpu().numpy())}
     if warm is not None:
         out["warmup_pool"] = frechet_distance(scaler.inverse(warm["u"]).cpu().numpy(), z_test.cpu().numpy())
