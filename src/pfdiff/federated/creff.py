@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from pfdiff.config import RunConfig
 from pfdiff.federated import task
 from pfdiff.federated.strategy import make_strategy
 from pfdiff.federated.wire import MESSAGE_TYPES
+from pfdiff.privacy.dpsgd import per_example_grads
 from pfdiff.runs import load_state, save_state
 from pfdiff.training import generator
 
@@ -87,13 +87,13 @@ class GradientMatch:
 def synthetic_gradients(classifier: nn.Module, features: torch.Tensor) -> dict[str, torch.Tensor]:
     """∇_φ of the mean CE of φ on the federated features of each class, ``{name: [C, *shape]}``, differentiable
     in ``features`` [C, M, d] (the second-order term the matching step needs)."""
-    params = {k: v.detach() for k, v in classifier.named_parameters()}
-
-    def ce(p: dict, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(functional_call(classifier, p, (f,)), c.expand(len(f)))
+    # one "example" of per_example_grads per class: the block of its M features, [1, M, d]
+    def class_loss(model, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(f[0]), c.expand(f.shape[1]))[None]
 
     labels = torch.arange(len(features), device=features.device)
-    return vmap(grad(ce), in_dims=(None, 0, 0))(params, features, labels)
+    return per_example_grads(classifier, class_loss, features, labels,
+                             names=[k for k, _ in classifier.named_parameters()])
 
 
 # ---------------------------------------------------------------- server steps

@@ -39,7 +39,7 @@ from pfdiff.longtail.ldmlr import build_denoiser, feature_loss
 from pfdiff.longtail.private import clip_rows, count_event, public_private_split
 from pfdiff.longtail.private import sampling_view as private_sampling_view
 from pfdiff.privacy.accounting import GaussianEvent, calibrate_noise, check_delta_for_size
-from pfdiff.privacy.dpsgd import DPSGD
+from pfdiff.privacy.dpsgd import DPSGD, clip_factors, per_example_grads, per_sample_norms
 from pfdiff.privacy.noise import NoiseSource
 from pfdiff.training import derive_seed, generator, resolve_device, run_steps
 
@@ -442,19 +442,16 @@ def class_gradient_sums(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor,
     (CReFF's real-feature gradient, as sums: the server divides by the class counts). With ``clip`` every
     example's gradient (all of φ's parameters together) is first scaled to L2 norm ≤ ``clip``, so adding or
     removing one example moves the concatenated sums by at most ``clip``."""
-    from torch.func import functional_call, grad, vmap
+    names = [k for k, _ in classifier.named_parameters()]
 
-    params = {k: v.detach() for k, v in classifier.named_parameters()}
+    def ce(model, zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(zi), yi, reduction="none")
 
-    def ce(p: dict, zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(functional_call(classifier, p, (zi[None],)), yi[None])
-
-    sums = {k: torch.zeros(num_classes, *v.shape, device=z.device) for k, v in params.items()}
+    sums = {k: torch.zeros(num_classes, *v.shape, device=z.device) for k, v in classifier.named_parameters()}
     for i in range(0, len(y), chunk):  # per-example gradients in chunks: [n, *shape] each
-        g = vmap(grad(ce), in_dims=(None, 0, 0))(params, z[i:i + chunk], y[i:i + chunk])
+        g = per_example_grads(classifier, ce, z[i:i + chunk], y[i:i + chunk], names=names)
         if clip is not None:
-            norm = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
-            scale = (clip / norm.clamp_min(1e-12)).clamp(max=1.0)
+            scale = clip_factors(per_sample_norms(list(g.values())), clip)
             g = {k: v * scale.view(-1, *[1] * (v.dim() - 1)) for k, v in g.items()}
         onehot = nn.functional.one_hot(y[i:i + chunk], num_classes).to(z.dtype)
         for k, v in g.items():

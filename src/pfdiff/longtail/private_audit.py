@@ -21,7 +21,7 @@ from pfdiff.config import RunConfig, load_config
 from pfdiff.diffusion import DiffusionLoss
 from pfdiff.longtail.common import seeded_init
 from pfdiff.longtail.ldmlr import build_denoiser
-from pfdiff.longtail.private import train_private_denoiser
+from pfdiff.longtail.private import clip_rows, train_private_denoiser
 from pfdiff.privacy.accounting import PrivacyLedger, phase1_mu
 from pfdiff.privacy.audit import (AUDIT_DEFAULTS, AUDIT_FORMAT, DEFAULT_BACKGROUND, DEFAULT_CANARIES, PHASE1_TRIALS,
                                   audit_from_scores, score_t_range_for)
@@ -197,7 +197,7 @@ def run_phase1_audit(cfg: RunConfig, seed: int = 0, out_dir: Path | None = None,
     # float32 (it moves the model there) with CPU generators, so the audit's error counts replay exactly on any
     # machine; the model is built there directly
     model = seeded_init(seed, "dp-denoiser", lambda: build_denoiser(cfg, dim, num_classes), torch.device("cpu"))
-    bg = _clip(background_features(background, dim, num_classes, seed)[0], p.feature_radius) if background else None
+    bg = clip_rows(background_features(background, dim, num_classes, seed)[0], p.feature_radius) if background else None
     test = distinguish(model, mech, unit_canary(dim, p.feature_radius, seed), background=bg, steps=uses,
                        trials=trials, calibration=calibration or max(1, trials // 4), delta=p.delta, beta=beta,
                        seed=seed, chunk=chunk)
@@ -217,8 +217,3 @@ def run_phase1_audit(cfg: RunConfig, seed: int = 0, out_dir: Path | None = None,
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(out_dir) / "audit.json", result)
     return result
-
-
-def _clip(u: torch.Tensor, radius: float) -> torch.Tensor:
-    """Rows scaled down to norm ≤ radius, as the private path clips its features."""
-    return u * (radius / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)

@@ -154,6 +154,11 @@ def per_sample_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
 
 
+def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, C / (‖g_b‖ + 1e-6)) per example: Opacus' clipping factor (``DPOptimizer.clip_and_accumulate``)."""
+    return (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 def poisson_batch(num_samples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of a Poisson-sampled batch: each example in with prob. ``sample_rate`` (as Opacus' sampler)."""
     return (torch.rand(num_samples, generator=generator) < sample_rate).nonzero().reshape(-1)
@@ -456,7 +461,7 @@ class DPSGD:
                 for rows in self._keeper.per_example_sq_norms(layer, size):
                     sq += rows
             norms = sq.sqrt()
-            coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # DPOptimizer's clip factor
+            coef = clip_factors(norms, self.max_grad_norm)
             for layer in self._keeper.layers:
                 self._keeper.write_clipped_sum(layer, coef)
         assert flags == [p.requires_grad for p in params]

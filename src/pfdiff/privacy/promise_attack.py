@@ -52,6 +52,7 @@ from torch.func import functional_call, grad, vmap
 
 from pfdiff.diffusion import DiffusionLoss
 from pfdiff.privacy.accounting import GaussianEvent, epsilon, phase1_noise_multiplier
+from pfdiff.privacy.dpsgd import clip_factors
 from pfdiff.training import derive_seed
 
 __all__ = ["ClippedNoisyStep", "PaperPhase1", "add_remove_lower_bound", "clopper_pearson_upper", "distinguish",
@@ -231,7 +232,7 @@ class ClippedNoisyStep(_DiffusionStep):
             per_row = vmap(grad(row_loss), in_dims=(None, 0, 0, 0, 0, 0, 0, 0))(
                 p, rows.z0, rows.y, t, a, b, w, eps)
             norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in per_row.values()))
-            coef = mask * (self.clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
+            coef = mask * clip_factors(norms, self.clip)
             scale = self.sample_rate * len(rows.z0)
             return {k: (torch.einsum("n,n...->...", coef, v) + self.sigma * self.clip * z[k]) / scale
                     for k, v in per_row.items()}
