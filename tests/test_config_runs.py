@@ -1,7 +1,5 @@
 """Config loading/overrides, atomic run files and nested safetensors state."""
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -40,7 +40,7 @@ def onehot_npz(tmp_path_factory):
 
 
 def _cfg(path, *extra):
-    return load_config(None, [f"data.name=npz", f"data.path={path}", "data.imbalance_factor=100",
+    return load_config(None, ["data.name=npz", f"data.path={path}", "data.imbalance_factor=100",
                               "data.val_per_class=20", "stage1.epochs=2", "pseudo.finetune_epochs=1",
                               "seeds=[0]", "threads=1", *extra])
 

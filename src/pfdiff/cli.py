@@ -20,6 +20,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="pfdiff: private, federated diffusion in feature space for long-tailed recognition.")
 console = Console()
+LOG_WIDTH = 160  # columns of tables printed to a file or pipe (no terminal to ask)
 errors = Console(stderr=True, soft_wrap=True)  # one line per error (no wrapping), also with --quiet
 
 
@@ -492,7 +493,15 @@ def print_table(results: dict) -> None:
         table.add_column(c, justify="right")
     for method, row in results["methods"].items():
         table.add_row(method, *(mean_spread(row[c], n, why=False) for c in cols))
-    console.print(table)
+    # in a log file rich would wrap at 80 columns (its width without a terminal; print(width=) only narrows):
+    # one row per line instead
+    width = console.width
+    if not console.is_terminal:
+        console.width = max(width, LOG_WIDTH)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 if __name__ == "__main__":

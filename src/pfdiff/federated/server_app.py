@@ -137,8 +137,9 @@ class Server:
         self.seed = cfg.seeds[0]
         self.device = task.device_of(cfg)
         self.pool_scorer: MahalanobisScorer | None = None  # AID scorer of the warm-up pool (``initial_pool``)
-        self.class_counts: np.ndarray | None = None  # released (noisy) class counts: the pool quotas' input
-        self.scaler: FeatureScaler | None = None  # sent with every client-score query
+        # the statistics phase's releases (``phase_stats``: counts, n per client, scaler), set once after it;
+        # the pool quotas read its (noisy) counts, every client-score query sends its scaler
+        self.stats: dict[str, Any] | None = None
         self.public_score_data: tuple[torch.Tensor, torch.Tensor] | None = None  # score_source = public
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -172,13 +173,16 @@ class Server:
         sends[key] = sends.get(key, 0) + 1 if self.private_noise else max(sends.get(key, 0), round_)
         atomic_write_json(self.dir / "private-sends.json", sends)
 
-    def broadcast(self, phase: str, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        """One message to every node (phases without aggregation); private phases are counted first."""
+    def broadcast(self, phase: str, arrays: ArrayRecord, config: ConfigRecord, key: str | None = None,
+                  round_: int = 0) -> list[Message]:
+        """One message to every node (phases without aggregation), on the wire as ``key`` (default: the phase)
+        and ``round_``; the statistics and warm-up phases are counted first (a score query is counted by
+        :meth:`count_score_send`, per method and round)."""
         if phase in ("stats", "warmup"):
             self.count_send(phase)
         msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
                         message_type=MESSAGE_TYPES[phase]) for n in self.nodes]
-        return self.wire.exchange(msgs, phase)
+        return self.wire.exchange(msgs, key or phase, round_)
 
     def fedavg_rounds(self, phase: str, arrays: ArrayRecord, rounds: int, **extra) -> ArrayRecord:
         strategy = make_strategy(self.cfg, len(self.nodes), client_dp=False, message_type=MESSAGE_TYPES[phase],
@@ -305,15 +309,15 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
     client generates its share of each class; the held-out slice is stratified by class."""
     path = srv.dir / "warmup.safetensors"
     f = srv.cfg.fed
-    srv.class_counts, srv.scaler = np.asarray(stats["counts"]), stats["scaler"]
+    released = np.asarray(stats["counts"])  # the statistics phase's (noisy) counts, summed over the clients
     if path.exists():
         return load_state(path, srv.device)
     init = task.to_wire(task.build_global_denoiser(srv.cfg).state_dict())
     n_total = int(stats["counts"].sum())
-    quotas = pool_quotas(srv.class_counts, f.aux_size, f.pool_quota)
+    quotas = pool_quotas(released, f.aux_size, f.pool_quota)
     extra = {"n-total": n_total}
     if f.pool_quota != "histogram":
-        extra.update({"class-quotas": quotas.tolist(), "class-counts": srv.class_counts.tolist()})
+        extra.update({"class-quotas": quotas.tolist(), "class-counts": released.tolist()})
     replies = srv.broadcast("warmup", init, srv.config("warmup", **scaler_config(stats["scaler"]), **extra))
     if not replies:
         raise RuntimeError("no client answered the warm-up")
@@ -324,7 +328,7 @@ def phase_warmup(srv: Server, stats: dict[str, Any]) -> dict[str, Any]:
         if f.warmup_upload == "model":
             counts = np.asarray(r.content["metrics"]["counts"])
             per_class = (np.round(counts / n_total * f.aux_size).astype(int) if f.pool_quota == "histogram"
-                         else client_share(quotas, srv.class_counts, counts))
+                         else client_share(quotas, released, counts))
             model = task.load_arrays(task.build_global_denoiser(srv.cfg), arrays.to_torch_state_dict()).eval()
             pid = int(r.content["metrics"]["partition-id"])
             u, y = sample_features(task.sampling_view(model, srv.cfg), srv.loss_fn.schedule, per_class, srv.cfg.diffusion, srv.seed,
@@ -474,7 +478,7 @@ def regen_per_class(srv: Server, pool: AuxPool) -> np.ndarray | None:
     f = srv.cfg.fed
     if f.pool_quota == "histogram":
         return None
-    return pool_quotas(srv.class_counts, int(round(f.regen_share * len(pool))), f.pool_quota)
+    return pool_quotas(np.asarray(srv.stats["counts"]), int(round(f.regen_share * len(pool))), f.pool_quota)
 
 
 def round_score(srv: Server, method: str, model, u_val, y_val, r: int) -> tuple[float, str]:
@@ -493,11 +497,8 @@ def client_score(srv: Server, method: str, model, r: int) -> float:
     """Σ_k loss sum_k / Σ_k n_k over the clients that answered (n_k: each client's example count, declared
     public); the release is counted before the messages go out."""
     srv.count_score_send(method, r)
-    config = srv.config("score", **scaler_config(srv.scaler), **{"server-round": r, "method": method})
-    arrays = task.to_wire(model.state_dict())
-    msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
-                    message_type=MESSAGE_TYPES["score"]) for n in srv.nodes]
-    replies = srv.wire.exchange(msgs, f"score/{method}", r)
+    config = srv.config("score", **scaler_config(srv.stats["scaler"]), **{"server-round": r, "method": method})
+    replies = srv.broadcast("score", task.to_wire(model.state_dict()), config, f"score/{method}", r)
     if not replies:
         raise RuntimeError(f"{method} round {r}: no client answered the score query")
     if len(replies) < len(srv.nodes):
@@ -730,7 +731,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     srv = Server(grid, cfg, run_dir)
     t0 = time.perf_counter()
     enc_clf = phase_encoder(srv)
-    stats = phase_stats(srv, enc_clf)
+    stats = srv.stats = phase_stats(srv, enc_clf)
     z_test, y_test = test_features(srv, enc_clf)
     z_train, y_train = client_features(srv, enc_clf)
     ref = CoverageReference(srv, enc_clf, z_train, y_train)
