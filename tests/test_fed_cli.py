@@ -268,3 +268,24 @@ def test_runs_sees_every_seed_of_a_partition_and_cleans_only_the_failed_seed(tmp
     assert entry.partitions == {"alpha-0.1/seed-0": "finished", "alpha-0.1/seed-1": "finished",
                                 "alpha-0.1/seed-2": "incomplete"}
     assert incomplete_paths(entry) == [fed / "alpha-0.1" / "seed-2"]
+
+
+def test_fed_dry_run_prints_every_runs_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "root"
+    res = _cli("fed", "fedbench", "--dry-run", "--alpha", "0.5", "--set", "seeds=[0,1]", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert res.output.count("α = 0.5, seed") == 2 and f"{out}/alpha-0.5/seed-1" in res.output
+    assert "20 clients (8 per round), examples per client" in res.output
+    # 2 × 8 clients × 40 rounds × the denoiser's serialised MB per method; at most that for the quick test
+    size = int(res.output.split("denoiser ", 1)[1].split(" B", 1)[0].replace(",", ""))
+    line = next(x for x in res.output.splitlines() if x.strip().startswith("fedavg:"))
+    assert f"— {2 * 8 * 40 * size / 1e6:.1f} MB sent+received" in line
+    assert "≤ " in next(x for x in res.output.splitlines() if x.strip().startswith("fedddpm+:"))
+    assert "no differential privacy" in res.output and not out.exists()
+
+    dp = _cli("fed", "fedbench", "--dry-run", "--alpha", "0.5", "--set", "seeds=[0]", "--set", "fed.dp=example",
+              "--set", "fed.encoder=public", "--set", "privacy.target_epsilon=1", "--out", str(out))
+    assert dp.exit_code == 0, dp.output
+    assert "example-level DP-SGD on every client: ε ≤ 1 per method" in dp.output and "E + G on the server" in dp.output
+    refused = _cli("fed", "fedbench", "--dry-run", "--set", "fed.dp=example", "--out", str(out))
+    assert refused.exit_code == 2 and "fed.encoder='public'" in refused.output and not out.exists()

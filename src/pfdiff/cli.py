@@ -131,8 +131,10 @@ def _print_plan(config: Optional[str], set_: list[str]) -> None:
 def check(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: quickstart)"),
           set_: list[str] = typer.Option([], "--set", help="override, e.g. --set diffusion.steps=2000")):
     """The checks `pfdiff run` makes before writing anything, then its plan: data, stages and their steps per
-    (split seed, seed) pair, every privacy release with its ε, a rough wall time. Writes nothing."""
+    (split seed, seed) pair, every privacy release with its ε, a rough wall time. Writes nothing. The plan of
+    the federated run of a config: `pfdiff fed CONFIG --dry-run`."""
     _print_plan(config, set_)
+    typer.echo("(the centralised `pfdiff run`; the federated run of this config: pfdiff fed CONFIG --dry-run)")
 
 
 @app.command("config")
@@ -216,10 +218,13 @@ def dpdm(config: Optional[str] = typer.Argument(None, help="preset name or YAML 
 def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML file (default: federated)"),
         set_: list[str] = typer.Option([], "--set", help="override, e.g. --set fed.rounds=5"),
         alpha: list[float] = typer.Option([], help="Dirichlet α to run (repeatable; 0 = IID); default fed.compare_alphas"),
-        out: Optional[Path] = typer.Option(None, help="root folder (default: <output_dir>/<name>); re-running resumes")):
+        out: Optional[Path] = typer.Option(None, help="root folder (default: <output_dir>/<name>); re-running resumes"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="check every (α, seed) and print its plan (clients, "
+                                     "rounds, bytes, DP noise); run and write nothing")):
     """Federated feature diffusion on Flower (Ray simulation): one run per α and seed (`seeds`), then report.md
     comparing FedAvg, FedDDPM, FedDDPM+ and the progressive pool (mean ± std over seeds)."""
     from pfdiff.config import ConfigError, load_config
+    from pfdiff.federated.plan import fed_plan, render_fed_plan
     from pfdiff.federated.report import load_results, plot_rounds, write_report
     from pfdiff.federated.server_app import check_plan
     from pfdiff.federated.simulation import run_dir, run_overrides, simulate
@@ -232,6 +237,12 @@ def fed(config: Optional[str] = typer.Argument(None, help="preset name or YAML f
                    for a in alpha or base.fed.compare_alphas for s in base.seeds]
         for _, _, cfg in configs:
             check_plan(cfg)
+        if dry_run:
+            typer.echo(f"plan of `pfdiff fed` for {base.name} (nothing run or written; the checks passed)")
+            for a, s, cfg in configs:
+                typer.echo(f"α = {a:g}, seed {s} → {run_dir(root, a, s, base.seeds)}")
+                typer.echo("\n".join(render_fed_plan(fed_plan(cfg))))
+            return
         for a, s, cfg in configs:
             console.print(f"α = {a:g}, seed {s} → [bold]{run_dir(root, a, s, base.seeds)}[/]")
             simulate(cfg, run_dir(root, a, s, base.seeds))
