@@ -267,3 +267,22 @@ def test_classifier_free_guidance():
         torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ClassifierFreeGuidance(model, 4, -1.0)(z, t, y), 2 * uncond - cond,
                                    atol=1e-6, rtol=1e-5)
+
+
+def test_precomputed_draws_give_the_generators_losses_and_batch_across_examples():
+    """``DiffusionLoss.draw`` + ``draws=``: per-example draws concatenated, one forward, the same losses."""
+    loss_fn = DiffusionLoss(linear_schedule(100), cond_drop_prob=0.2, null_label=3)
+    model = FeatureDenoiser(4, 4, hidden=16, depth=1).eval()
+    z, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+
+    def gen(i):
+        return torch.Generator().manual_seed(100 + i)
+
+    with torch.no_grad():
+        direct = torch.cat([loss_fn(model, z[i:i + 1], y[i:i + 1], 3, gen(i)).loss for i in range(5)])
+        parts = [loss_fn.draw(z[i:i + 1], y[i:i + 1], 3, gen(i)) for i in range(5)]
+        t, eps, y_rep = (torch.cat(p) for p in zip(*parts))
+        batched = loss_fn(model, z, y, 3, draws=(t, eps, y_rep)).loss
+    assert torch.allclose(batched, direct, atol=1e-6)
+    with pytest.raises(ValueError, match=r"draws for 15 rows, the batch has 4×3"):
+        loss_fn(model, z[:4], y[:4], 3, draws=(t, eps, y_rep))

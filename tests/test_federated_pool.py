@@ -136,6 +136,8 @@ def test_client_score_is_the_direct_loss_sum_and_each_example_moves_it_by_its_ow
     g = task.generator("cpu", cfg.seeds[0], "fed-client-score", task._row_key(u[i], y[i]))
     direct = loss_fn(model.eval(), u[i:i + 1], y[i:i + 1], noise_multiplicity=4, generator=g).loss
     assert torch.allclose(losses[i], direct[0])
+    # batched forwards (chunks of any size) give each example the loss of its own direct forward
+    assert torch.allclose(task.example_score_losses(model, u, y, loss_fn, cfg.seeds[0], chunk=3), losses, atol=1e-6)
     # sensitivity: removing an example (or reordering the rest) changes the sum by exactly its own loss
     keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     keep = keep[keep != i]

@@ -106,19 +106,32 @@ class DiffusionLoss:
         t, eps, y_all = self._draw(z0_rep.new_empty((total, *z0_rep.shape[1:])), y_all, generator)
         return t[offset:offset + n], eps[offset:offset + n], y_all[offset:offset + n]
 
+    def draw(self, z0: torch.Tensor, y: torch.Tensor, noise_multiplicity: int = 1,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (t, ε, label) draws of the B·K rows that ``self(model, z0, y, noise_multiplicity, generator)`` would
+        make: drawn here, they can be concatenated over examples and passed back as ``draws=`` (one forward)."""
+        K = noise_multiplicity
+        return self._draw(z0.repeat_interleave(K, dim=0), y.repeat_interleave(K, dim=0), generator)
+
     def __call__(self, model, z0: torch.Tensor, y: torch.Tensor, noise_multiplicity: int = 1,
                  generator: torch.Generator | None = None, inner_multiplicity: bool | None = None,
-                 shard: tuple[int, int] | None = None) -> DiffusionOutput:
+                 shard: tuple[int, int] | None = None,
+                 draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> DiffusionOutput:
         """``shard=(offset, total)``: ``z0``, ``y`` are rows ``offset`` … of a batch of ``total`` examples split
         across processes (``pfdiff.distributed``); every draw is then the one the whole batch would get from
-        ``generator``, so the processes' rows together see exactly the draws of the unsplit batch."""
+        ``generator``, so the processes' rows together see exactly the draws of the unsplit batch. ``draws``:
+        the rows' (t, ε, label) from :meth:`draw` (``generator`` and ``shard`` are then not used)."""
         B, K = len(z0), noise_multiplicity
         if K < 1:
             raise ValueError(f"noise_multiplicity must be ≥ 1, got {K}")
         # DPDM (Dockhorn et al. 2022, §3.2): K draws of (t, ε) per example in one batched call, averaged
         # per example *before* any clipping, so K does not change the per-example sensitivity.
         z0_rep, y_rep = z0.repeat_interleave(K, dim=0), y.repeat_interleave(K, dim=0)
-        if shard is None:
+        if draws is not None:
+            t, eps, y_rep = draws
+            if len(t) != B * K:
+                raise ValueError(f"draws for {len(t)} rows, the batch has {B}×{K}")
+        elif shard is None:
             t, eps, y_rep = self._draw(z0_rep, y_rep, generator)
         else:
             t, eps, y_rep = self._shard_draw(z0_rep, y_rep, generator, shard[0] * K, shard[1] * K)

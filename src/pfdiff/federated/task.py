@@ -342,14 +342,20 @@ def _row_key(u_row: torch.Tensor, y_row: torch.Tensor) -> int:
 
 @torch.no_grad()
 def example_score_losses(model: nn.Module, u: torch.Tensor, y: torch.Tensor, loss_fn: DiffusionLoss, seed: int,
-                         multiplicity: int = 4) -> torch.Tensor:
+                         multiplicity: int = 4, chunk: int = 1024) -> torch.Tensor:
     """Per-example diffusion loss [n] with K fixed (t, ε) draws per example from a generator keyed by the run seed
     and that example's own bytes: the same draws every round (rounds compare) and each loss a function of its
-    example alone, so adding or removing one example changes a sum of clipped losses by at most the clip."""
+    example alone, so adding or removing one example changes a sum of clipped losses by at most the clip. The
+    draws are made per example (``DiffusionLoss.draw``), the forwards batched ``chunk`` examples at a time."""
     model.eval()
-    out = [loss_fn(model, u[i:i + 1], y[i:i + 1], noise_multiplicity=multiplicity,
-                   generator=generator(u.device, seed, "fed-client-score", _row_key(u[i], y[i]))).loss
-           for i in range(len(y))]
+    out = []
+    for i in range(0, len(y), chunk):
+        zc, yc = u[i:i + chunk], y[i:i + chunk]
+        draws = [loss_fn.draw(zc[j:j + 1], yc[j:j + 1], multiplicity,
+                              generator(u.device, seed, "fed-client-score", _row_key(zc[j], yc[j])))
+                 for j in range(len(yc))]
+        t, eps, y_rep = (torch.cat(parts) for parts in zip(*draws))
+        out.append(loss_fn(model, zc, yc, noise_multiplicity=multiplicity, draws=(t, eps, y_rep)).loss)
     return torch.cat(out) if out else u.new_zeros(0)
 
 
