@@ -254,9 +254,13 @@ def test_creffs_rounds_and_bytes_are_aggregated_like_the_methods(tmp_path):
 
     results = _two_seeds(tmp_path)
     for seed, run in results["α=0.5"]["per_seed"].items():
-        run["baselines"]["creff"] = {**run["baselines"]["fedavg-ce"], "rounds": 3, "bytes": (1 + seed) * 1_000_000}
+        run["baselines"]["creff"] = {**run["baselines"]["fedavg-ce"], "rounds": 3, "bytes": (1 + seed) * 1_000_000,
+                                     "upload_bytes": 200_000}
     agg = aggregate(results["α=0.5"])
     assert agg["creff"]["rounds"]["mean"] == 3 and agg["creff"]["mb"]["mean"] == pytest.approx(1.5)
+    # upload MB: CReFF's clients' uploads; a method's, what the wire received in its diffusion rounds
+    assert agg["creff"]["upload_mb"]["mean"] == pytest.approx(0.2)
+    assert agg["fedavg"]["upload_mb"]["mean"] == pytest.approx(3.5) and agg["fedddpm"]["upload_mb"] is None
 
 
 def test_claims_need_two_seeds_even_with_large_gaps(results):

@@ -302,7 +302,8 @@ def comparison_section(results: Results) -> list[str]:
 
 # (key, column, format): the headline metrics, each a number per run (None where a row has none)
 SEED_METRICS = (("fd", "FD ↓", ".2f"), ("few", "few", ".3f"), ("balanced", "balanced", ".3f"),
-                ("top1", "top-1", ".3f"), ("mb", "MB", ".1f"), ("rounds", "rounds", ".1f"))
+                ("top1", "top-1", ".3f"), ("mb", "MB", ".1f"), ("upload_mb", "upload MB", ".1f"),
+                ("rounds", "rounds", ".1f"))
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -325,13 +326,19 @@ def _row_values(run: dict[str, Any], name: str) -> dict[str, Any]:
     if name in run.get("baselines", {}):
         acc = run["baselines"][name]  # CReFF also has rounds and bytes; the fedavg-* rows generate nothing
         return {"few": acc.get("few"), "balanced": acc.get("balanced"), "top1": acc.get("top1"),
-                "mb": None if _missing(acc.get("bytes")) else acc["bytes"] / MB, "rounds": acc.get("rounds")}
+                "mb": _in_mb(acc.get("bytes")), "upload_mb": _in_mb(acc.get("upload_bytes")),
+                "rounds": acc.get("rounds")}
     m = run.get("methods", {}).get(name)
     if m is None:
         return {}
     rep = m.get("repair", {})
+    upload = (run.get("bytes") or {}).get("received", {}).get(f"diffusion/{name}")  # the clients' uploads
     return {"fd": m.get("fd"), "few": rep.get("few"), "balanced": rep.get("balanced"), "top1": rep.get("top1"),
-            "mb": None if _missing(m.get("bytes")) else m["bytes"] / MB, "rounds": m.get("rounds")}
+            "mb": _in_mb(m.get("bytes")), "upload_mb": _in_mb(upload), "rounds": m.get("rounds")}
+
+
+def _in_mb(n_bytes: Any) -> float | None:
+    return None if _missing(n_bytes) else n_bytes / MB
 
 
 def aggregate(res: dict[str, Any]) -> dict[str, dict[str, dict[str, float] | None]]:
