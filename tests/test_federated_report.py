@@ -337,3 +337,16 @@ def test_coverage_section_averages_the_few_classes_and_names_the_reference(tmp_p
     assert "Reference: held-out pool, per class 0:50, 1:50" in section
     assert "| fedddpm | 0.800 ± 0.000 | 0.250 ± 0.071 | 0.600 ± 0.000 | 0.800 ± 0.000 | 0.900 ± 0.000 |" in section
     assert "### IID" not in section  # the IID partition recorded no coverage
+
+
+def test_pfdiff_report_re_renders_a_federated_root(tmp_path):
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+
+    _two_seeds(tmp_path)
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "Mean ± std over 2 seeds" in (tmp_path / "report.md").read_text()
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not a pfdiff run directory" in missing.output

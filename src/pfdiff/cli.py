@@ -152,12 +152,18 @@ def config_(preset: Optional[str] = typer.Argument(None, help="preset name or YA
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="a run directory written by `pfdiff run`")):
-    """Re-render report.md and the plots of a finished run."""
+def report(run_dir: Path = typer.Argument(..., help="a run directory written by `pfdiff run`, or the root "
+                                          "folder of `pfdiff fed` (its partitions' results.json)")):
+    """Re-render report.md and the plots of a finished run, or of a `pfdiff fed` root (every partition and seed
+    under it, e.g. after adding a seed's runs or with a newer pfdiff)."""
+    from pfdiff.federated import report as fed_report
     from pfdiff.report import render_report
     from pfdiff.runs import RunDir
 
     try:
+        if not (run_dir / "config.yaml").exists() and fed_report.load_results(run_dir):
+            console.print(f"report: [bold]{fed_report.render(run_dir)}[/]")
+            return
         run = RunDir.open(run_dir)
         if not run.results_path.exists():
             _fail(f"{run_dir} has no results.json yet; finish it with `pfdiff run --resume {run_dir}`")
