@@ -86,6 +86,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     try:
         assert isinstance(distributed.wrap(nn.Linear(2, 2)), nn.parallel.DistributedDataParallel)
         out = _train_all()
+        out["mean-over-processes"] = {"rank": torch.tensor(distributed.mean_over_processes(float(rank)))}
         if distributed.is_main():
             torch.save(out, path)
     finally:
@@ -103,6 +104,8 @@ def test_stages_1_and_2_on_two_ddp_processes_equal_one_process(tmp_path):
     single = _train_all()  # this process: no process group, the single-process code path
     assert distributed.world_size() == 1 and type(distributed.wrap(nn.Linear(2, 2))) is nn.Linear
     assert _max_diff(single["stage1-sgd"], single["stage1-sgd-init"]) > 1e-2  # stage 1 did train
+    assert ddp["mean-over-processes"]["rank"].item() == 0.5  # (0 + 1) / 2: what run_steps logs as the batch loss
+    assert distributed.mean_over_processes(3.0) == 3.0  # no process group: the value itself
     for name in ("stage1-sgd", "stage1-adamw-ldam-drw", "stage2-ema"):
         for k in single[name]:
             torch.testing.assert_close(ddp[name][k], single[name][k], **TOLERANCE, msg=f"{name}: {k}")
@@ -212,6 +215,12 @@ def test_torchrun_pfdiff_run_writes_one_run_directory_with_one_process_numbers_a
     assert not [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("pfdiff-rank")]
     assert _close(_metrics(one), _metrics(two))
     trained = [r for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if "stage" in r]
+    # the logged loss is the batch's (the mean of the processes' parts), not rank 0's part
+    single = {(r["stage"], r["step"]): r["loss"] for r in map(json.loads, (one / "metrics.jsonl").read_text()
+                                                                .splitlines()) if "loss" in r}
+    logged = {(r["stage"], r["step"]): r["loss"] for r in trained if "loss" in r}
+    assert logged.keys() == single.keys() and all(abs(logged[k] - single[k]) <= 1e-3 * max(1.0, abs(single[k]))
+                                                  for k in single)
     (two / "results.json").unlink()
     (two / "seeds" / "seed0.json").unlink()
     _pfdiff(["--resume", str(two)], tmp_path / "tmp", nproc=2)

@@ -71,6 +71,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def mean_over_processes(value: float) -> float:
+    """The mean of ``value`` over the processes (itself in a single process). Every process must call it at the
+    same point. A logged loss is each process's :func:`part` of the batch loss, so their mean is the batch's."""
+    if world_size() == 1:
+        return value
+    # NCCL reduces CUDA tensors only (gloo: CPU tensors)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size()
+
+
 def check_batch_size(batch_size: int, key: str) -> None:
     """Refuse a batch size the processes cannot share equally (one line, naming the config key)."""
     w = world_size()

@@ -17,6 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from pfdiff import distributed
 from pfdiff.runs import load_state, save_state
 
 StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
@@ -351,6 +352,8 @@ def run_steps(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                 continue
             metrics = _read(pending, description)  # raises on a non-finite loss before anything is saved
             pending.clear()
+            if "loss" in metrics:  # under torchrun each process has its part of the batch loss: log the batch's
+                metrics["loss"] = distributed.mean_over_processes(metrics["loss"])
             advance(metrics if log_metrics else {})
             if log is not None and report:
                 log({"stage": description, "step": step + 1, **(metrics if log_metrics else {})})
