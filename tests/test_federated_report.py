@@ -352,3 +352,14 @@ def test_pfdiff_report_re_renders_a_federated_root(tmp_path):
     assert "Mean ± std over 2 seeds" in (tmp_path / "report.md").read_text()
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a pfdiff run directory" in missing.output
+
+
+def test_an_epsilon_over_the_target_is_flagged_with_the_phases_sent_twice(tmp_path, results):
+    from pfdiff.federated.report import privacy_section
+
+    assert "Over the target" not in "\n".join(privacy_section(results))  # every ε ≤ 8
+    p = results["IID"]["privacy"]
+    p.update(target_epsilon=3.0, private_sends={"stats": 2, "warmup": 1})  # fedddpm's client 1: 3.125
+    text = "\n".join(privacy_section(results))
+    assert "**Over the target ε = 3:** `fedddpm` 3.125 (largest client); phases executed more than once: stats 2×" \
+        in text and "`fedavg`" not in text.split("Over the target", 1)[1].split("\n", 1)[0]

@@ -654,6 +654,7 @@ def _example_privacy(p: dict[str, Any]) -> list[str]:
              "the same client data with its own independent noise, so releasing all methods' outputs together costs "
              "their composition (last column: counts and the shared warm-up once)." if top else "")
     banner = ([f"**NOT PRIVATE — debugging run:** {p.get('noise')}.", ""] if p.get("private") is False else [])
+    banner += _over_target(p, top)
     relation = f" Neighbouring relation: {p['neighbouring_relation']}; noise: {p.get('noise', '?')}." \
         if p.get("neighbouring_relation") else ""
     sampled = f" Client sampling: {p['participation']}." if p.get("participation") else ""
@@ -661,6 +662,21 @@ def _example_privacy(p: dict[str, Any]) -> list[str]:
             f"δ = {_num(p.get('delta'), 'g')} ({p.get('accountant', '?')} accountant).{relation}{sampled}{worst} "
             "ε spent per client and method (bold: the largest per method):",
             "", markdown_table(["client", *eps, *(["all methods"] if composed else [])], rows), "", *_public_lists(p)]
+
+
+def _over_target(p: dict[str, Any], top: dict[str, float]) -> list[str]:
+    """A warning where some method's largest client ε exceeds the target (never a silent "below target"), with
+    the phases executed more than once: each execution after a resume is a new release with fresh noise."""
+    target = p.get("target_epsilon")
+    over = {m: e for m, e in top.items() if target is not None and e > target}
+    if not over:
+        return []
+    repeats = {k: v for k, v in (p.get("private_sends") or {}).items() if v > 1}
+    why = ("; phases executed more than once: " + ", ".join(f"{k} {v}×" for k, v in repeats.items())
+           if repeats else "")
+    return [f"**Over the target ε = {target:g}:** " + ", ".join(f"`{m}` {e:.3f}" for m, e in over.items())
+            + f" (largest client){why}. A resumed or interrupted run re-sends private work, and every execution is "
+            "a release with new noise: the ε in the table is what was spent.", ""]
 
 
 def _public_lists(p: dict[str, Any]) -> list[str]:

@@ -629,6 +629,9 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
             "noise": task.client_noise(cfg, 0).label, "private": not p.reproducible_noise,
             "methods": per_method, "composed_over_methods": _composed_over_methods(srv, stats, results),
             "participation": PARTICIPATION if srv.sampling else None,
+            # how often each private phase was executed (a resume re-sends the statistics phase, an interrupted
+            # round or warm-up): every execution is a release with fresh noise, already in the ε above
+            "private_sends": srv.sends(),
             "mechanism": p.mechanism,
             "covered": ["local DP-SGD steps (warm-up and rounds)",
                         *(["noisy class counts (also fedavg-ce+la's prior)"] if p.count_epsilon > 0 else []),
@@ -659,8 +662,8 @@ def _creff_epsilons(srv: Server, stats: dict, res: dict[str, Any], sends: dict[s
 # under client sampling (fed.clients_per_round): what each client's ε counts
 PARTICIPATION = ("each client's ε counts only the rounds it was sent (clients sampled per round from public "
                  "randomness seeded by the run seed, the phase and the round: data-independent, so no privacy "
-                 "amplification by sampling is claimed); its σ is calibrated for every planned round, so its "
-                 "ε stays below the target")
+                 "amplification by sampling is claimed); its σ is calibrated for every planned round, so a client "
+                 "sent fewer rounds spends less than the target")
 
 
 def _client_rounds(res: dict[str, Any], pid: int) -> int:
