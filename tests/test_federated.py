@@ -218,6 +218,12 @@ def test_dp_clients_release_noisy_counts_and_no_feature_sums():
     m = stats.content["metrics"]
     true = np.bincount(task.load_client_data(cfg, 0, 3).y.numpy(), minlength=10)
     assert "sum" not in m and "sumsq" not in m and not np.array_equal(np.asarray(m["counts"]), true)
+    # a resumed server sends back what the client released: it is re-sent as it was, no new noise is drawn
+    fresh = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                    run_config={})
+    again = _send(app, cfg, "stats", ArrayRecord(task.build_encoder_classifier(cfg).state_dict()), fresh,
+                  **{"released-counts": list(m["counts"])})
+    assert list(again.content["metrics"]["counts"]) == list(m["counts"]) and "features" in fresh.state
 
 
 # ---------------------------------------------------------------- the Ray simulation
@@ -269,6 +275,9 @@ def test_dp_clients_end_to_end_report_every_clients_epsilon_within_target(tmp_pa
     for pid, composed in priv["composed_over_methods"].items():
         assert composed > max(priv["methods"][m][pid]["epsilon"] for m in ("fedavg", "fedddpm"))
     assert priv["private"] is True and "OS entropy" in priv["noise"]
+    # a resume re-runs the statistics phase (the clients' feature caches are gone) without a new count release
+    again = simulate(cfg, tmp_path)["privacy"]
+    assert again["private_sends"]["stats"] == 1 and again["methods"] == priv["methods"]
 
 
 def test_dp_promise_client_plan_composes_phase_one_and_meets_the_target():

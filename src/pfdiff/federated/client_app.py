@@ -148,7 +148,9 @@ def stats(msg: Message, context: Context) -> Message:
     model = task.load_arrays(task.build_encoder_classifier(q.cfg), q.arrays.to_torch_state_dict())
     z = encode(model["encoder"], q.data.x)
     context.state["features"] = task.to_wire({"z": z.contiguous(), "y": q.data.y.contiguous()})
-    counts = _counts(q.cfg, q.data.y, q.pid)
+    # on a resume the server sends back what this client released before: re-sent, not re-drawn (no new release)
+    counts = (np.asarray(list(q.cfg_rec["released-counts"]), dtype=np.int64) if "released-counts" in q.cfg_rec
+              else _counts(q.cfg, q.data.y, q.pid))
     context.state["released-counts"] = ArrayRecord({"counts": torch.as_tensor(counts)})
     metrics = {"num-examples": q.n, "counts": counts.tolist()}
     if q.f.dp == "none":  # feature sums for the scaler: released only when the run makes no DP claim

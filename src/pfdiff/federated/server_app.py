@@ -259,8 +259,19 @@ def phase_encoder(srv: Server) -> torch.nn.ModuleDict:
 def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
     """Clients encode their data once (cached in their ``context.state``) and report class counts (noisy
     under example-level DP) and, without DP, feature sums; the scaler comes from those sums or, with a
-    public encoder, from the public part."""
-    replies = srv.broadcast("stats", task.to_wire(model.state_dict()), srv.config("stats"))
+    public encoder, from the public part. On a resume (``released-stats.json`` written by an earlier execution)
+    the clients still re-encode (their feature cache went with their process), but each is sent the counts it
+    released before and returns those: no new release, nothing counted (every client must answer again)."""
+    arrays, path = task.to_wire(model.state_dict()), srv.dir / "released-stats.json"
+    if path.exists():
+        released = json.loads(path.read_text())
+        msgs = [Message(RecordDict({"arrays": arrays, "config": srv.config("stats", **{"released-counts":
+                                                                                      released[str(p)]})}),
+                        dst_node_id=n, message_type=MESSAGE_TYPES["stats"])
+                for p, n in sorted(srv.node_of_partition().items())]
+        replies = srv.wire.exchange(msgs, "stats")
+    else:
+        replies = srv.broadcast("stats", arrays, srv.config("stats"))
     if len(replies) < len(srv.nodes):
         reasons = sorted({f["reason"] for f in srv.wire.failures if f["phase"] == "stats"})
         raise RuntimeError(f"the statistics phase needs every client; {len(srv.nodes) - len(replies)} failed: "
@@ -268,6 +279,8 @@ def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
     m = [r.content["metrics"] for r in replies]
     counts = np.sum([np.asarray(x["counts"]) for x in m], axis=0)
     n_per_client = {int(x["partition-id"]): int(x["num-examples"]) for x in m}
+    if not path.exists():  # each client's released counts, for a resume (already released: post-processing)
+        atomic_write_json(path, {str(int(x["partition-id"])): [int(c) for c in x["counts"]] for x in m})
     if srv.cfg.fed.encoder == "public":
         pub, _ = task.public_private_indices(srv.cfg)
         scaler = FeatureScaler.fit(encode(model["encoder"], srv.tensor(srv.split.train.x[pub])))
