@@ -211,6 +211,37 @@ def test_score_sources_are_checked_before_anything_is_sent():
     assert task.score_releases_planned(tiny("fed.score_source=clients")) == tiny().fed.rounds
 
 
+def test_the_gate_reads_only_the_source_the_docs_declare(monkeypatch):
+    """fed.score_source = clients: the clients' released loss sums only (not the pool slice); public: the
+    declared public part's features only; the methods that do not decide on the score keep the free pool record."""
+    from types import SimpleNamespace
+
+    from pfdiff.federated import server_app as sa
+
+    read = []
+    monkeypatch.setattr(sa, "pool_score", lambda model, u, y, loss_fn, seed: read.append(u) or 1.0)
+    monkeypatch.setattr(sa, "client_score", lambda srv, method, model, r: 2.0)
+    u_val, y_val = torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)
+    pub = (torch.ones(5, 4), torch.zeros(5, dtype=torch.long))
+    srv = SimpleNamespace(cfg=tiny("fed.score_source=clients"), loss_fn=None, seed=0, public_score_data=pub)
+    for m in task.SCORED_METHODS:
+        assert sa.round_score(srv, m, None, u_val, y_val, 1) == (2.0, "clients") and read == []
+    assert sa.round_score(srv, "fedddpm", None, u_val, y_val, 1) == (1.0, "pool") and read[-1] is u_val
+    srv.cfg = tiny("fed.score_source=public", "fed.encoder=public")
+    assert sa.round_score(srv, "progressive", None, u_val, y_val, 1) == (1.0, "public") and read[-1] is pub[0]
+
+    # the public score data: the encoder sees the declared public rows of the training set, and nothing else
+    cfg = srv.cfg
+    seen = []
+    monkeypatch.setattr(sa, "encode", lambda encoder, x: seen.append(x) or torch.zeros(len(x), 4))
+    split = task.split_of(cfg)
+    srv = SimpleNamespace(cfg=cfg, split=split, tensor=torch.as_tensor)
+    scaler = SimpleNamespace(transform=lambda z: z)
+    sa.public_score_data(srv, {"encoder": None}, scaler)
+    pub_idx, priv_idx = task.public_private_indices(cfg)
+    assert len(priv_idx) > 0 and torch.equal(seen[0], torch.as_tensor(split.train.x[pub_idx]))
+
+
 # ---------------------------------------------------------------- one tiny simulation
 
 
