@@ -180,9 +180,13 @@ class Server:
         :meth:`count_score_send`, per method and round)."""
         if phase in ("stats", "warmup"):
             self.count_send(phase)
-        msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
-                        message_type=MESSAGE_TYPES[phase]) for n in self.nodes]
-        return self.wire.exchange(msgs, key or phase, round_)
+        return self.wire.exchange([self.message(phase, arrays, config, n) for n in self.nodes], key or phase, round_)
+
+    @staticmethod
+    def message(phase: str, arrays: ArrayRecord, config: ConfigRecord, node: int) -> Message:
+        """The message of ``phase`` to one node: arrays and config, routed by the phase's message type."""
+        return Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                       message_type=MESSAGE_TYPES[phase])
 
     def fedavg_rounds(self, phase: str, arrays: ArrayRecord, rounds: int, **extra) -> ArrayRecord:
         strategy = make_strategy(self.cfg, len(self.nodes), client_dp=False, message_type=MESSAGE_TYPES[phase],
@@ -265,9 +269,7 @@ def phase_stats(srv: Server, model: torch.nn.ModuleDict) -> dict[str, Any]:
     arrays, path = task.to_wire(model.state_dict()), srv.dir / "released-stats.json"
     if path.exists():
         released = json.loads(path.read_text())
-        msgs = [Message(RecordDict({"arrays": arrays, "config": srv.config("stats", **{"released-counts":
-                                                                                      released[str(p)]})}),
-                        dst_node_id=n, message_type=MESSAGE_TYPES["stats"])
+        msgs = [srv.message("stats", arrays, srv.config("stats", **{"released-counts": released[str(p)]}), n)
                 for p, n in sorted(srv.node_of_partition().items())]
         replies = srv.wire.exchange(msgs, "stats")
     else:
