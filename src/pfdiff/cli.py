@@ -125,6 +125,7 @@ def _print_plan(config: Optional[str], set_: list[str]) -> None:
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(render_plan(plan))  # plain text: the plan holds [..] that rich would read as markup
+    typer.echo("(the centralised `pfdiff run`; the federated run of this config: pfdiff fed CONFIG --dry-run)")
 
 
 @app.command()
@@ -134,7 +135,6 @@ def check(config: Optional[str] = typer.Argument(None, help="preset name or YAML
     (split seed, seed) pair, every privacy release with its ε, a rough wall time. Writes nothing. The plan of
     the federated run of a config: `pfdiff fed CONFIG --dry-run`."""
     _print_plan(config, set_)
-    typer.echo("(the centralised `pfdiff run`; the federated run of this config: pfdiff fed CONFIG --dry-run)")
 
 
 @app.command("config")

@@ -15,6 +15,7 @@ single-process code path, unchanged.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -53,8 +54,14 @@ def init_from_env() -> bool:
 
 
 def finish() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one). On the normal path every process first waits for
+    the others (a barrier): a process that tears down its gloo connections while another still finishes its
+    work (rank 0 writes the results) was aborted by gloo ("terminate called without an active exception",
+    SIGABRT) under CPU load in CI. With an exception in flight there is no barrier: the other processes may
+    never reach it."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
