@@ -431,3 +431,24 @@ def test_every_client_reply_goes_on_the_wire_as_cpu_numpy_arrays(monkeypatch):
     t = torch.ones(3, requires_grad=True) * 2
     wire = to_wire({"t": t})["t"].numpy()
     assert type(wire) is np.ndarray and wire.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_la_tau_of_the_federated_baseline_is_chosen_on_the_validation_split_not_the_test_set():
+    from types import SimpleNamespace
+
+    from pfdiff.data.longtail import class_groups
+    from pfdiff.federated.server_app import EvalData, accuracy
+
+    counts = np.array([100, 1])  # τ·log π lifts class 1 by ≈ 4.6 τ
+    srv = SimpleNamespace(cfg=tiny(), C=2, split=SimpleNamespace(groups=class_groups(counts)))
+    # validation: class 1 at [0, -5] needs τ ≥ 1.1, class 0 at [10, 0] stays right below τ = 2.17 → τ = 1.5
+    # (the smallest of the grid's equals); the test set would want τ = 0.5 (class 0 at [3, 0], class 1 at [0, -1])
+    ev = EvalData(z_test=torch.tensor([[3.0, 0.0], [0.0, -1.0]]), y_test=torch.tensor([0, 1]),
+                  z_val=torch.tensor([[10.0, 0.0], [0.0, -5.0]]), y_val=torch.tensor([0, 1]))
+    out = accuracy(srv, torch.nn.Identity(), ev, counts)
+    assert out["tau"] == 1.5 and out["validation"]["balanced"] == 1.0
+    assert out["balanced"] == 0.5  # τ = 1.5 on the test set: class 0 at [3, 0] flips to class 1
+    plain = accuracy(srv, torch.nn.Identity(), ev)
+    assert "tau" not in plain and plain["validation"]["balanced"] == 0.5
+    no_val = accuracy(srv, torch.nn.Identity(), EvalData(ev.z_test, ev.y_test, None, None), counts)
+    assert no_val["tau"] == srv.cfg.logit_adjust_tau and no_val["validation"] is None

@@ -297,7 +297,9 @@ def test_creff_verdict_claims_a_win_only_beyond_the_spread_and_states_the_shortf
 
     res = _with_creff(_two_seeds(tmp_path), {0: 0.50, 1: 0.52}, {0: 0.80, 1: 0.80}, {0: 0.70, 1: 0.72})["α=0.5"]
     text = "\n".join(creff_verdict("α=0.5", res))
-    assert "Against CReFF (every variant + repair): 4 of 4 meet the bar" in text  # CReFF's few: 0.51, theirs ≥ 0.6
+    assert "Every variant against CReFF (for information: the best of them on the test set is not a pick): 4 of 4 " \
+           "meet the bar" in text  # CReFF's few: 0.51, theirs ≥ 0.6
+    assert "no validation numbers in these results, so no variant is picked" in text
     assert ("`progressive`: **beats CReFF on few-class accuracy without losing balanced accuracy**: few 0.710 ± 0.014 "
             "vs 0.510 ± 0.014 (gap +0.200, spread 0.028)") in text
     assert "Bytes: the diffusion methods 2.0–4.0 MB in their rounds (+ 0.1 MB of warm-up uploads for the pool " \
@@ -315,6 +317,26 @@ def test_creff_verdict_claims_a_win_only_beyond_the_spread_and_states_the_shortf
     assert "one seed, no claim" in "\n".join(creff_verdict("α=0.5", one))
     del one["baselines"]["creff"]
     assert creff_verdict("α=0.5", one) == []  # no CReFF row: no sentence
+
+
+def test_the_variant_held_against_creff_is_picked_on_the_validation_split_not_the_test_set(tmp_path):
+    from pfdiff.federated.report import creff_verdict, validation_pick, aggregate
+
+    # progressive is best on the test set (few 0.70/0.72); fedddpm has the best validation balanced accuracy
+    res = _with_creff(_two_seeds(tmp_path), {0: 0.50, 1: 0.52}, {0: 0.80, 1: 0.80}, {0: 0.70, 1: 0.72})["α=0.5"]
+    val = {"fedavg": 0.60, "fedddpm": 0.75, "fedddpm+": 0.70, "progressive": 0.55}
+    for seed, run in res["per_seed"].items():
+        for name, v in val.items():
+            run["methods"][name]["repair"]["validation"] = {"balanced": v + 0.01 * seed}
+        run["baselines"]["creff"]["validation"] = {"balanced": 0.99}  # a baseline is never the pick
+    assert validation_pick(aggregate(res), list(val)) == "fedddpm"
+    text = "\n".join(creff_verdict("α=0.5", res))
+    pick = text.split("\n")[0]
+    assert "the variant picked on the validation split (highest mean validation balanced accuracy of 4 variants: " \
+           "0.755 ± 0.007): `fedddpm`" in pick
+    assert "few 0.637 ± 0.004 vs 0.510 ± 0.014" in pick and "progressive" not in pick
+    table = write_report(tmp_path, {"α=0.5": res}).read_text()
+    assert "val. balanced" in table and "| 0.755 ± 0.007 |" in table
 
 
 def test_coverage_section_averages_the_few_classes_and_names_the_reference(tmp_path):
@@ -363,3 +385,36 @@ def test_an_epsilon_over_the_target_is_flagged_with_the_phases_sent_twice(tmp_pa
     text = "\n".join(privacy_section(results))
     assert "**Over the target ε = 3:** `fedddpm` 3.125 (largest client); phases executed more than once: stats 2×" \
         in text and "`fedavg`" not in text.split("Over the target", 1)[1].split("\n", 1)[0]
+
+
+def test_roots_of_other_configurations_join_as_tagged_variants_on_one_encoder(tmp_path):
+    from typer.testing import CliRunner
+
+    from pfdiff.cli import app
+    from pfdiff.federated.report import render
+
+    _two_seeds(tmp_path / "hist")
+    other = tmp_path / "balanced"
+    _two_seeds(other)
+    for path in other.glob("alpha-0.5/seed-*/results.json"):  # the other root's FedDDPM is better on few
+        data = json.loads(path.read_text())
+        data["methods"]["fedddpm"]["repair"]["few"] = 0.9
+        data["bytes"]["received"]["diffusion/fedddpm"] = 2_500_000
+        path.write_text(json.dumps(data))
+    before = (tmp_path / "hist" / "report.md").exists()
+    path = render(tmp_path / "hist", [other])
+    assert path.name == "report-combined.md" and (tmp_path / "hist" / "report.md").exists() == before
+    text = path.read_text()
+    assert "`…@balanced`: " in text and "| fedddpm@balanced |" in text and "| fedddpm |" in text
+    assert "| fedddpm@balanced | 51.00 ± 1.41 | 0.900 ± 0.000 |" in text
+    assert "| 2.5 ± 0.0 |" in text  # its upload MB came along under the tagged name
+
+    bad = json.loads((other / "alpha-0.5" / "seed-1" / "results.json").read_text())
+    bad["baselines"]["fedavg-ce"]["few"] = 0.1  # another encoder
+    (other / "alpha-0.5" / "seed-1" / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="another fedavg-ce"):
+        render(tmp_path / "hist", [other])
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "hist"), "--with", str(other)])
+    assert res.exit_code == 2 and "another fedavg-ce" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "hist"), "--with", str(tmp_path / "hist")])
+    assert res.exit_code == 2 and "distinct" in res.output

@@ -153,22 +153,29 @@ def config_(preset: Optional[str] = typer.Argument(None, help="preset name or YA
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a run directory written by `pfdiff run`, or the root "
-                                          "folder of `pfdiff fed` (its partitions' results.json)")):
+                                          "folder of `pfdiff fed` (its partitions' results.json)"),
+           with_: list[Path] = typer.Option([], "--with", help="a `pfdiff fed` root of another configuration on the "
+                                            "same encoder (repeatable): its methods join as <method>@<folder> in "
+                                            "report-combined.md")):
     """Re-render report.md and the plots of a finished run, or of a `pfdiff fed` root (every partition and seed
-    under it, e.g. after adding a seed's runs or with a newer pfdiff)."""
+    under it, e.g. after adding a seed's runs or with a newer pfdiff). With --with, one report over the variants
+    of several `pfdiff fed` roots (the pick against CReFF made among all of them on the validation split)."""
     from pfdiff.federated import report as fed_report
     from pfdiff.report import render_report
     from pfdiff.runs import RunDir
 
     try:
-        if not (run_dir / "config.yaml").exists() and fed_report.load_results(run_dir):
-            console.print(f"report: [bold]{fed_report.render(run_dir)}[/]")
+        is_fed = not (run_dir / "config.yaml").exists() and fed_report.load_results(run_dir)
+        if with_ and not is_fed:
+            _fail(f"--with combines `pfdiff fed` roots; {run_dir} has no */results.json of one")
+        if is_fed:
+            console.print(f"report: [bold]{fed_report.render(run_dir, with_)}[/]")
             return
         run = RunDir.open(run_dir)
         if not run.results_path.exists():
             _fail(f"{run_dir} has no results.json yet; finish it with `pfdiff run --resume {run_dir}`")
         console.print(f"report: [bold]{render_report(run)}[/]")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
 
 

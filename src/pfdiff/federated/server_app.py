@@ -28,6 +28,7 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -46,7 +47,7 @@ from pfdiff.federated.correction import (QuickTest, ServerCompute, accepted, cor
                                          regenerate, relative_gain)
 from pfdiff.federated.strategy import make_strategy, sample_clients  # noqa: E402
 from pfdiff.federated.wire import MESSAGE_TYPES, Wire, record_bytes  # noqa: E402
-from pfdiff.longtail.baselines import logit_adjusted  # noqa: E402
+from pfdiff.longtail.baselines import choose_tau, logit_adjusted  # noqa: E402
 from pfdiff.longtail.common import encode, train_classifier_on_features  # noqa: E402
 from pfdiff.longtail.filtering import MahalanobisScorer, aid_filter  # noqa: E402
 from pfdiff.longtail.ldmlr import FeatureScaler, sample_features  # noqa: E402
@@ -529,33 +530,62 @@ def _save(path: Path, model, pool: AuxPool | None, st: dict) -> None:
 # ---------------------------------------------------------------- phase 6: evaluation (server test set, reporting only)
 
 
-def test_features(srv: Server, enc_clf: torch.nn.ModuleDict) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = srv.tensor(srv.split.test.x), srv.tensor(srv.split.test.y)
-    return encode(enc_clf["encoder"], x), y
+@dataclass(frozen=True)
+class EvalData:
+    """The encoded features every row is scored on: the test set (the report's numbers; no choice looks at it)
+    and the balanced validation split (``data.val_per_class`` per class, held out of the training pool before
+    the long-tailed subset is drawn, never on any client): LA's τ and the report's pick of a pfdiff variant are
+    made on it. ``z_val`` is None without a validation split."""
+    z_test: torch.Tensor
+    y_test: torch.Tensor
+    z_val: torch.Tensor | None
+    y_val: torch.Tensor | None
 
 
-def accuracy(srv: Server, classifier: torch.nn.Module, z: torch.Tensor, y: torch.Tensor,
-             counts: np.ndarray | None = None) -> dict:
+def eval_features(srv: Server, enc_clf: torch.nn.ModuleDict) -> EvalData:
+    encoder, test, val = enc_clf["encoder"], srv.split.test, srv.split.val
+    return EvalData(encode(encoder, srv.tensor(test.x)), srv.tensor(test.y),
+                    None if val is None else encode(encoder, srv.tensor(val.x)),
+                    None if val is None else srv.tensor(val.y))
+
+
+def accuracy(srv: Server, classifier: torch.nn.Module, ev: EvalData, counts: np.ndarray | None = None) -> dict:
+    """Test metrics of G, with "validation": the same metrics on the validation split (None without one). With
+    ``counts``, post-hoc logit adjustment by the prior of ``counts``; its τ (``"tau"``) chosen on the validation
+    split from ``la_tau_grid`` as the centralised runs choose it (``choose_tau``), ``logit_adjust_tau``
+    without a validation split."""
     classifier.eval()
     with torch.no_grad():
-        logits = classifier(z)
-        if counts is not None:
-            logits = logit_adjusted(logits, counts, srv.cfg.logit_adjust_tau)
-    out = recognition_metrics(logits.argmax(1).cpu().numpy(), y.cpu().numpy(), srv.C, srv.split.groups)
-    out.pop("per_class")
+        logits, val_logits = classifier(ev.z_test), None if ev.z_val is None else classifier(ev.z_val)
+
+    def metrics(lg: torch.Tensor, y: torch.Tensor) -> dict:
+        out = recognition_metrics(lg.argmax(1).cpu().numpy(), y.cpu().numpy(), srv.C, srv.split.groups)
+        out.pop("per_class")
+        return out
+
+    tau = None
+    if counts is not None:
+        tau = srv.cfg.logit_adjust_tau if val_logits is None else choose_tau(
+            val_logits, counts, ev.y_val.cpu().numpy(), srv.cfg.la_tau_grid, srv.C, srv.split.groups)[0]
+        logits = logit_adjusted(logits, counts, tau)
+        val_logits = None if val_logits is None else logit_adjusted(val_logits, counts, tau)
+    out = metrics(logits, ev.y_test)
+    out["validation"] = None if val_logits is None else metrics(val_logits, ev.y_val)
+    if counts is not None:
+        out["tau"] = tau
     return out
 
 
-def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_test, y_test, pool_scorer,
+def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, ev: EvalData, pool_scorer,
                     ref: "CoverageReference | None" = None) -> dict[str, Any]:
     """FD of generated to real test features, and the long-tail repair: G re-trained on class-balanced
     pseudo-features (AID-filtered when a pool scorer exists) sampled by the server; with ``ref``, the coverage
     of held-out features by the pseudo-features G is re-trained on."""
     model, cfg = task.sampling_view(out["model"].eval(), srv.cfg), srv.cfg
-    per_test = np.bincount(y_test.cpu().numpy(), minlength=srv.C)
+    per_test = np.bincount(ev.y_test.cpu().numpy(), minlength=srv.C)
     u, _ = sample_features(model, srv.loss_fn.schedule, per_test, cfg.diffusion, srv.seed, srv.device,
                            tag="fed-eval-fd")
-    fd = frechet_distance(scaler.inverse(u).cpu().numpy(), z_test.cpu().numpy())
+    fd = frechet_distance(scaler.inverse(u).cpu().numpy(), ev.z_test.cpu().numpy())
     per_class = np.full(srv.C, cfg.fed.repair_per_class)
     u, y = sample_features(model, srv.loss_fn.schedule, per_class, cfg.diffusion, srv.seed, srv.device,
                            tag="fed-repair")
@@ -576,7 +606,7 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
     st, comp = out["state"], out["compute"]
     f = cfg.fed
     rounds_run = st["round"]  # a FedDDPM+ stop ends the loop in the round it stopped
-    return {"fd": fd, "repair": accuracy(srv, g, z_test, y_test), "repair_pseudo_kept": kept,
+    return {"fd": fd, "repair": accuracy(srv, g, ev), "repair_pseudo_kept": kept,
             "repair_filter": filter_info, "coverage": None if ref is None else ref.coverage(scaler.inverse(u), y),
             "rounds": rounds_run, "rounds_saved": f.rounds - rounds_run,
             # each client's rounds sent (client_rounds); a round re-sent after a resume counts its steps again
@@ -592,7 +622,10 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, z_te
 
 
 # What the runner computes from the true data for the researcher's report: not messages of the protocol.
-EVALUATION_ONLY = ["test-set metrics (FD, accuracies)", "per-client class histograms",
+EVALUATION_ONLY = ["test-set metrics (FD, accuracies)",
+                   "validation-split metrics and the choices made on them (LA's τ, the report's pick of a variant): "
+                   "the validation split is the researcher's, held out of the training pool, on no client",
+                   "per-client class histograms",
                    "FD of the clients' real features to the test set",
                    "coverage of held-out features (its train-recall reference reads the clients' real features)"]
 
@@ -750,19 +783,19 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     enc_clf = phase_encoder(srv)
     stats = srv.stats = phase_stats(srv, enc_clf)
-    z_test, y_test = test_features(srv, enc_clf)
+    ev = eval_features(srv, enc_clf)
     z_train, y_train = client_features(srv, enc_clf)
     ref = CoverageReference(srv, enc_clf, z_train, y_train)
-    baselines = {"fedavg-ce": accuracy(srv, enc_clf["classifier"], z_test, y_test),
-                 "fedavg-ce+la": accuracy(srv, enc_clf["classifier"], z_test, y_test, stats["counts"])}
+    baselines = {"fedavg-ce": accuracy(srv, enc_clf["classifier"], ev),
+                 "fedavg-ce+la": accuracy(srv, enc_clf["classifier"], ev, stats["counts"])}
     skipped = {**skipped_baselines(cfg), **creff.skip_reasons(cfg)}
     if "fedavg-reweight" not in skipped:
         rw = phase_reweight(srv, enc_clf, stats["counts"])
-        baselines["fedavg-reweight"] = accuracy(srv, rw, z_test, y_test)
+        baselines["fedavg-reweight"] = accuracy(srv, rw, ev)
     privacy_in = {}
     if "creff" not in skipped:
         out = creff.run_creff(srv, enc_clf)
-        baselines["creff"] = creff.summary(out, accuracy(srv, out["classifier"], z_test, y_test))
+        baselines["creff"] = creff.summary(out, accuracy(srv, out["classifier"], ev))
         baselines["creff"]["coverage"] = ref.coverage(*creff.labelled(out["features"]))
         privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"],
                                "client_rounds": out["state"]["client_rounds"]}
@@ -774,7 +807,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         out = run_method(srv, m, stats, warm)
         out["name"] = m
         scorer = out["scorer"] or (MahalanobisScorer(warm["u"], warm["y"], srv.C) if warm else None)
-        methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], z_test, y_test, scorer, ref)
+        methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], ev, scorer, ref)
         privacy_in[m] = {"rounds_started": out["state"]["rounds_started"], "client_rounds": out["state"]["client_rounds"],
                          "score_sends": srv.sends().get(f"score/{m}", 0)}
     results = {
@@ -784,7 +817,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "bytes": srv.wire.totals(), "failures": srv.wire.failures,
         "privacy": privacy_report(srv, stats, privacy_in), "seconds": time.perf_counter() - t0,
         "counts": stats["counts"].tolist(), "groups": srv.split.groups.as_dict(),
-        "fd_reference": fd_references(srv, stats["scaler"], warm, z_test, z_train),
+        "fd_reference": fd_references(srv, stats["scaler"], warm, ev.z_test, z_train),
         # true per-client histograms, computed by the runner for the report only (never sent to the server)
         "client_histograms": task.client_histograms(cfg, len(srv.nodes)).tolist(),
     }

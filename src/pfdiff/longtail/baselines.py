@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,7 @@ from pfdiff import distributed
 from pfdiff.config import RunConfig
 from pfdiff.config import OptimConfig
 from pfdiff.data import class_counts
+from pfdiff.evaluation.metrics import recognition_metrics
 from pfdiff.longtail.common import (LongTailSplit, augmenter, init_encoder_classifier, log_prior, seeded_init,
                                     train_classifier_on_features)
 from pfdiff.longtail.losses import STAGE1_LOSSES, stage1_loss
@@ -99,6 +101,19 @@ def train_stage1(split: LongTailSplit, cfg: RunConfig, seed: int, device: torch.
 def logit_adjusted(logits: torch.Tensor, counts, tau: float) -> torch.Tensor:
     """Post-hoc logit adjustment (Menon et al. 2021): subtract τ·log of the training prior."""
     return logits - tau * log_prior(counts, logits.device)
+
+
+def choose_tau(val_logits: torch.Tensor, counts, y_val: np.ndarray, taus, num_classes: int,
+               groups) -> tuple[float, dict]:
+    """τ of post-hoc logit adjustment chosen on the validation split: the τ of ``taus`` with the highest balanced
+    accuracy of the adjusted ``val_logits`` (the smallest among equals); returns (τ, its validation metrics)."""
+    best: tuple[float, dict] | None = None
+    for tau in sorted(set(taus)):
+        vm = recognition_metrics(logit_adjusted(val_logits, counts, tau).argmax(1).cpu().numpy(), y_val,
+                                 num_classes, groups)
+        if best is None or vm["balanced"] > best[1]["balanced"]:
+            best = (tau, vm)
+    return best
 
 
 def classifier_retraining(split: LongTailSplit, z: torch.Tensor, y: torch.Tensor, cfg: RunConfig, seed: int,

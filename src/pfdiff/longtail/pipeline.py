@@ -26,7 +26,7 @@ from pfdiff.config import RunConfig
 from pfdiff.data import DataError, class_counts
 from pfdiff.evaluation import GROUPS, recognition_metrics
 from pfdiff.evaluation.coverage import class_coverage
-from pfdiff.longtail.baselines import classifier_retraining, logit_adjusted, train_stage1
+from pfdiff.longtail.baselines import choose_tau, classifier_retraining, logit_adjusted, train_stage1
 from pfdiff.longtail.common import LongTailSplit, augmentation_kind, encode, make_split, predict_logits
 from pfdiff.longtail.end_to_end import drift_distances, parse_e2e, per_class_frechet, train_end_to_end
 from pfdiff.longtail.filtering import CROSS_FIT_FOLDS, MahalanobisScorer, aid_filter
@@ -263,12 +263,14 @@ class SeedRun:
                 best = (fit, w, taus[0], None)
                 break
             val_logits = self.logits(fit, self.x_val, "val")
-            for tau in (taus if method.adjust else [0.0]):
-                logits = logit_adjusted(val_logits, fit.prior.cpu().numpy(), tau) if method.adjust else val_logits
-                vm = recognition_metrics(logits.argmax(1).cpu().numpy(), self.y_val, self.split.num_classes,
-                                         self.split.groups)
-                if best is None or vm["balanced"] > best[3]["balanced"]:
-                    best = (fit, w, tau, vm)
+            if method.adjust:
+                tau, vm = choose_tau(val_logits, fit.prior.cpu().numpy(), self.y_val, taus, self.split.num_classes,
+                                     self.split.groups)
+            else:
+                tau, vm = 0.0, recognition_metrics(val_logits.argmax(1).cpu().numpy(), self.y_val,
+                                                   self.split.num_classes, self.split.groups)
+            if best is None or vm["balanced"] > best[3]["balanced"]:
+                best = (fit, w, tau, vm)
         fit, w, tau, vm = best
         choice = {"tau": tau if method.adjust else None,
                   "pseudo_weight": (self.cfg.pseudo.pseudo_weight if w is None else w) if has_weight else None,
