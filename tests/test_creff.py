@@ -204,6 +204,12 @@ def test_simulation_runs_creff_with_bytes_and_resumes_without_repeating_rounds(t
     assert sorted(state["history"]) == ["1", "2", "3"] and state["history"]["1"] == h1  # round 1 not re-run
     assert res2["baselines"]["creff"]["rounds"] == 3
     assert res2["bytes"]["received"]["creff"] < 0.75 * res["bytes"]["received"]["creff"]  # one new round only
+    # the kept round: the best validation balanced accuracy (the earliest among equals), and it is what is scored
+    scores = {int(r): h["val_balanced"] for r, h in state["history"].items()}
+    chosen = min(r for r, v in scores.items() if v == max(scores.values()))
+    row2 = res2["baselines"]["creff"]
+    assert state["chosen_round"] == row2["chosen_round"] == chosen and state["chosen_score"] == scores[chosen]
+    assert row2["validation"]["balanced"] == pytest.approx(scores[chosen])
 
 
 def test_creff_releases_compose_with_the_other_methods_of_a_client():

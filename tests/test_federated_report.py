@@ -261,6 +261,10 @@ def test_creffs_rounds_and_bytes_are_aggregated_like_the_methods(tmp_path):
     # upload MB: CReFF's clients' uploads; a method's, what the wire received in its diffusion rounds
     assert agg["creff"]["upload_mb"]["mean"] == pytest.approx(0.2)
     assert agg["fedavg"]["upload_mb"]["mean"] == pytest.approx(3.5) and agg["fedddpm"]["upload_mb"] is None
+    results["α=0.5"]["per_seed"][1]["baselines"]["creff"]["chosen_round"] = 2
+    text = write_report(tmp_path, results).read_text()
+    assert "`creff`: 3 rounds, 2.0 MB sent+received (0.2 MB uploaded by the clients); its classifier from round 2, " \
+           "chosen on the validation split" in text
 
 
 def test_claims_need_two_seeds_even_with_large_gaps(results):

@@ -266,6 +266,9 @@ class FederatedConfig(Section):
     creff_retrain_epochs: int = Field(300, ge=1)  # crt_epoch: classifier re-training epochs per round
     creff_lr_net: float = Field(0.01, gt=0)  # lr_net (SGD of the re-trained classifier)
     creff_batch_size: int = Field(32, ge=1)  # re-training batch (batch_size_local_training)
+    # which round's re-trained classifier CReFF keeps: the one with the best validation balanced accuracy (a
+    # checkpoint choice on the validation split; the final one without a validation split), or the final one
+    creff_round: Literal["validation", "final"] = "validation"
     creff_clip: float = Field(1.0, gt=0)  # dp = example: per-example L2 clip of the classifier gradient
     creff_noise_multiplier: float = Field(0.0, ge=0)  # dp = example: σ of the gradient sums; 0 = calibrate to ε
     dp: Literal["none", "example", "client"] = "none"  # example: DP-SGD on clients; client: clipped updates + server noise

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -169,24 +169,36 @@ def split_reply(reply: Message, device) -> tuple[dict[str, torch.Tensor], np.nda
     return sums, np.asarray(reply.content["metrics"]["counts"], dtype=np.float64)
 
 
-def _save(path, g, phi, features, st) -> None:
-    save_state(path, {"g": g.state_dict(), "phi": phi.state_dict(), "features": features, "state": st})
+def _save(path, g, phi, features, st, best, best_features) -> None:
+    save_state(path, {"g": g.state_dict(), "phi": phi.state_dict(), "features": features, "state": st,
+                      "best": best.state_dict(), "best_features": best_features})
 
 
-def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
-    """CReFF's ``fed.rounds`` rounds (``<run-dir>/creff/checkpoint.safetensors`` after every round): the final
-    re-trained classifier φ and the round state (history with bytes, rounds started)."""
+def run_creff(srv: Server, enc_clf: nn.ModuleDict, score: Callable[[nn.Module], float] | None = None
+              ) -> dict[str, Any]:
+    """CReFF's ``fed.rounds`` rounds (``<run-dir>/creff/checkpoint.safetensors`` after every round) and the round
+    state (history with bytes, rounds started). Returned classifier: with ``score`` (the validation balanced
+    accuracy of a classifier, ``fed.creff_round = validation``) the round's re-trained φ that scored best (the
+    earliest among equals; ``state["chosen_round"]``), else the final φ. Taking the best round on validation
+    only strengthens the baseline: its φ can fall far from the previous round's when the matched features move."""
     cfg, f = srv.cfg, srv.cfg.fed
     path = srv.dir / "creff" / "checkpoint.safetensors"
     g, phi = copy.deepcopy(enc_clf["classifier"]), copy.deepcopy(enc_clf["classifier"])
+    best = copy.deepcopy(phi)
     features = init_features(srv.C, f.creff_features_per_class, enc_clf["encoder"].feature_dim, srv.seed,
                              srv.device)
-    st: dict[str, Any] = {"round": 0, "rounds_started": 0, "client_rounds": {}, "history": {}}
+    best_features = features
+    st: dict[str, Any] = {"round": 0, "rounds_started": 0, "client_rounds": {}, "history": {},
+                          "chosen_round": None, "chosen_score": None}
     if path.exists():
         saved = load_state(path, srv.device)
         g.load_state_dict(saved["g"])
         phi.load_state_dict(saved["phi"])
+        best.load_state_dict(saved["best"] if "best" in saved else saved["phi"])
         features, st = saved["features"], saved["state"]
+        best_features = saved.get("best_features", features)
+        st.setdefault("chosen_round", None)
+        st.setdefault("chosen_score", None)
         # a checkpoint from before client sampling: every client took part in every round started
         st.setdefault("client_rounds", {str(p): st["rounds_started"] for p in range(len(srv.nodes))})
         log.info("creff: resuming after round %s", st["round"])
@@ -198,7 +210,7 @@ def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
         # write-ahead, as the diffusion rounds: a round re-sent after a resume draws new noise
         st["rounds_started"] = st["rounds_started"] + 1 if srv.private_noise else max(st["rounds_started"], r)
         st["client_rounds"] = srv.count_rounds(st["client_rounds"], "diffusion", r)
-        _save(path, g, phi, features, st)
+        _save(path, g, phi, features, st, best, best_features)
         t0, b0, up0 = time.perf_counter(), srv.wire.totals()["total"], srv.wire.received.get(PHASE, 0)
         # under DP the clients take no G steps (they would be a release without a guarantee): φ only
         arrays = task.to_wire({**({} if private else {f"g.{k}": v for k, v in g.state_dict().items()}),
@@ -218,12 +230,20 @@ def run_creff(srv: Server, enc_clf: nn.ModuleDict) -> dict[str, Any]:
             phi = retrain_classifier(copy.deepcopy(g), features, f.creff_retrain_epochs, f.creff_lr_net,
                                      f.creff_batch_size, srv.seed, (r,))
             row["matched_classes"] = int(valid.sum())
+            if score is not None:
+                row["val_balanced"] = value = score(phi)
+                if st["chosen_score"] is None or value > st["chosen_score"]:
+                    best.load_state_dict(phi.state_dict())
+                    best_features = features
+                    st["chosen_round"], st["chosen_score"] = r, value
         row.update(bytes=srv.wire.totals()["total"] - b0, upload_bytes=srv.wire.received.get(PHASE, 0) - up0,
                    seconds=time.perf_counter() - t0)
         st["history"][str(r)] = row
         st["round"] = r
-        _save(path, g, phi, features, st)
-    return {"classifier": phi, "features": features, "state": st}
+        _save(path, g, phi, features, st, best, best_features)
+    chosen = st["chosen_round"] is not None
+    return {"classifier": best.eval() if chosen else phi, "features": best_features if chosen else features,
+            "state": st}
 
 
 def labelled(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,5 +256,6 @@ def summary(out: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:
     """CReFF's results row: the re-trained classifier's accuracy with its rounds and bytes."""
     hist = out["state"]["history"]
     return {**accuracy, "rounds": out["state"]["round"], "rounds_started": out["state"]["rounds_started"],
+            "chosen_round": out["state"].get("chosen_round"),
             "bytes": int(sum(h["bytes"] for h in hist.values())),
             "upload_bytes": int(sum(h["upload_bytes"] for h in hist.values()))}

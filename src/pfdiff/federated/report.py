@@ -293,8 +293,10 @@ def _baseline_lines(res: dict[str, Any]) -> list[str]:
     if c and c.get("rounds") is not None:
         others = "; ".join(f"`{n}` {plural(int(m['rounds']), 'round')}, {_mb(m.get('bytes'))} MB"
                            for n, m in res.get("methods", {}).items() if m.get("rounds") is not None)
+        chosen = ("" if c.get("chosen_round") is None else
+                  f"; its classifier from round {c['chosen_round']}, chosen on the validation split")
         out.append(f"`creff`: {plural(int(c['rounds']), 'round')}, {_mb(c.get('bytes'))} MB sent+received "
-                   f"({_mb(c.get('upload_bytes'))} MB uploaded by the clients)"
+                   f"({_mb(c.get('upload_bytes'))} MB uploaded by the clients){chosen}"
                    + (f"; diffusion rounds: {others}." if others else "."))
     return ["", *out] if out else []
 

@@ -558,22 +558,30 @@ def accuracy(srv: Server, classifier: torch.nn.Module, ev: EvalData, counts: np.
     with torch.no_grad():
         logits, val_logits = classifier(ev.z_test), None if ev.z_val is None else classifier(ev.z_val)
 
-    def metrics(lg: torch.Tensor, y: torch.Tensor) -> dict:
-        out = recognition_metrics(lg.argmax(1).cpu().numpy(), y.cpu().numpy(), srv.C, srv.split.groups)
-        out.pop("per_class")
-        return out
-
     tau = None
     if counts is not None:
         tau = srv.cfg.logit_adjust_tau if val_logits is None else choose_tau(
             val_logits, counts, ev.y_val.cpu().numpy(), srv.cfg.la_tau_grid, srv.C, srv.split.groups)[0]
         logits = logit_adjusted(logits, counts, tau)
         val_logits = None if val_logits is None else logit_adjusted(val_logits, counts, tau)
-    out = metrics(logits, ev.y_test)
-    out["validation"] = None if val_logits is None else metrics(val_logits, ev.y_val)
+    out = _metrics(srv, logits, ev.y_test)
+    out["validation"] = None if val_logits is None else _metrics(srv, val_logits, ev.y_val)
     if counts is not None:
         out["tau"] = tau
     return out
+
+
+def _metrics(srv: Server, logits: torch.Tensor, y: torch.Tensor) -> dict:
+    out = recognition_metrics(logits.argmax(1).cpu().numpy(), y.cpu().numpy(), srv.C, srv.split.groups)
+    out.pop("per_class")
+    return out
+
+
+def validation_balanced(srv: Server, classifier: torch.nn.Module, ev: EvalData) -> float:
+    """G's balanced accuracy on the validation split only (for choices made during training: CReFF's round)."""
+    classifier.eval()
+    with torch.no_grad():
+        return _metrics(srv, classifier(ev.z_val), ev.y_val)["balanced"]
 
 
 def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, ev: EvalData, pool_scorer,
@@ -794,7 +802,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         baselines["fedavg-reweight"] = accuracy(srv, rw, ev)
     privacy_in = {}
     if "creff" not in skipped:
-        out = creff.run_creff(srv, enc_clf)
+        select = cfg.fed.creff_round == "validation" and ev.z_val is not None
+        out = creff.run_creff(srv, enc_clf, (lambda clf: validation_balanced(srv, clf, ev)) if select else None)
         baselines["creff"] = creff.summary(out, accuracy(srv, out["classifier"], ev))
         baselines["creff"]["coverage"] = ref.coverage(*creff.labelled(out["features"]))
         privacy_in["creff"] = {"rounds_started": out["state"]["rounds_started"],
