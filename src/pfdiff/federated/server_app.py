@@ -631,7 +631,8 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, ev: 
 
 # What the runner computes from the true data for the researcher's report: not messages of the protocol.
 EVALUATION_ONLY = ["test-set metrics (FD, accuracies)",
-                   "validation-split metrics and the choices made on them (LA's τ, the report's pick of a variant): "
+                   "validation-split metrics and the choices made on them (LA's τ, CReFF's round, the report's pick of a "
+                   "variant): "
                    "the validation split is the researcher's, held out of the training pool, on no client",
                    "per-client class histograms",
                    "FD of the clients' real features to the test set",
