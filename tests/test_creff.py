@@ -210,6 +210,7 @@ def test_simulation_runs_creff_with_bytes_and_resumes_without_repeating_rounds(t
     row2 = res2["baselines"]["creff"]
     assert state["chosen_round"] == row2["chosen_round"] == chosen and state["chosen_score"] == scores[chosen]
     assert row2["validation"]["balanced"] == pytest.approx(scores[chosen])
+    assert row2["val_per_round"] == {r: h["val_balanced"] for r, h in state["history"].items()}  # for the plot
 
 
 def test_creff_releases_compose_with_the_other_methods_of_a_client():

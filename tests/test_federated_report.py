@@ -165,6 +165,18 @@ def test_rounds_plot_only_for_partitions_with_a_series(tmp_path, results):
     assert plot_rounds(tmp_path, results) == tmp_path / "fed_rounds.png"
 
 
+def test_creffs_validation_curve_alone_makes_a_rounds_plot(tmp_path, results):
+    from pfdiff.federated.report import _creff_curves
+
+    for res in results.values():
+        res["methods"] = {"fedavg": res["methods"]["fedavg"]}  # no score, no pool: only CReFF's curve is left
+    assert plot_rounds(tmp_path, results) is None
+    results["α=0.5"]["baselines"]["creff"] = {**_acc(0.7, 0.5), "rounds": 3, "chosen_round": 2,
+                                              "val_per_round": {"1": 0.6, "2": 0.8, "3": 0.7}}
+    assert _creff_curves(results["α=0.5"]) == {None: ([(1, 0.6), (2, 0.8), (3, 0.7)], 2)}
+    assert plot_rounds(tmp_path, results) == tmp_path / "fed_rounds.png"
+
+
 def test_skipped_reweight_baseline_is_named_with_its_reason(tmp_path, results):
     res = results["α=0.5"]
     del res["baselines"]["fedavg-reweight"]

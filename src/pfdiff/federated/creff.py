@@ -257,5 +257,7 @@ def summary(out: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:
     hist = out["state"]["history"]
     return {**accuracy, "rounds": out["state"]["round"], "rounds_started": out["state"]["rounds_started"],
             "chosen_round": out["state"].get("chosen_round"),
+            # each round's validation balanced accuracy (with fed.creff_round = validation), for the rounds plot
+            "val_per_round": {r: h["val_balanced"] for r, h in hist.items() if "val_balanced" in h},
             "bytes": int(sum(h["bytes"] for h in hist.values())),
             "upload_bytes": int(sum(h["upload_bytes"] for h in hist.values()))}

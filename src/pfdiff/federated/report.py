@@ -845,6 +845,34 @@ def _plot_scores(ax, label: str, methods: dict[str, dict[str, Any]]) -> None:
     ax.legend(fontsize=7)
 
 
+def _creff_curves(res: dict[str, Any]) -> dict[Any, tuple[list[tuple[int, float]], Any]]:
+    """seed → (CReFF's (round, validation balanced accuracy) points, its chosen round), for runs that have them."""
+    out = {}
+    for seed, run in seed_runs(res).items():
+        c = run.get("baselines", {}).get("creff") or {}
+        pts = sorted((int(r), v) for r, v in (c.get("val_per_round") or {}).items())
+        if len(pts) >= MIN_ROUNDS:
+            out[seed] = (pts, c.get("chosen_round"))
+    return out
+
+
+def _plot_creff(ax, label: str, res: dict[str, Any]) -> None:
+    """CReFF's validation balanced accuracy per round, one line per seed, its chosen round marked."""
+    curves = _creff_curves(res)
+    if not curves:
+        ax.text(0.5, 0.5, f"{label}: no CReFF series", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    for seed, (pts, chosen) in curves.items():
+        (line,) = ax.plot(*zip(*pts), marker=".", ms=3, label="CReFF" if seed is None else f"seed {seed}")
+        value = dict(pts).get(chosen)
+        if value is not None:
+            ax.plot([chosen], [value], marker="*", ms=11, color=line.get_color(), ls="none")
+    ax.set_title(f"{label}: CReFF, validation balanced acc. (★ kept)", fontsize=9)
+    _round_axis(ax)
+    ax.legend(fontsize=7)
+
+
 def _plot_pool(ax, label: str, progressive: dict[str, Any] | None) -> None:
     """The progressive pool's mean age (line) and the features replaced per round (bars)."""
     rows = _pool_rows(progressive)
@@ -865,12 +893,18 @@ def _plot_pool(ax, label: str, progressive: dict[str, Any] | None) -> None:
 
 
 def plot_rounds(root: Path, results: Results) -> Path | None:
-    """``<root>/fed_rounds.png``: per partition with a per-round series, the score per round and the progressive
-    pool (a row only where some partition has it). None, and no file, when there is nothing per round to show
-    (FedAvg alone, or a single round): write_report then links no plot."""
+    """``<root>/fed_rounds.png``: per partition with a per-round series, the score per round, the progressive
+    pool and CReFF's validation balanced accuracy per round with the round it kept (a row only where some
+    partition has it). None, and no file, when there is nothing per round to show (FedAvg alone, or a single
+    round): write_report then links no plot."""
     path = Path(root) / PLOT_NAME
-    shown = {label: res for label, res in results.items() if _has_scores(res) or _has_pool(res)}
-    kinds = [k for k, has in (("score", _has_scores), ("pool", _has_pool)) if any(has(r) for r in shown.values())]
+
+    def has_creff(res: dict[str, Any]) -> bool:
+        return bool(_creff_curves(res))
+
+    checks = (("score", _has_scores), ("pool", _has_pool), ("creff", has_creff))
+    shown = {label: res for label, res in results.items() if any(has(res) for _, has in checks)}
+    kinds = [k for k, has in checks if any(has(r) for r in shown.values())]
     if not shown:
         path.unlink(missing_ok=True)  # an earlier render's plot would be linked as if it were this one's
         return None
@@ -880,8 +914,10 @@ def plot_rounds(root: Path, results: Results) -> Path | None:
         for ax, kind in zip(axes[:, col], kinds):
             if kind == "score":
                 _plot_scores(ax, label, methods)
-            else:
+            elif kind == "pool":
                 _plot_pool(ax, label, methods.get("progressive"))
+            else:
+                _plot_creff(ax, label, res)
     if kinds[0] == "score":
         axes[0][0].set_ylabel("held-out aux-pool diffusion loss")
     fig.tight_layout()
