@@ -324,25 +324,49 @@ def test_failure_reasons_keep_the_clients_own_message():
     assert short_reason("Traceback\n  ...\nValueError: bad input") == "ValueError: bad input"
 
 
-def test_wire_returns_replies_in_partition_order_whatever_the_arrival_order():
+def _reversing_grid():
+    """A fake grid that answers the last node first (partition 2, 1, 0), and an instruction to a node."""
     from flwr.app import MetricRecord
-
-    from pfdiff.federated.wire import Wire
 
     def instruction(node):
         meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
                         group_id="1", created_at=0.0, ttl=3600.0, message_type=MessageType.TRAIN)
         return Message(RecordDict({"config": ConfigRecord({"phase": "x"})}), metadata=meta)
 
-    class Grid:  # answers the last node first: partition 2, 1, 0
+    class Grid:
         def send_and_receive(self, messages, timeout):
             return [Message(RecordDict({"metrics": MetricRecord({"partition-id": 3 - m.metadata.dst_node_id})}),
                             reply_to=m) for m in messages]
 
+    return Grid, instruction
+
+
+def test_wire_returns_replies_in_partition_order_whatever_the_arrival_order():
+    from pfdiff.federated.wire import Wire
+
+    Grid, instruction = _reversing_grid()
     wire = Wire(Grid(), timeout=1.0)
     replies = wire.exchange([instruction(n) for n in (1, 2, 3)], "x")
     assert [int(r.content["metrics"]["partition-id"]) for r in replies] == [0, 1, 2]
     assert set(wire.per_client) == {0, 1, 2} and not wire.failures
+
+
+def test_wire_totals_accumulate_over_the_executions_of_a_run(tmp_path):
+    from pfdiff.federated.wire import Wire
+
+    Grid, instruction = _reversing_grid()
+    path = tmp_path / "wire.json"
+    wire = Wire(Grid(), timeout=1.0, path=path)
+    wire.exchange([instruction(n) for n in (1, 2, 3)], "x")
+    first = wire.totals()
+    wire.failures.append({"phase": "x", "round": 1, "node": 9, "partition": None, "reason": "gone"})
+    wire.exchange([instruction(1)], "y")
+    resumed = Wire(Grid(), timeout=1.0, path=path)  # a resumed run: the earlier execution's traffic is kept
+    assert resumed.totals() == wire.totals() and resumed.failures == wire.failures
+    resumed.exchange([instruction(n) for n in (1, 2, 3)], "x")  # a round re-sent after the resume counts again
+    assert resumed.sent["x"] == 2 * first["sent"]["x"] and resumed.received["x"] == 2 * first["received"]["x"]
+    assert resumed.per_client[0]["received"] == 2 * first["per_client"][0]["received"] > 0
+    assert Wire(Grid(), timeout=1.0, path=path).totals() == resumed.totals()
 
 
 # ---------------------------------------------------------------- device

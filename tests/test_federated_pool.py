@@ -268,6 +268,8 @@ def test_simulation_with_a_balanced_pool_and_client_scores_logs_every_decision(t
         assert len(regen["replaced_per_class"]) == 10 and sum(regen["replaced_per_class"]) == regen["replaced"]
         assert sum(regen["kept_per_class"]) == regen["kept"] and sum(regen["generated_per_class"]) == regen["generated"]
     assert any(k.startswith("score/") for k in res["bytes"]["sent"])
+    for m in ("fedddpm+", "progressive"):  # a method's uploads, summed over its rounds' history, are the wire's
+        assert res["methods"][m]["upload_bytes"] == res["bytes"]["received"][f"diffusion/{m}"] > 0
     assert "declared non-private release" in res["privacy"]["claim"]
     from pfdiff.federated.report import load_results, write_report
 

@@ -354,6 +354,11 @@ def test_the_variant_held_against_creff_is_picked_on_the_validation_split_not_th
     table = write_report(tmp_path, {"α=0.5": res}).read_text()
     assert "val. balanced" in table and "| 0.755 ± 0.007 |" in table
 
+    for run in res["per_seed"].values():  # one variant at CReFF's bytes: named, the others' factor stated
+        run["methods"]["fedavg"]["bytes"] = 600_000
+    text = "\n".join(creff_verdict("α=0.5", res))
+    assert "vs CReFF 0.5 MB: comparable bytes (within 1.5×) only for `fedavg`; the others 4×–8×." in text
+
 
 def test_coverage_section_averages_the_few_classes_and_names_the_reference(tmp_path):
     from pfdiff.federated.report import coverage_cells

@@ -130,7 +130,7 @@ class Server:
     def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path):
         self.grid, self.cfg, self.dir = grid, cfg, run_dir
         self.nodes = wait_for_nodes(grid, cfg.fed.num_clients, cfg.fed.round_timeout)
-        self.wire = Wire(grid, cfg.fed.round_timeout)
+        self.wire = Wire(grid, cfg.fed.round_timeout, run_dir / "wire.json")  # every execution's traffic
         self.split = task.split_of(cfg)
         self.C = self.split.num_classes
         self.cfg_text = task.config_to_text(cfg)
@@ -434,6 +434,7 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
         st["client_rounds"] = srv.count_rounds(st["client_rounds"], "diffusion", r)
         _save(ckpt_path, model, pool, st)
         t0, b0 = time.perf_counter(), srv.wire.totals()["total"]
+        up0 = srv.wire.received.get(f"diffusion/{method}", 0)
         msgs = strategy.configure_train(r, arrays, srv.config("diffusion", **extra), srv.grid)
         replies = srv.wire.exchange(msgs, f"diffusion/{method}", r)
         row: dict[str, Any] = {"replies": len(replies)}
@@ -446,7 +447,8 @@ def run_method(srv: Server, method: str, stats: dict[str, Any], warm: dict[str, 
             model.load_state_dict(new.to_torch_state_dict())
             row.update(server_round(srv, method, model, pool, u_val, y_val, scorer, quick, compute, st, r))
         arrays = task.to_wire(model.state_dict())
-        row.update(bytes=srv.wire.totals()["total"] - b0, seconds=time.perf_counter() - t0)
+        row.update(bytes=srv.wire.totals()["total"] - b0,
+                   upload_bytes=srv.wire.received.get(f"diffusion/{method}", 0) - up0, seconds=time.perf_counter() - t0)
         st["history"][str(r)] = row
         st["round"], st["compute"] = r, vars(compute)
         st["quick"] = quick.state()
@@ -623,6 +625,9 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, ev: 
             "final_score": next((h.get("score_after_one_shot", h.get("score")) for h in
                                  reversed(list(st["history"].values())) if "score" in h), None),
             "bytes": int(sum(h["bytes"] for h in st["history"].values())),
+            # the clients' uploads of the method's rounds (None for a checkpoint from before it was recorded)
+            "upload_bytes": (int(sum(h["upload_bytes"] for h in st["history"].values()))
+                             if all("upload_bytes" in h for h in st["history"].values()) else None),
             "history": st["history"]}
 
 

@@ -6,13 +6,17 @@ i.e. the payload on the wire without gRPC framing.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
+
+from pfdiff.runs import atomic_write_json
 
 log = logging.getLogger("pfdiff.federated")
 
@@ -41,15 +45,28 @@ def short_reason(reason: str, limit: int = 300) -> str:
 
 
 class Wire:
-    """``grid.send_and_receive`` that counts bytes per phase and per client and keeps the failures."""
+    """``grid.send_and_receive`` that counts bytes per phase and per client and keeps the failures. With ``path``
+    the counts and failures of every execution of the run accumulate there (written after each exchange, read
+    back on a resume): a resumed run's totals are all the traffic of the run — a round re-sent after a resume
+    counts twice, as it was sent twice — not only the last execution's."""
 
-    def __init__(self, grid: Grid, timeout: float):
-        self.grid, self.timeout = grid, timeout
+    def __init__(self, grid: Grid, timeout: float, path: Path | None = None):
+        self.grid, self.timeout, self.path = grid, timeout, path
         self.sent: dict[str, int] = defaultdict(int)  # phase → bytes server → clients
         self.received: dict[str, int] = defaultdict(int)  # phase → bytes clients → server
         self.per_client: dict[int, dict[str, int]] = defaultdict(lambda: {"sent": 0, "received": 0})
-        self.node_to_partition: dict[int, int] = {}
+        self.node_to_partition: dict[int, int] = {}  # node ids are per execution: not kept
         self.failures: list[dict] = []
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text())
+            self.sent.update(saved["sent"])
+            self.received.update(saved["received"])
+            self.per_client.update({int(k): dict(v) for k, v in saved["per_client"].items()})
+            self.failures = list(saved["failures"])
+
+    def _persist(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {**self.totals(), "failures": self.failures})
 
     def exchange(self, messages: Iterable[Message], phase: str, round_: int = 0) -> list[Message]:
         """Send, wait (up to the timeout), return the replies without error in partition order; log and keep
@@ -77,6 +94,7 @@ class Wire:
         answered = {r.metadata.src_node_id for r in replies}
         for node in pending_bytes.keys() - answered:
             self._fail(phase, round_, node, f"no reply within {self.timeout:.0f} s")
+        self._persist()
         # replies arrive in whatever order the clients finish; everything downstream (FedAvg's float sums,
         # the warm-up pool's concatenation) must not depend on it, or the same seed gives different runs
         return sorted(ok, key=lambda r: int(r.content["metrics"]["partition-id"]))
