@@ -536,8 +536,8 @@ def _save(path: Path, model, pool: AuxPool | None, st: dict) -> None:
 class EvalData:
     """The encoded features every row is scored on: the test set (the report's numbers; no choice looks at it)
     and the balanced validation split (``data.val_per_class`` per class, held out of the training pool before
-    the long-tailed subset is drawn, never on any client): LA's τ and the report's pick of a pfdiff variant are
-    made on it. ``z_val`` is None without a validation split."""
+    the long-tailed subset is drawn, never on any client): LA's τ, CReFF's round and the report's pick of a
+    pfdiff variant are made on it. ``z_val`` is None without a validation split."""
     z_test: torch.Tensor
     y_test: torch.Tensor
     z_val: torch.Tensor | None
@@ -559,7 +559,6 @@ def accuracy(srv: Server, classifier: torch.nn.Module, ev: EvalData, counts: np.
     classifier.eval()
     with torch.no_grad():
         logits, val_logits = classifier(ev.z_test), None if ev.z_val is None else classifier(ev.z_val)
-
     tau = None
     if counts is not None:
         tau = srv.cfg.logit_adjust_tau if val_logits is None else choose_tau(
@@ -636,9 +635,8 @@ def evaluate_method(srv: Server, out: dict, enc_clf, scaler: FeatureScaler, ev: 
 
 # What the runner computes from the true data for the researcher's report: not messages of the protocol.
 EVALUATION_ONLY = ["test-set metrics (FD, accuracies)",
-                   "validation-split metrics and the choices made on them (LA's τ, CReFF's round, the report's pick of a "
-                   "variant): "
-                   "the validation split is the researcher's, held out of the training pool, on no client",
+                   "validation-split metrics and the choices made on them (LA's τ, CReFF's round, the report's pick "
+                   "of a variant): the validation split is the researcher's, held out of the training pool, on no client",
                    "per-client class histograms",
                    "FD of the clients' real features to the test set",
                    "coverage of held-out features (its train-recall reference reads the clients' real features)"]
