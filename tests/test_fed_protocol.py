@@ -186,6 +186,28 @@ def test_each_clients_epsilon_counts_only_the_rounds_it_was_sent():
     assert all(e["rounds"] == 6 for e in old["methods"]["fedavg"].values())
 
 
+def test_a_method_whose_repair_the_warm_up_pool_filters_counts_the_warm_up_in_its_epsilon():
+    """FedAvg has no pool, but in a run with a warm-up its repair pseudo-features are AID-filtered by the warm-up
+    pool's scorer: its released G depends on the warm-up, whose DP steps must be in its ε."""
+    from pfdiff.federated import task
+    from pfdiff.federated.server_app import _privacy_claim
+
+    srv, counts = _dp_server_after_six_sampled_rounds()
+    stats = {"n_per_client": {p: 40 for p in range(4)}}
+    plan = task.client_dp_plan(srv.cfg, 40)
+    run = {"rounds_started": 6, "client_rounds": counts}
+    alone = _privacy_claim(srv, stats, {"fedavg": {**run, "uses_warmup": False}})
+    filtered = _privacy_claim(srv, stats, {"fedavg": {**run, "uses_warmup": True}})
+    for p in map(str, range(4)):
+        k = counts.get(p, 0)
+        assert alone["methods"]["fedavg"][p]["steps"] == k * plan.local_steps
+        assert filtered["methods"]["fedavg"][p]["steps"] == plan.warmup_steps + k * plan.local_steps
+        assert filtered["methods"]["fedavg"][p]["epsilon"] > alone["methods"]["fedavg"][p]["epsilon"]
+    assert any("AID scorer" in c for c in filtered["covered"]) and not any("AID scorer" in c for c in alone["covered"])
+    # FedDDPM's pool is the warm-up's whatever the key says for old results
+    assert _privacy_claim(srv, stats, {"fedddpm": run})["methods"]["fedddpm"]["0"]["steps"] >= plan.warmup_steps
+
+
 def test_creffs_epsilon_counts_each_clients_rounds_and_composes_with_the_methods():
     """CReFF's rounds go to the diffusion methods' clients (the same draw): its ε per client counts that client's
     rounds, and the composition over methods adds them to the same client's diffusion rounds."""

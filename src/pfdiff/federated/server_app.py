@@ -673,7 +673,9 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
         if m == "creff":
             per_method[m] = _creff_epsilons(srv, stats, res, sends)
             continue
-        uses_warmup = m in AUX_METHODS
+        # FedAvg has no pool, but in a run with a warm-up its repair pseudo-features are AID-filtered by the
+        # warm-up pool's scorer, so its released G depends on the warm-up release as well
+        uses_warmup = res.get("uses_warmup", m in AUX_METHODS)
         eps = {}
         for pid, n in sorted(stats["n_per_client"].items()):
             plan = task.client_dp_plan(cfg, n)
@@ -696,6 +698,9 @@ def _privacy_claim(srv: Server, stats: dict, results: dict[str, Any]) -> dict[st
             "covered": ["local DP-SGD steps (warm-up and rounds)",
                         *(["noisy class counts (also fedavg-ce+la's prior)"] if p.count_epsilon > 0 else []),
                         "pseudo-features and models derived from them (post-processing)"]
+            + (["the warm-up pool's AID scorer, which filters the repair pseudo-features of every method listed "
+                "(post-processing of the warm-up: the warm-up is in each such method's ε, FedAvg's included)"]
+               if any(res.get("uses_warmup") and m not in AUX_METHODS for m, res in results.items()) else [])
             + (["dp-promise Phase-I steps (DP-SGD on t ≥ S, same σ)"] if p.mechanism == "dp-promise" else [])
             + ([f"CReFF's per-class gradient sums (clipped to {f.creff_clip:g} per example, Gaussian σ = "
                 f"{task.creff_sigma(cfg):.3f}; the federated features and the re-trained G are post-processing)"]
@@ -821,8 +826,10 @@ def run_server(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         out["name"] = m
         scorer = out["scorer"] or (MahalanobisScorer(warm["u"], warm["y"], srv.C) if warm else None)
         methods[m] = evaluate_method(srv, out, enc_clf, stats["scaler"], ev, scorer, ref)
+        # the warm-up is part of this method's release when its pool or its repair's AID filter came from it
         privacy_in[m] = {"rounds_started": out["state"]["rounds_started"], "client_rounds": out["state"]["client_rounds"],
-                         "score_sends": srv.sends().get(f"score/{m}", 0)}
+                         "score_sends": srv.sends().get(f"score/{m}", 0),
+                         "uses_warmup": m in AUX_METHODS or scorer is not None}
     results = {
         "alpha": cfg.fed.alpha, "num_clients": len(srv.nodes), "baselines": baselines, "methods": methods,
         "skipped_baselines": skipped, "la_prior": la_prior(cfg),
